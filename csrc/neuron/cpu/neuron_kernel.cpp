@@ -1,0 +1,84 @@
+// CPU implementations of the neuron operators. The forward runs blocks of
+// kCpuBlock consecutive neurons through all T steps with at::parallel_for over
+// blocks: the same forward_element the CUDA kernel runs, with the block as its
+// vector width, so the lane loop over neurons is the vectorisable inner loop
+// and the T loop stays inside.
+#include "../neuron_dispatch.h"
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace fastspike {
+namespace {
+
+constexpr int kCpuBlock = 256;
+
+// Grain in units of `unit` neurons such that one task does >= ~32k steps.
+int64_t grain_for(int64_t time_steps, int64_t unit) {
+  const int64_t steps = std::max<int64_t>(time_steps, 1);
+  return std::max<int64_t>(1, (32768 / steps + unit - 1) / unit);
+}
+
+void run_forward_cpu(const ForwardPlan& plan, const ForwardOutputs& out, int64_t group_size,
+                     bool is_signed, double init_fraction, double neg_margin) {
+  FASTSPIKE_DISPATCH_FLOATS(plan.x.scalar_type(), "neuron_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args =
+        make_forward_args<scalar_t, acc_t>(plan, out, group_size, init_fraction, neg_margin);
+    FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
+      const int64_t full_blocks = plan.neurons / kCpuBlock;
+      at::parallel_for(0, full_blocks, grain_for(plan.time_steps, kCpuBlock),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t b = begin; b < end; ++b) {
+                           forward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(b, args);
+                         }
+                       });
+      // The neurons that do not fill a block, one at a time.
+      for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
+        forward_element<scalar_t, acc_t, kSigned, kGroup, 1>(n, args);
+      }
+    });
+  });
+}
+
+void run_backward_surrogate_cpu(const SurrogateBackwardPlan& plan, const at::Tensor& grad_x,
+                                const at::Tensor& grad_v_init, int64_t group_size,
+                                bool is_signed, double neg_margin, double alpha) {
+  FASTSPIKE_DISPATCH_FLOATS(plan.grad_spikes.scalar_type(), "neuron_backward_surrogate_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args = make_surrogate_backward_args<scalar_t, acc_t>(plan, grad_x, grad_v_init,
+                                                                    group_size, neg_margin, alpha);
+    FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
+      at::parallel_for(0, plan.neurons, grain_for(plan.time_steps, 1),
+                       [&](int64_t begin, int64_t end) {
+                         for (int64_t n = begin; n < end; ++n) {
+                           surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup>(n, args);
+                         }
+                       });
+    });
+  });
+}
+
+void run_backward_rate_cpu(const RateBackwardPlan& plan, const at::Tensor& grad_x) {
+  FASTSPIKE_DISPATCH_FLOATS(plan.grad_spikes.scalar_type(), "neuron_backward_rate_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto args = make_rate_backward_args<scalar_t, acc_t>(plan, grad_x);
+    at::parallel_for(0, plan.neurons, grain_for(plan.time_steps, 1),
+                     [&](int64_t begin, int64_t end) {
+                       for (int64_t n = begin; n < end; ++n) {
+                         rate_backward_element<scalar_t, acc_t>(n, args);
+                       }
+                     });
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastspike, CPU, m) {
+  m.impl("neuron_forward", &neuron_forward_op<run_forward_cpu>);
+  m.impl("neuron_forward_out", &neuron_forward_out_op<run_forward_cpu>);
+  m.impl("neuron_backward_surrogate", &neuron_backward_surrogate_op<run_backward_surrogate_cpu>);
+  m.impl("neuron_backward_rate", &neuron_backward_rate_op<run_backward_rate_cpu>);
+}
+
+}  // namespace fastspike

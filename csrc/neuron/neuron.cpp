@@ -1,0 +1,278 @@
+// Operator schemas of fastspike (the one TORCH_LIBRARY block) and the host
+// checks shared by the CPU and CUDA implementations. The operators are
+// documented for users in README.md ("Operators").
+#include "neuron.h"
+
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <sstream>
+
+namespace fastspike {
+
+namespace {
+
+bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+std::string shape_str(at::IntArrayRef sizes) {
+  std::ostringstream os;
+  os << sizes;
+  return os.str();
+}
+
+void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x_seq (",
+              x.device(), "), got ", t.device());
+}
+
+void check_state(const c10::optional<at::Tensor>& state, const at::Tensor& x_seq,
+                 at::ScalarType dtype, const char* name) {
+  if (!state.has_value()) return;
+  const at::Tensor& s = *state;
+  check_same_device(s, x_seq, name);
+  TORCH_CHECK(s.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
+              x_seq.scalar_type(), ", got ", s.scalar_type());
+  TORCH_CHECK(s.sizes() == x_seq.sizes().slice(1), name,
+              " must have the shape of one time step of x_seq, ",
+              shape_str(x_seq.sizes().slice(1)), ", got ", shape_str(s.sizes()));
+}
+
+GradMode parse_grad_mode(c10::string_view grad_mode) {
+  if (grad_mode == "none") return GradMode::kNone;
+  if (grad_mode == "surrogate") return GradMode::kSurrogate;
+  if (grad_mode == "rate") return GradMode::kRate;
+  TORCH_CHECK(false, "grad_mode must be 'none', 'surrogate' or 'rate', got '",
+              std::string(grad_mode), "'");
+}
+
+int parse_surrogate(c10::string_view surrogate, double alpha) {
+  TORCH_CHECK(std::isfinite(alpha) && alpha > 0,
+              "alpha (surrogate sharpness) must be a finite number > 0, got ", alpha);
+  if (surrogate == "sigmoid") return 0;
+  if (surrogate == "atan") return 1;
+  TORCH_CHECK(false, "surrogate must be 'sigmoid' or 'atan', got '", std::string(surrogate),
+              "'");
+}
+
+int64_t neurons_per_step(const at::Tensor& seq) {
+  int64_t neurons = 1;
+  for (int64_t d = 1; d < seq.dim(); ++d) neurons *= seq.size(d);
+  return neurons;
+}
+
+void check_neuron_params(int64_t group_size, double neg_margin) {
+  TORCH_CHECK(group_size >= 1 && group_size <= (1 << 20),
+              "group_size must be an integer in [1, 2^20] (1 = plain IF), got ", group_size);
+  TORCH_CHECK(std::isfinite(neg_margin) && neg_margin >= 0,
+              "neg_margin must be a finite number >= 0, got ", neg_margin);
+}
+
+}  // namespace
+
+at::ScalarType accumulation_dtype(at::ScalarType dtype) {
+  return dtype == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor& x_seq,
+                                  at::ScalarType acc_dtype) {
+  check_same_device(threshold, x_seq, "threshold");
+  TORCH_CHECK(is_supported_float(threshold.scalar_type()),
+              "threshold must be a floating-point tensor, got ", threshold.scalar_type());
+  const auto x_sizes = x_seq.sizes();
+  ThresholdLayout layout;
+  if (threshold.numel() == 1 && threshold.dim() <= 1) {
+    layout.inner = 1;
+    layout.size = 1;
+  } else if (threshold.dim() == 1 && x_seq.dim() >= 3 && threshold.size(0) == x_sizes[2]) {
+    int64_t inner = 1;
+    for (int64_t d = 3; d < x_seq.dim(); ++d) inner *= x_sizes[d];
+    layout.inner = inner;
+    layout.size = threshold.size(0);
+  } else if ((x_seq.dim() >= 3 && threshold.sizes() == x_sizes.slice(2)) ||
+             (x_seq.dim() >= 2 && threshold.sizes() == x_sizes.slice(1))) {
+    layout.inner = 1;
+    layout.size = threshold.numel();
+  } else {
+    TORCH_CHECK(false,
+                "threshold must be a scalar, a per-channel tensor of shape [C] with C = "
+                "x_seq.size(2), or a per-neuron tensor of shape x_seq.shape[2:] or "
+                "x_seq.shape[1:]; x_seq has shape ",
+                shape_str(x_sizes), ", threshold has shape ", shape_str(threshold.sizes()));
+  }
+  layout.values = threshold.to(acc_dtype).contiguous().view({-1});
+  // Checking values needs them on the host: done for CPU tensors only, so
+  // that CUDA calls never synchronise. On CUDA an invalid threshold makes
+  // that neuron's outputs NaN (see neuron_unit in neuron_math.h).
+  if (layout.values.is_cpu()) {
+    AT_DISPATCH_FLOATING_TYPES(layout.values.scalar_type(), "check_threshold", [&] {
+      const scalar_t* values = layout.values.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < layout.values.numel(); ++i) {
+        TORCH_CHECK(std::isfinite(values[i]) && values[i] > 0,
+                    "threshold must be finite and > 0 everywhere, got ", values[i],
+                    " at flat index ", i);
+      }
+    });
+  }
+  return layout;
+}
+
+ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
+                         const c10::optional<at::Tensor>& v_init,
+                         const c10::optional<at::Tensor>& count_init, int64_t group_size,
+                         bool is_signed, double init_fraction, double neg_margin,
+                         c10::string_view grad_mode, c10::string_view surrogate, double alpha) {
+  (void)is_signed;
+  TORCH_CHECK(is_supported_float(x_seq.scalar_type()),
+              "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
+              x_seq.scalar_type());
+  TORCH_CHECK(x_seq.dim() >= 1,
+              "x_seq must have a leading time axis, shape [T, ...], got a 0-dim tensor");
+  check_neuron_params(group_size, neg_margin);
+  TORCH_CHECK(std::isfinite(init_fraction),
+              "init_fraction (initial membrane as a fraction of θ/m) must be finite, got ",
+              init_fraction);
+  ForwardPlan plan;
+  plan.acc_dtype = accumulation_dtype(x_seq.scalar_type());
+  plan.grad_mode = parse_grad_mode(grad_mode);
+  plan.surrogate = parse_surrogate(surrogate, alpha);
+  check_state(v_init, x_seq, plan.acc_dtype, "v_init");
+  check_state(count_init, x_seq, at::kInt, "count_init");
+  plan.threshold = resolve_threshold(threshold, x_seq, plan.acc_dtype);
+  plan.x = x_seq.contiguous();
+  if (v_init.has_value()) plan.v_init = v_init->contiguous();
+  if (count_init.has_value()) plan.count_init = count_init->contiguous();
+  plan.time_steps = x_seq.size(0);
+  plan.neurons = neurons_per_step(x_seq);
+  return plan;
+}
+
+void check_spikes_out(const at::Tensor& spikes_out, const at::Tensor& x_seq) {
+  check_same_device(spikes_out, x_seq, "spikes (the out= tensor)");
+  TORCH_CHECK(spikes_out.scalar_type() == x_seq.scalar_type(),
+              "spikes (the out= tensor) must have x_seq's dtype ", x_seq.scalar_type(), ", got ",
+              spikes_out.scalar_type());
+  TORCH_CHECK(spikes_out.sizes() == x_seq.sizes(),
+              "spikes (the out= tensor) must have x_seq's shape ", shape_str(x_seq.sizes()),
+              ", got ", shape_str(spikes_out.sizes()));
+  TORCH_CHECK(spikes_out.is_contiguous(), "spikes (the out= tensor) must be contiguous");
+}
+
+ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
+                                        const c10::optional<at::Tensor>& spikes_out) {
+  const at::Tensor& x = plan.x;
+  const auto state_sizes = x.sizes().slice(1);
+  const auto acc_options = x.options().dtype(plan.acc_dtype);
+  const auto nothing = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
+  ForwardOutputs out;
+  out.spikes = spikes_out.has_value() ? *spikes_out : at::empty_like(x);
+  out.v_final = at::empty(state_sizes, acc_options);
+  out.count_final = at::empty(state_sizes, x.options().dtype(at::kInt));
+  const bool surrogate = plan.grad_mode == GradMode::kSurrogate;
+  out.membrane_seq = surrogate ? at::empty(x.sizes(), acc_options) : nothing(plan.acc_dtype);
+  out.negative_open_seq =
+      surrogate && is_signed ? at::empty(x.sizes(), x.options().dtype(at::kBool)) : nothing(at::kBool);
+  out.input_mean =
+      plan.grad_mode == GradMode::kRate ? at::empty(state_sizes, acc_options) : nothing(plan.acc_dtype);
+  return out;
+}
+
+SurrogateBackwardPlan plan_surrogate_backward(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& membrane_seq, const at::Tensor& negative_open_seq,
+    const at::Tensor& threshold, int64_t group_size, bool is_signed, double neg_margin,
+    c10::string_view surrogate, double alpha) {
+  TORCH_CHECK(is_supported_float(grad_spikes.scalar_type()),
+              "grad_spikes must be a floating-point tensor, got ", grad_spikes.scalar_type());
+  TORCH_CHECK(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
+  check_neuron_params(group_size, neg_margin);
+  const auto acc = accumulation_dtype(grad_spikes.scalar_type());
+  check_same_device(membrane_seq, grad_spikes, "membrane_seq");
+  TORCH_CHECK(membrane_seq.scalar_type() == acc && membrane_seq.sizes() == grad_spikes.sizes(),
+              "membrane_seq must be the ", acc, " tensor of shape ", shape_str(grad_spikes.sizes()),
+              " recorded by neuron_forward(grad_mode='surrogate'), got ", membrane_seq.scalar_type(),
+              " of shape ", shape_str(membrane_seq.sizes()));
+  if (is_signed) {
+    check_same_device(negative_open_seq, grad_spikes, "negative_open_seq");
+    TORCH_CHECK(negative_open_seq.scalar_type() == at::kBool &&
+                    negative_open_seq.sizes() == grad_spikes.sizes(),
+                "negative_open_seq must be the bool tensor of shape ",
+                shape_str(grad_spikes.sizes()),
+                " recorded by neuron_forward(grad_mode='surrogate', signed=True), got ",
+                negative_open_seq.scalar_type(), " of shape ",
+                shape_str(negative_open_seq.sizes()));
+  }
+  check_state(grad_v_final, grad_spikes, acc, "grad_v_final");
+  SurrogateBackwardPlan plan;
+  plan.surrogate = parse_surrogate(surrogate, alpha);
+  plan.threshold = resolve_threshold(threshold, grad_spikes, acc);
+  plan.grad_spikes = grad_spikes.contiguous();
+  if (grad_v_final.has_value()) plan.grad_v_final = grad_v_final->contiguous();
+  plan.membrane_seq = membrane_seq.contiguous();
+  plan.negative_open_seq = is_signed ? negative_open_seq.contiguous() : negative_open_seq;
+  plan.time_steps = grad_spikes.size(0);
+  plan.neurons = neurons_per_step(grad_spikes);
+  return plan;
+}
+
+RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
+                                    const at::Tensor& threshold) {
+  TORCH_CHECK(is_supported_float(grad_spikes.scalar_type()),
+              "grad_spikes must be a floating-point tensor, got ", grad_spikes.scalar_type());
+  TORCH_CHECK(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
+  const auto acc = accumulation_dtype(grad_spikes.scalar_type());
+  check_state(input_mean, grad_spikes, acc, "input_mean");
+  RateBackwardPlan plan;
+  plan.threshold = resolve_threshold(threshold, grad_spikes, acc);
+  plan.grad_spikes = grad_spikes.contiguous();
+  plan.input_mean = input_mean.contiguous();
+  plan.time_steps = grad_spikes.size(0);
+  plan.neurons = neurons_per_step(grad_spikes);
+  return plan;
+}
+
+TORCH_LIBRARY(fastspike, m) {
+  // Runs all T steps of the generalised neuron (DESIGN §2) in one call.
+  // Returns (spikes, v_final, count_final, membrane_seq, negative_open_seq,
+  // input_mean); the last three are what the backward of grad_mode needs and
+  // are empty ([0]) otherwise.
+  m.def(
+      "neuron_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
+      "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
+      "str surrogate, float alpha) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Inference form writing the spikes into a preallocated tensor (which may be
+  // x_seq itself); returns (v_final, count_final).
+  m.def(
+      "neuron_forward_out(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
+      "int group_size, bool signed, float init_fraction, float neg_margin, Tensor(a!) spikes) "
+      "-> (Tensor, Tensor)");
+  // Reverse-time pass of the surrogate gradient; returns (grad_x, grad_v_init).
+  m.def(
+      "neuron_backward_surrogate(Tensor grad_spikes, Tensor? grad_v_final, Tensor membrane_seq, "
+      "Tensor negative_open_seq, Tensor threshold, int group_size, bool signed, "
+      "float neg_margin, str surrogate, float alpha) -> (Tensor, Tensor)");
+  // Straight-through rate gradient; returns grad_x.
+  m.def("neuron_backward_rate(Tensor grad_spikes, Tensor input_mean, Tensor threshold) -> Tensor");
+  // Test hooks: run the CUDA kernel bodies on the CPU, walking the grid the
+  // CUDA launcher would use (blocks x threads, grid-stride); vector_width 0
+  // lets the launcher's rule choose it.
+  m.def(
+      "_emulate_cuda_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
+      "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
+      "int blocks, int threads, int vector_width) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "_emulate_cuda_backward_surrogate(Tensor grad_spikes, Tensor? grad_v_final, "
+      "Tensor membrane_seq, Tensor negative_open_seq, Tensor threshold, int group_size, "
+      "bool signed, float neg_margin, str surrogate, float alpha, int blocks, int threads) "
+      "-> (Tensor, Tensor)");
+  m.def(
+      "_emulate_cuda_backward_rate(Tensor grad_spikes, Tensor input_mean, Tensor threshold, "
+      "int blocks, int threads) -> Tensor");
+}
+
+}  // namespace fastspike

@@ -1,0 +1,102 @@
+// Host-side pieces of the neuron operators shared by the CPU and CUDA
+// wrappers: argument checks, layout resolution and output allocation. Every
+// wrapper does the same five things in the same order (check, make
+// contiguous, allocate, return early on empty input, dispatch and launch); the
+// first three live here so that both devices reject bad input with the same
+// message.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Optional.h>
+#include <c10/util/string_view.h>
+
+#include <tuple>
+
+namespace fastspike {
+
+enum class GradMode { kNone, kSurrogate, kRate };
+
+struct ThresholdLayout {
+  at::Tensor values;  // contiguous, in the accumulation dtype
+  int64_t inner;      // see threshold_index() in neuron_math.h
+  int64_t size;
+};
+
+struct ForwardPlan {
+  at::Tensor x;  // contiguous
+  ThresholdLayout threshold;
+  c10::optional<at::Tensor> v_init;      // contiguous, acc dtype
+  c10::optional<at::Tensor> count_init;  // contiguous, int32
+  int64_t time_steps;
+  int64_t neurons;
+  at::ScalarType acc_dtype;
+  GradMode grad_mode;
+  int surrogate;
+};
+
+using ForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+struct ForwardOutputs {
+  at::Tensor spikes;             // [T, ...], x's dtype
+  at::Tensor v_final;            // [...], acc dtype
+  at::Tensor count_final;        // [...], int32
+  at::Tensor membrane_seq;       // [T, ...] acc dtype when grad_mode is surrogate, else [0]
+  at::Tensor negative_open_seq;  // [T, ...] bool when surrogate and signed, else [0]
+  at::Tensor input_mean;         // [...] acc dtype when grad_mode is rate, else [0]
+
+  ForwardResult as_tuple() const {
+    return {spikes, v_final, count_final, membrane_seq, negative_open_seq, input_mean};
+  }
+};
+
+// float32 for float16/bfloat16/float32, float64 for float64 (DESIGN §2).
+at::ScalarType accumulation_dtype(at::ScalarType dtype);
+
+ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
+                         const c10::optional<at::Tensor>& v_init,
+                         const c10::optional<at::Tensor>& count_init, int64_t group_size,
+                         bool is_signed, double init_fraction, double neg_margin,
+                         c10::string_view grad_mode, c10::string_view surrogate, double alpha);
+
+// spikes_out, when given, has been checked by check_spikes_out and is used as
+// the spike output instead of a fresh tensor.
+ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
+                                        const c10::optional<at::Tensor>& spikes_out);
+
+void check_spikes_out(const at::Tensor& spikes_out, const at::Tensor& x_seq);
+
+// Resolves a threshold tensor (scalar, per channel along dim 2, or per neuron)
+// against x_seq, checking its shape and, where it costs no device sync, its values.
+ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor& x_seq,
+                                  at::ScalarType acc_dtype);
+
+struct SurrogateBackwardPlan {
+  at::Tensor grad_spikes;                   // contiguous
+  c10::optional<at::Tensor> grad_v_final;   // contiguous, acc dtype
+  at::Tensor membrane_seq;                  // contiguous
+  at::Tensor negative_open_seq;             // contiguous (empty for unsigned)
+  ThresholdLayout threshold;
+  int64_t time_steps;
+  int64_t neurons;
+  int surrogate;
+};
+
+SurrogateBackwardPlan plan_surrogate_backward(
+    const at::Tensor& grad_spikes, const c10::optional<at::Tensor>& grad_v_final,
+    const at::Tensor& membrane_seq, const at::Tensor& negative_open_seq,
+    const at::Tensor& threshold, int64_t group_size, bool is_signed, double neg_margin,
+    c10::string_view surrogate, double alpha);
+
+struct RateBackwardPlan {
+  at::Tensor grad_spikes;  // contiguous
+  at::Tensor input_mean;   // contiguous
+  ThresholdLayout threshold;
+  int64_t time_steps;
+  int64_t neurons;
+};
+
+RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
+                                    const at::Tensor& threshold);
+
+}  // namespace fastspike

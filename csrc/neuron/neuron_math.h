@@ -1,0 +1,365 @@
+// The neuron math of fastspike, written once for the CPU kernel, the CUDA
+// kernel and NVRTC (DESIGN §2). Everything here is a host-and-device function
+// of plain values and pointers: no ATen, no standard library beyond <cstdint>,
+// so the CPU test suite exercises exactly the arithmetic the GPU runs.
+//
+// Rounding: every operation of the forward dynamics goes through add_rn /
+// sub_rn / mul_rn / div_rn. On the device these are the explicitly rounded
+// intrinsics, which nvcc never contracts into fused multiply-adds; on the host
+// the build passes -ffp-contract=off. Together with the reference doing the
+// same operations in the same order, the forward agrees bit for bit.
+#pragma once
+
+#if !defined(__CUDACC_RTC__)
+#include <cstdint>
+#include <cstring>
+#include <cmath>
+#endif
+
+#if defined(__CUDACC__) || defined(__CUDACC_RTC__)
+#define FASTSPIKE_HD __host__ __device__ __forceinline__
+#else
+#define FASTSPIKE_HD inline
+#endif
+
+namespace fastspike {
+
+// ---------------------------------------------------------------------------
+// Un-contracted, round-to-nearest arithmetic.
+FASTSPIKE_HD float add_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FASTSPIKE_HD float sub_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FASTSPIKE_HD float mul_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FASTSPIKE_HD float div_rn(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+FASTSPIKE_HD double add_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+FASTSPIKE_HD double sub_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+FASTSPIKE_HD double mul_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+FASTSPIKE_HD double div_rn(double a, double b) {
+#ifdef __CUDA_ARCH__
+  return __ddiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+FASTSPIKE_HD float exp_acc(float a) {
+#ifdef __CUDA_ARCH__
+  return expf(a);
+#else
+  return std::exp(a);
+#endif
+}
+FASTSPIKE_HD double exp_acc(double a) {
+#ifdef __CUDA_ARCH__
+  return ::exp(a);
+#else
+  return std::exp(a);
+#endif
+}
+
+// ---------------------------------------------------------------------------
+// Threshold layouts. A threshold tensor of P elements applies to neuron n
+// (the flat index over x_seq.shape[1:]) at index (n / inner) % P:
+//   scalar       P = 1
+//   per channel  P = C = x_seq.size(2), inner = prod(x_seq.shape[3:])
+//   per neuron   P = prod(shape), inner = 1 (shape = x_seq.shape[2:] or [1:])
+FASTSPIKE_HD int64_t threshold_index(int64_t neuron, int64_t inner, int64_t size) {
+  return size == 1 ? 0 : (neuron / inner) % size;
+}
+
+// u = θ/m. A threshold that is not finite and > 0 can only reach a kernel on
+// CUDA, where values are not checked so that calls never synchronise; it gives
+// u = NaN, so that neuron's spikes and membrane come out NaN, not plausible.
+template <typename acc_t>
+FASTSPIKE_HD acc_t neuron_unit(acc_t threshold, int group_size) {
+  const acc_t unit = div_rn(threshold, acc_t(group_size));
+  const bool valid = unit > acc_t(0) && (unit - unit) == acc_t(0);
+  const acc_t zero = 0;
+  return valid ? unit : zero / zero;
+}
+
+// ---------------------------------------------------------------------------
+// One time step of the generalised neuron (DESIGN §2). `unit` is u = θ/m.
+// Updates (v, count) in place and returns k⁺ − k⁻. `charged` receives the
+// membrane after charging (what the surrogate backward needs) and
+// `negative_open` whether the negative-spike count was below the spike count
+// (the only case in which k⁻ depends on v).
+template <typename acc_t, bool kSigned, int kGroup>
+FASTSPIKE_HD int neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_size,
+                             acc_t& v, int32_t& count, acc_t& charged,
+                             bool& negative_open) {
+  const int m = kGroup > 0 ? kGroup : group_size;
+  const acc_t h = add_rn(v, x);
+  charged = h;
+  int k_pos = 0;
+  for (int j = 1; j <= m; ++j) {
+    k_pos += (h >= mul_rn(acc_t(j), unit)) ? 1 : 0;
+  }
+  acc_t v_new = sub_rn(h, mul_rn(acc_t(k_pos), unit));
+  int32_t c = count + k_pos;
+  int k_neg = 0;
+  negative_open = false;
+  if (kSigned) {
+    int n_neg = 0;
+    for (int j = 1; j <= m; ++j) {
+      n_neg += (v_new <= sub_rn(-neg_margin, mul_rn(acc_t(j - 1), unit))) ? 1 : 0;
+    }
+    negative_open = n_neg < c;
+    k_neg = negative_open ? n_neg : c;  // min(c, n⁻): never more than fired
+    v_new = add_rn(v_new, mul_rn(acc_t(k_neg), unit));
+    c -= k_neg;
+  }
+  v = v_new;
+  count = c;
+  return k_pos - k_neg;
+}
+
+// Derivative of the Heaviside step [z ≥ 0] used by the surrogate backward, in
+// units of u: the caller passes z/u and multiplies nothing back, because the
+// spike output carries a factor u that cancels the 1/u of the chain rule.
+enum SurrogateKind : int { kSurrogateSigmoid = 0, kSurrogateAtan = 1 };
+
+template <typename acc_t>
+FASTSPIKE_HD acc_t surrogate_grad(acc_t z, int kind, acc_t alpha) {
+  if (kind == kSurrogateAtan) {
+    // d/dz [atan(π/2·α·z)/π + 1/2]
+    const acc_t w = acc_t(1.5707963267948966) * alpha * z;
+    return alpha / (acc_t(2) * (acc_t(1) + w * w));
+  }
+  // d/dz sigmoid(α·z)
+  const acc_t s = acc_t(1) / (acc_t(1) + exp_acc(-alpha * z));
+  return alpha * s * (acc_t(1) - s);
+}
+
+// d s_t / d h_t for one step with the reset path detached: positive members
+// contribute φ'((h − j·u)/u); when the negative side was open, the negative
+// members contribute φ'((L_j − v')/u), L_j = −ε − (j−1)·u, v' = h − k⁺·u.
+template <typename acc_t, bool kSigned, int kGroup>
+FASTSPIKE_HD acc_t spike_derivative(acc_t h, bool negative_open, acc_t unit,
+                                    acc_t inv_unit, acc_t neg_margin, int group_size,
+                                    int kind, acc_t alpha) {
+  const int m = kGroup > 0 ? kGroup : group_size;
+  acc_t d = 0;
+  int k_pos = 0;
+  for (int j = 1; j <= m; ++j) {
+    const acc_t level = mul_rn(acc_t(j), unit);
+    k_pos += (h >= level) ? 1 : 0;
+    d += surrogate_grad<acc_t>((h - level) * inv_unit, kind, alpha);
+  }
+  if (kSigned && negative_open) {
+    const acc_t v_after = sub_rn(h, mul_rn(acc_t(k_pos), unit));
+    for (int j = 1; j <= m; ++j) {
+      const acc_t level = sub_rn(-neg_margin, mul_rn(acc_t(j - 1), unit));
+      d += surrogate_grad<acc_t>((level - v_after) * inv_unit, kind, alpha);
+    }
+  }
+  return d;
+}
+
+// ---------------------------------------------------------------------------
+// Kernel bodies. Each takes the index the launcher hands one thread and does
+// all T steps for it, so the CUDA __global__ wrappers only compute that index
+// and a CPU test can walk the same grid (see cpu/grid_emulation.cpp).
+
+template <typename scalar_t, typename acc_t>
+struct ForwardArgs {
+  const scalar_t* x;          // [T, N]
+  scalar_t* spikes;           // [T, N], may alias x
+  const acc_t* threshold;     // [P], already in acc_t
+  int64_t threshold_inner;
+  int64_t threshold_size;
+  const acc_t* v_init;        // [N] or nullptr (start at φ·u)
+  const int32_t* count_init;  // [N] or nullptr (start at 0)
+  acc_t* v_final;             // [N]
+  int32_t* count_final;       // [N]
+  acc_t* membrane_seq;        // [T, N] or nullptr: record h_t for the surrogate backward
+  bool* negative_open_seq;    // [T, N] or nullptr
+  acc_t* input_mean;          // [N] or nullptr: record x̄ for the rate backward
+  int64_t time_steps;
+  int64_t neurons;
+  int group_size;
+  acc_t init_fraction;
+  acc_t neg_margin;
+};
+
+// kVec elements loaded or stored as one access (float4 for float on CUDA,
+// where 16 bytes is the widest access); on the host a plain copy.
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Pack {
+  T val[kVec];
+};
+
+template <typename T, int kVec>
+FASTSPIKE_HD Pack<T, kVec> load_pack(const T* ptr) {
+#ifdef __CUDA_ARCH__
+  return *reinterpret_cast<const Pack<T, kVec>*>(ptr);
+#else
+  Pack<T, kVec> p;
+  std::memcpy(&p, ptr, sizeof(p));
+  return p;
+#endif
+}
+
+template <typename T, int kVec>
+FASTSPIKE_HD void store_pack(T* ptr, const Pack<T, kVec>& p) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<Pack<T, kVec>*>(ptr) = p;
+#else
+  std::memcpy(ptr, &p, sizeof(p));
+#endif
+}
+
+// Neurons [index·kVec, index·kVec + kVec) over all T steps. kVec > 1 needs
+// neurons % kVec == 0 and x/spikes aligned to kVec elements (the launcher
+// checks), so every row t·N + index·kVec is aligned too and there is no tail.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec>
+FASTSPIKE_HD void forward_element(int64_t index, const ForwardArgs<scalar_t, acc_t>& a) {
+  const int64_t n0 = index * kVec;
+  const int m = kGroup > 0 ? kGroup : a.group_size;
+  acc_t unit[kVec], v[kVec], sum[kVec];
+  int32_t count[kVec];
+  for (int l = 0; l < kVec; ++l) {
+    const int64_t n = n0 + l;
+    unit[l] = neuron_unit(a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)], m);
+    v[l] = a.v_init ? a.v_init[n] : mul_rn(a.init_fraction, unit[l]);
+    count[l] = a.count_init ? a.count_init[n] : 0;
+    sum[l] = 0;
+  }
+  for (int64_t t = 0; t < a.time_steps; ++t) {
+    const int64_t offset = t * a.neurons + n0;
+    const Pack<scalar_t, kVec> x = load_pack<scalar_t, kVec>(a.x + offset);
+    Pack<scalar_t, kVec> s;
+    for (int l = 0; l < kVec; ++l) {
+      const acc_t xv = static_cast<acc_t>(x.val[l]);
+      acc_t charged;
+      bool negative_open;
+      const int k = neuron_step<acc_t, kSigned, kGroup>(
+          xv, unit[l], a.neg_margin, m, v[l], count[l], charged, negative_open);
+      s.val[l] = static_cast<scalar_t>(mul_rn(acc_t(k), unit[l]));
+      if (a.membrane_seq) a.membrane_seq[offset + l] = charged;
+      if (a.negative_open_seq) a.negative_open_seq[offset + l] = negative_open;
+      sum[l] = add_rn(sum[l], xv);
+    }
+    store_pack<scalar_t, kVec>(a.spikes + offset, s);
+  }
+  for (int l = 0; l < kVec; ++l) {
+    const int64_t n = n0 + l;
+    a.v_final[n] = v[l];
+    a.count_final[n] = count[l];
+    if (a.input_mean) a.input_mean[n] = div_rn(sum[l], acc_t(a.time_steps));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+struct SurrogateBackwardArgs {
+  const scalar_t* grad_spikes;      // [T, N]
+  const acc_t* grad_v_final;        // [N] or nullptr
+  const acc_t* membrane_seq;        // [T, N]
+  const bool* negative_open_seq;    // [T, N] or nullptr (unsigned neurons)
+  const acc_t* threshold;
+  int64_t threshold_inner;
+  int64_t threshold_size;
+  scalar_t* grad_x;                 // [T, N]
+  acc_t* grad_v_init;               // [N]
+  int64_t time_steps;
+  int64_t neurons;
+  int group_size;
+  acc_t neg_margin;
+  int surrogate;
+  acc_t alpha;
+};
+
+// Backpropagation through time for one neuron, reverse order in one pass:
+// h_t = v_{t−1} + x_t, so dL/dx_t = dL/dh_t and dL/dv_{t−1} = dL/dh_t, with
+// dL/dh_t = g_t · ds_t/dh_t + dL/dv_t (reset detached: dv_t/dh_t = 1).
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup>
+FASTSPIKE_HD void surrogate_backward_element(int64_t n,
+                                             const SurrogateBackwardArgs<scalar_t, acc_t>& a) {
+  const int m = kGroup > 0 ? kGroup : a.group_size;
+  const acc_t unit =
+      neuron_unit(a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)], m);
+  const acc_t inv_unit = acc_t(1) / unit;
+  acc_t grad_v = a.grad_v_final ? a.grad_v_final[n] : acc_t(0);
+  for (int64_t t = a.time_steps - 1; t >= 0; --t) {
+    const int64_t offset = t * a.neurons + n;
+    const bool negative_open = kSigned && a.negative_open_seq[offset];
+    const acc_t ds_dh = spike_derivative<acc_t, kSigned, kGroup>(
+        a.membrane_seq[offset], negative_open, unit, inv_unit, a.neg_margin, m, a.surrogate,
+        a.alpha);
+    grad_v = static_cast<acc_t>(a.grad_spikes[offset]) * ds_dh + grad_v;
+    a.grad_x[offset] = static_cast<scalar_t>(grad_v);
+  }
+  a.grad_v_init[n] = grad_v;
+}
+
+template <typename scalar_t, typename acc_t>
+struct RateBackwardArgs {
+  const scalar_t* grad_spikes;  // [T, N]
+  const acc_t* input_mean;      // [N]
+  const acc_t* threshold;
+  int64_t threshold_inner;
+  int64_t threshold_size;
+  scalar_t* grad_x;             // [T, N]
+  int64_t time_steps;
+  int64_t neurons;
+};
+
+// Straight-through on the time average (Fast-SNN fine-tuning): every x_t gets
+// (1/T)·Σ_τ g_τ where 0 < x̄ < θ, else 0.
+template <typename scalar_t, typename acc_t>
+FASTSPIKE_HD void rate_backward_element(int64_t n, const RateBackwardArgs<scalar_t, acc_t>& a) {
+  const acc_t theta = a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)];
+  const acc_t mean = a.input_mean[n];
+  acc_t total = 0;
+  for (int64_t t = 0; t < a.time_steps; ++t) {
+    total += static_cast<acc_t>(a.grad_spikes[t * a.neurons + n]);
+  }
+  const bool pass = acc_t(0) < mean && mean < theta;
+  const scalar_t g = static_cast<scalar_t>(pass ? total / acc_t(a.time_steps) : acc_t(0));
+  for (int64_t t = 0; t < a.time_steps; ++t) {
+    a.grad_x[t * a.neurons + n] = g;
+  }
+}
+
+}  // namespace fastspike

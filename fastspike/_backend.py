@@ -1,0 +1,107 @@
+"""Finds the compiled operator library, in this order:
+
+1. the prebuilt extension ``fastspike._C`` (``pip install -e .`` / ``make``);
+2. a JIT build of the sources in ``csrc/`` (``torch.utils.cpp_extension.load``
+   with ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``, when this is a
+   source checkout and ``FASTSPIKE_JIT`` is not ``0``;
+3. none: the pure-PyTorch reference runs instead, with one warning.
+
+``FASTSPIKE_BACKEND=reference`` skips 1 and 2 (to compare or to debug).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import warnings
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import torch
+
+from . import _build
+
+
+@dataclass
+class BackendState:
+    name: str  # "extension" or "reference"
+    source: Optional[str]  # "prebuilt", "jit" or None
+    reason: str
+    library: Optional[str] = None
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+def _has_ops() -> bool:
+    return hasattr(torch.ops, "fastspike") and hasattr(torch.ops.fastspike, "neuron_forward")
+
+
+def _load_prebuilt() -> BackendState:
+    from . import _C  # noqa: F401  (loading registers the operators)
+
+    return BackendState("extension", "prebuilt", "fastspike._C is installed", library=_C.__file__)
+
+
+def _jit_wants_cuda() -> bool:
+    from torch.utils import cpp_extension
+
+    if os.environ.get("FASTSPIKE_USE_CUDA", "1") == "0":
+        return False
+    return torch.cuda.is_available() and cpp_extension.CUDA_HOME is not None
+
+
+def _load_jit() -> BackendState:
+    from torch.utils import cpp_extension
+
+    if not os.path.isdir(_build.CSRC):
+        raise RuntimeError(f"no sources to compile at {_build.CSRC} (not a source checkout)")
+    if shutil.which("ninja") is None and not cpp_extension.is_ninja_available():
+        raise RuntimeError("ninja is not installed (pip install ninja)")
+    with_cuda = _jit_wants_cuda()
+    flags = _build.compile_flags(with_cuda)
+    library = cpp_extension.load(
+        name="fastspike_ops_jit" + ("_cuda" if with_cuda else "_cpu"),
+        sources=_build.sources(with_cuda, python_module=False),
+        extra_cflags=flags["cxx"],
+        extra_cuda_cflags=flags.get("nvcc", []),
+        extra_ldflags=["-fopenmp"],
+        with_cuda=with_cuda,
+        is_python_module=False,
+        verbose=os.environ.get("FASTSPIKE_JIT_VERBOSE", "0") == "1",
+    )
+    return BackendState(
+        "extension", "jit", f"compiled from {_build.CSRC} on first import", library=str(library)
+    )
+
+
+def load() -> BackendState:
+    """Loads the best available backend; warns once if it is the reference."""
+    if os.environ.get("FASTSPIKE_BACKEND", "") == "reference":
+        return BackendState("reference", None, "FASTSPIKE_BACKEND=reference")
+    failures = []
+    try:
+        return _load_prebuilt()
+    except (ImportError, OSError) as err:
+        failures.append(f"prebuilt fastspike._C: {err}")
+    if os.environ.get("FASTSPIKE_JIT", "1") != "0":
+        try:
+            return _load_jit()
+        except Exception as err:  # a failed compile must not break `import fastspike`
+            failures.append(f"JIT build: {err}")
+    else:
+        failures.append("JIT build disabled by FASTSPIKE_JIT=0")
+    reason = "; ".join(failures)
+    warnings.warn(
+        "fastspike: no compiled operators could be loaded, falling back to the pure-PyTorch "
+        f"reference loop (correct but slow). Build them with `pip install -e . "
+        f"--no-build-isolation` or `make build`. Details: {reason}",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return BackendState("reference", None, reason)
+
+
+def has_cuda_kernels() -> bool:
+    """True when the loaded operator library registered CUDA implementations."""
+    return _has_ops() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "fastspike::neuron_forward", "CUDA"
+    )

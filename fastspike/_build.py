@@ -1,0 +1,36 @@
+"""Sources and compiler flags of the operator library, shared by setup.py and
+the JIT build in fastspike/_backend.py so that both compile the same thing."""
+
+import glob
+import os
+from typing import Dict, List
+
+CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+
+# -ffp-contract=off: the neuron math must not be fused into multiply-adds, so
+# that CPU, CUDA and the PyTorch reference round alike (DESIGN §2).
+# The C++ standard is left to torch (C++17 up to 2.12, C++20 after).
+CXX_FLAGS = ["-O3", "-ffp-contract=off", "-fopenmp"]
+# --fmad=false for the same reason; the kernels also use explicitly rounded
+# intrinsics, this covers any arithmetic outside them.
+NVCC_FLAGS = ["-O3", "--fmad=false", "-lineinfo"]
+
+
+def sources(with_cuda: bool, csrc: str = CSRC, python_module: bool = True) -> List[str]:
+    """Every .cpp under csrc/, plus the .cu files when with_cuda. The
+    python_module.cpp stub (PyInit__C) only belongs in the fastspike._C module."""
+    found = sorted(glob.glob(os.path.join(csrc, "**", "*.cpp"), recursive=True))
+    if not python_module:
+        found = [f for f in found if os.path.basename(f) != "python_module.cpp"]
+    if with_cuda:
+        found += sorted(glob.glob(os.path.join(csrc, "**", "*.cu"), recursive=True))
+    return found
+
+
+def compile_flags(with_cuda: bool, debug: bool = False) -> Dict[str, List[str]]:
+    opt = ["-O0", "-g"] if debug else []
+    cxx = [f for f in CXX_FLAGS if not (debug and f == "-O3")] + opt
+    flags = {"cxx": cxx}
+    if with_cuda:
+        flags["nvcc"] = [f for f in NVCC_FLAGS if not (debug and f == "-O3")] + opt
+    return flags

@@ -1,0 +1,246 @@
+"""Typed wrappers around the fastspike operators, their fake (meta) kernels and
+their autograd registration, plus the choice of backend.
+
+The operators (schemas in csrc/neuron/neuron.cpp) are
+
+``fastspike::neuron_forward(x_seq, threshold, v_init, count_init, group_size,
+signed, init_fraction, neg_margin, grad_mode, surrogate, alpha)``
+    -> (spikes, v_final, count_final, membrane_seq, negative_open_seq, input_mean)
+
+``fastspike::neuron_forward_out(..., Tensor(a!) spikes)`` -> (v_final, count_final)
+
+``fastspike::neuron_backward_surrogate(grad_spikes, grad_v_final, membrane_seq,
+negative_open_seq, threshold, group_size, signed, neg_margin, surrogate, alpha)``
+    -> (grad_x, grad_v_init)
+
+``fastspike::neuron_backward_rate(grad_spikes, input_mean, threshold)`` -> grad_x
+
+Most users call :func:`neuron`, which picks the operator, the grad mode and the
+backend.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Dict, Optional
+
+import torch
+
+from . import _backend
+from .reference import (
+    DEFAULT_ALPHA,
+    NeuronResult,
+    Threshold,
+    accumulation_dtype,
+    check_neuron_args,
+    neuron_reference,
+    threshold_tensor,
+)
+
+__all__ = ["neuron", "backend_info", "NeuronResult"]
+
+_STATE = _backend.load()
+_warned_cuda_fallback = False
+
+
+def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return like.new_empty((0,), dtype=dtype)
+
+
+if _STATE.name == "extension":
+
+    @torch.library.register_fake("fastspike::neuron_forward")
+    def _neuron_forward_fake(
+        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
+        grad_mode, surrogate, alpha,
+    ):
+        acc = accumulation_dtype(x_seq.dtype)
+        state_shape = x_seq.shape[1:]
+        surrogate_mode = grad_mode == "surrogate"
+        return (
+            x_seq.new_empty(x_seq.shape),
+            x_seq.new_empty(state_shape, dtype=acc),
+            x_seq.new_empty(state_shape, dtype=torch.int32),
+            x_seq.new_empty(x_seq.shape, dtype=acc) if surrogate_mode else _empty(x_seq, acc),
+            x_seq.new_empty(x_seq.shape, dtype=torch.bool)
+            if surrogate_mode and signed
+            else _empty(x_seq, torch.bool),
+            x_seq.new_empty(state_shape, dtype=acc) if grad_mode == "rate" else _empty(x_seq, acc),
+        )
+
+    @torch.library.register_fake("fastspike::neuron_forward_out")
+    def _neuron_forward_out_fake(
+        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, spikes
+    ):
+        acc = accumulation_dtype(x_seq.dtype)
+        state_shape = x_seq.shape[1:]
+        return (
+            x_seq.new_empty(state_shape, dtype=acc),
+            x_seq.new_empty(state_shape, dtype=torch.int32),
+        )
+
+    @torch.library.register_fake("fastspike::neuron_backward_surrogate")
+    def _neuron_backward_surrogate_fake(
+        grad_spikes, grad_v_final, membrane_seq, negative_open_seq, threshold, group_size,
+        signed, neg_margin, surrogate, alpha,
+    ):
+        acc = accumulation_dtype(grad_spikes.dtype)
+        return (
+            grad_spikes.new_empty(grad_spikes.shape),
+            grad_spikes.new_empty(grad_spikes.shape[1:], dtype=acc),
+        )
+
+    @torch.library.register_fake("fastspike::neuron_backward_rate")
+    def _neuron_backward_rate_fake(grad_spikes, input_mean, threshold):
+        return grad_spikes.new_empty(grad_spikes.shape)
+
+    def _setup_context(ctx, inputs, output):
+        (x_seq, threshold, v_init, _count_init, group_size, signed, _init_fraction, neg_margin,
+         grad_mode, surrogate, alpha) = inputs
+        _spikes, _v, _count, membrane_seq, negative_open_seq, input_mean = output
+        ctx.grad_mode = grad_mode
+        ctx.params = (group_size, signed, neg_margin, surrogate, alpha)
+        ctx.has_v_init = v_init is not None
+        ctx.save_for_backward(threshold, membrane_seq, negative_open_seq, input_mean)
+
+    def _backward(ctx, grad_spikes, grad_v, _grad_count, _grad_mem, _grad_open, _grad_mean):
+        threshold, membrane_seq, negative_open_seq, input_mean = ctx.saved_tensors
+        group_size, signed, neg_margin, surrogate, alpha = ctx.params
+        if ctx.grad_mode == "none":
+            raise RuntimeError(
+                "fastspike::neuron_forward was called with grad_mode='none', which records nothing "
+                "for a backward; call it with grad_mode='surrogate' or 'rate' (fastspike.neuron "
+                "does this whenever an input requires grad)"
+            )
+        if grad_spikes is None:
+            grad_spikes = torch.zeros_like(membrane_seq if ctx.grad_mode == "surrogate" else input_mean)
+        grad_v_init = None
+        if ctx.grad_mode == "surrogate":
+            grad_x, grad_v_init = torch.ops.fastspike.neuron_backward_surrogate(
+                grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
+                signed, neg_margin, surrogate, alpha,
+            )
+        else:
+            grad_x = torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
+        return (grad_x, None, grad_v_init if ctx.has_v_init else None, None, None, None, None,
+                None, None, None, None)
+
+    torch.library.register_autograd(
+        "fastspike::neuron_forward", _backward, setup_context=_setup_context
+    )
+
+
+def backend_info() -> Dict[str, Any]:
+    """Which implementation runs the neuron operators, and why.
+
+    Keys: ``backend`` ("extension" or "reference"), ``source`` ("prebuilt",
+    "jit" or None), ``reason``, ``library`` (path of the loaded library),
+    ``cuda_kernels`` (the library has CUDA implementations),
+    ``cuda_available`` (torch sees a GPU), ``torch`` (version).
+    """
+    return {
+        "backend": _STATE.name,
+        "source": _STATE.source,
+        "reason": _STATE.reason,
+        "library": _STATE.library,
+        "cuda_kernels": _backend.has_cuda_kernels(),
+        "cuda_available": torch.cuda.is_available(),
+        "torch": torch.__version__,
+    }
+
+
+def _use_reference(x_seq: torch.Tensor) -> bool:
+    global _warned_cuda_fallback
+    if _STATE.name != "extension":
+        return True
+    if x_seq.is_cuda and not _backend.has_cuda_kernels():
+        if not _warned_cuda_fallback:
+            warnings.warn(
+                "fastspike: the operator library was built without CUDA kernels; CUDA tensors "
+                "run on the pure-PyTorch reference. Rebuild with nvcc available "
+                "(FASTSPIKE_FORCE_CUDA=1) for the fused kernels.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            _warned_cuda_fallback = True
+        return True
+    return False
+
+
+def neuron(
+    x_seq: torch.Tensor,
+    threshold: Threshold,
+    *,
+    group_size: int = 1,
+    signed: bool = False,
+    init_fraction: float = 0.5,
+    neg_margin: float = 1e-3,
+    v_init: Optional[torch.Tensor] = None,
+    count_init: Optional[torch.Tensor] = None,
+    grad: str = "surrogate",
+    surrogate: str = "sigmoid",
+    alpha: Optional[float] = None,
+    out: Optional[torch.Tensor] = None,
+) -> NeuronResult:
+    """Runs a layer of spiking neurons over all T time steps in one call.
+
+    Args:
+        x_seq: input currents, shape [T, ...] (time leading; typically
+            [T, B, C, H, W]); float16, bfloat16, float32 or float64.
+        threshold: θ > 0: a number, a tensor of one element, a per-channel
+            tensor [C] (C = x_seq.size(2)), or a per-neuron tensor of shape
+            x_seq.shape[2:] (shared over the batch) or x_seq.shape[1:].
+        group_size: m ≥ 1 members sharing one membrane with thresholds
+            θ/m, 2θ/m … θ (group neurons); 1 is plain IF.
+        signed: emit negative spikes to undo earlier positive ones (Fast-SNN).
+        init_fraction: initial membrane φ as a fraction of u = θ/m (0.5 as in
+            QCFS); ignored when v_init is given.
+        neg_margin: ε, a negative spike needs v ≤ −ε (1e-3 as in Fast-SNN).
+        v_init, count_init: state to start from (the v and count of an earlier
+            call), shapes x_seq.shape[1:]; v in float32 (float64 for float64
+            input), count int32. Running T1 then T2 steps from the returned
+            state equals running T1 + T2 steps.
+        grad: gradient used when an input requires grad: "surrogate" (BPTT
+            with a smooth step derivative) or "rate" (straight-through on the
+            time average, as Fast-SNN's fine-tuning). "none" forbids backward.
+        surrogate, alpha: surrogate shape, "sigmoid" (α = 4 by default) or
+            "atan" (α = 2).
+        out: optional preallocated [T, ...] tensor (x_seq's dtype, contiguous)
+            to receive the spikes, for inference loops that reuse buffers; may
+            be x_seq itself. Not differentiable.
+
+    Returns:
+        NeuronResult(spikes [T, ...] in x_seq's dtype, v [...], count [...]).
+    """
+    alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
+    check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
+    threshold = threshold_tensor(threshold, x_seq)
+    needs_grad = torch.is_grad_enabled() and (
+        x_seq.requires_grad or (v_init is not None and v_init.requires_grad)
+    )
+    if needs_grad and grad == "none":
+        raise ValueError("grad='none' was given but an input requires grad; use 'surrogate' or 'rate'")
+    if out is not None and needs_grad:
+        raise ValueError("out= is for inference and does not record a backward; "
+                         "call without out= or under torch.no_grad()")
+    if _use_reference(x_seq):
+        result = neuron_reference(
+            x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,
+            neg_margin=neg_margin, v_init=v_init, count_init=count_init,
+            grad=grad if needs_grad else "none", surrogate=surrogate, alpha=alpha,
+        )
+        if out is not None:
+            out.copy_(result.spikes)
+            return NeuronResult(out, result.v, result.count)
+        return result
+    if out is not None:
+        v, count = torch.ops.fastspike.neuron_forward_out(
+            x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
+            float(neg_margin), out,
+        )
+        return NeuronResult(out, v, count)
+    spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
+        x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
+        float(neg_margin), grad if needs_grad else "none", surrogate, alpha,
+    )
+    return NeuronResult(spikes, v, count)

@@ -1,0 +1,331 @@
+"""The pure-PyTorch time loop of the generalised spiking neuron (DESIGN §2).
+
+This module defines what fastspike computes. It is
+
+* the semantics oracle: every kernel is tested against it (bit for bit in
+  float32/float64, since it performs the same roundings in the same order);
+* the fallback when no compiled operator library is available;
+* the baseline the benchmarks compare against.
+
+One neuron covers IF (group_size=1), signed IF (signed=True, Fast-SNN's
+negative spikes) and group neurons (group_size=m > 1, Lv et al.): per step
+
+1. charge        h = v + x_t
+2. fire          k⁺ = Σ_{j=1..m} [h ≥ j·u],  u = θ/m
+3. reset         v = h − k⁺·u,  c = c + k⁺
+4. (signed)      k⁻ = min(c, Σ_{j=1..m} [v ≤ −ε − (j−1)·u]),  v = v + k⁻·u,  c = c − k⁻
+5. output        s_t = (k⁺ − k⁻)·u
+
+Gradients: ``grad="surrogate"`` backpropagates through time with each step
+function [a ≥ b] given the derivative φ'((a − b)/u)/u of a smooth surrogate φ
+(sigmoid or arctan, sharpness α) and the reset path detached; the count c and
+the cap min(c, ·) carry no gradient (k⁻ depends on v only while it is below
+c). ``grad="rate"`` is Fast-SNN's straight-through rule on the time average:
+grad x_t = (1/T)·Σ_τ g_τ·[0 < x̄ < θ]. The threshold receives no gradient.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+
+__all__ = [
+    "NeuronResult",
+    "accumulation_dtype",
+    "neuron_reference",
+    "seed_style_signed_if",
+    "DEFAULT_ALPHA",
+]
+
+# Sharpness defaults as in SpikingJelly's surrogate functions.
+DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0}
+
+Threshold = Union[float, torch.Tensor]
+
+
+class NeuronResult(NamedTuple):
+    """Output of a multi-step neuron call."""
+
+    spikes: torch.Tensor  #: [T, ...], x_seq's dtype: (k⁺ − k⁻)·u per step
+    v: torch.Tensor  #: [...], float32 (float64 for float64 input): final membrane
+    count: torch.Tensor  #: [...], int32: final net spike count c
+
+
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 for float16/bfloat16/float32, float64 for float64 (DESIGN §2)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_neuron_args(
+    x_seq: torch.Tensor,
+    group_size: int,
+    neg_margin: float,
+    init_fraction: float,
+    grad: str,
+    surrogate: str,
+    alpha: float,
+) -> None:
+    """The argument checks of the compiled operators, for the Python paths."""
+    if not isinstance(x_seq, torch.Tensor) or x_seq.dtype not in _FLOATS:
+        got = x_seq.dtype if isinstance(x_seq, torch.Tensor) else type(x_seq).__name__
+        raise TypeError(
+            "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+            f"got {got}"
+        )
+    if x_seq.dim() < 1:
+        raise ValueError("x_seq must have a leading time axis, shape [T, ...], got a 0-dim tensor")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= 2**20:
+        raise ValueError(f"group_size must be an integer in [1, 2^20] (1 = plain IF), got {group_size!r}")
+    if not (math.isfinite(neg_margin) and neg_margin >= 0):
+        raise ValueError(f"neg_margin must be a finite number >= 0, got {neg_margin}")
+    if not math.isfinite(init_fraction):
+        raise ValueError(
+            f"init_fraction (initial membrane as a fraction of θ/m) must be finite, got {init_fraction}"
+        )
+    if grad not in ("none", "surrogate", "rate"):
+        raise ValueError(f"grad must be 'none', 'surrogate' or 'rate', got {grad!r}")
+    if surrogate not in DEFAULT_ALPHA:
+        raise ValueError(f"surrogate must be 'sigmoid' or 'atan', got {surrogate!r}")
+    if not (math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha (surrogate sharpness) must be a finite number > 0, got {alpha}")
+
+
+def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
+    """Turns a Python number into a 0-dim tensor on x_seq's device, checking it
+    on the host first so that no device value is ever read back."""
+    if isinstance(threshold, torch.Tensor):
+        return threshold
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
+    if not (math.isfinite(threshold) and threshold > 0):
+        raise ValueError(f"threshold must be finite and > 0 everywhere, got {threshold}")
+    return torch.tensor(float(threshold), dtype=accumulation_dtype(x_seq.dtype), device=x_seq.device)
+
+
+def broadcast_threshold(threshold: torch.Tensor, x_seq: torch.Tensor) -> torch.Tensor:
+    """The threshold in the accumulation dtype, shaped to broadcast against one
+    time step x_seq[t]: scalar, per channel [C] (dim 2 of x_seq), or per neuron
+    (shape x_seq.shape[2:] or x_seq.shape[1:])."""
+    if threshold.device != x_seq.device:
+        raise ValueError(
+            f"threshold must be on the same device as x_seq ({x_seq.device}), got {threshold.device}"
+        )
+    if threshold.dtype not in _FLOATS:
+        raise TypeError(f"threshold must be a floating-point tensor, got {threshold.dtype}")
+    acc = accumulation_dtype(x_seq.dtype)
+    shape, x_shape = tuple(threshold.shape), tuple(x_seq.shape)
+    if threshold.numel() == 1 and threshold.dim() <= 1:
+        out = threshold.reshape(())
+    elif threshold.dim() == 1 and len(x_shape) >= 3 and shape[0] == x_shape[2]:
+        out = threshold.reshape((shape[0],) + (1,) * (len(x_shape) - 3))
+    elif (len(x_shape) >= 3 and shape == x_shape[2:]) or (len(x_shape) >= 2 and shape == x_shape[1:]):
+        out = threshold
+    else:
+        raise ValueError(
+            "threshold must be a scalar, a per-channel tensor of shape [C] with C = x_seq.size(2), "
+            "or a per-neuron tensor of shape x_seq.shape[2:] or x_seq.shape[1:]; "
+            f"x_seq has shape {list(x_shape)}, threshold has shape {list(shape)}"
+        )
+    out = out.to(acc)
+    if out.device.type == "cpu" and not bool(((out > 0) & torch.isfinite(out)).all()):
+        raise ValueError(
+            f"threshold must be finite and > 0 everywhere, got min {out.min().item()} "
+            f"and max {out.max().item()}"
+        )
+    return out
+
+
+def check_state(state: Optional[torch.Tensor], x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if state is None:
+        return
+    if state.device != x_seq.device:
+        raise ValueError(f"{name} must be on the same device as x_seq ({x_seq.device}), got {state.device}")
+    if state.dtype != dtype:
+        raise TypeError(f"{name} must have dtype {dtype} for x_seq of dtype {x_seq.dtype}, got {state.dtype}")
+    if state.shape != x_seq.shape[1:]:
+        raise ValueError(
+            f"{name} must have the shape of one time step of x_seq, {list(x_seq.shape[1:])}, "
+            f"got {list(state.shape)}"
+        )
+
+
+def surrogate_derivative(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
+    """φ'(z) of the surrogate step, z in units of u."""
+    if kind == "atan":
+        w = (math.pi / 2) * alpha * z
+        return alpha / (2 * (1 + w * w))
+    s = torch.sigmoid(alpha * z)
+    return alpha * s * (1 - s)
+
+
+class _StepGe(torch.autograd.Function):
+    """[a ≥ b] with the surrogate derivative ±φ'((a − b)/u)/u."""
+
+    @staticmethod
+    def forward(ctx, a, b, unit, kind: str, alpha: float):
+        ctx.save_for_backward(a, b, unit)
+        ctx.kind, ctx.alpha = kind, alpha
+        return (a >= b).to(a.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        a, b, unit = ctx.saved_tensors
+        d = grad * surrogate_derivative((a - b) / unit, ctx.kind, ctx.alpha) / unit
+        return (
+            d if ctx.needs_input_grad[0] else None,
+            -d if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _unit(theta: torch.Tensor, group_size: int) -> torch.Tensor:
+    """u = θ/m; NaN where θ is not finite and > 0 (what the kernels do on
+    CUDA, where threshold values are not checked)."""
+    unit = theta / group_size
+    return torch.where((unit > 0) & torch.isfinite(unit), unit, torch.full_like(unit, math.nan))
+
+
+def _run(
+    x_seq: torch.Tensor,
+    theta: torch.Tensor,
+    group_size: int,
+    signed: bool,
+    init_fraction: float,
+    neg_margin: float,
+    v_init: Optional[torch.Tensor],
+    count_init: Optional[torch.Tensor],
+    step,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The time loop. `step(a, b, unit)` computes [a ≥ b] (with or without a
+    surrogate gradient). Returns spikes, v, count and the running sum of x."""
+    acc = accumulation_dtype(x_seq.dtype)
+    state_shape = x_seq.shape[1:]
+    unit = _unit(theta, group_size)
+    if v_init is not None:
+        v = v_init
+    else:
+        v = (torch.tensor(init_fraction, dtype=acc, device=x_seq.device) * unit).expand(state_shape)
+    count = count_init if count_init is not None else x_seq.new_zeros(state_shape, dtype=torch.int32)
+    # The same roundings as the kernels: j·u and −ε − (j−1)·u, each rounded once.
+    pos_levels = [j * unit for j in range(1, group_size + 1)]
+    neg_eps = -torch.tensor(neg_margin, dtype=acc, device=x_seq.device)
+    neg_levels = [neg_eps - (j - 1) * unit for j in range(1, group_size + 1)]
+    total = torch.zeros(state_shape, dtype=acc, device=x_seq.device)
+    spikes = []
+    for t in range(x_seq.shape[0]):
+        x_t = x_seq[t].to(acc)
+        total = total + x_t
+        h = v + x_t
+        k_pos = sum(step(h, level, unit) for level in pos_levels)
+        v = h - k_pos.detach() * unit
+        count = count + k_pos.detach().to(torch.int32)
+        k = k_pos
+        if signed:
+            n_neg = sum(step(level, v, unit) for level in neg_levels)
+            open_ = n_neg.detach() < count
+            k_neg = torch.where(open_, n_neg, count.to(acc))
+            v = v + k_neg.detach() * unit
+            count = count - k_neg.detach().to(torch.int32)
+            k = k_pos - k_neg
+        spikes.append((k * unit).to(x_seq.dtype))
+    if spikes:
+        spikes_seq = torch.stack(spikes)
+    else:
+        spikes_seq = torch.empty_like(x_seq)
+    v = v.expand(state_shape).contiguous() if v.shape != state_shape else v
+    return spikes_seq, v, count, total
+
+
+def _surrogate_step(kind: str, alpha: float):
+    return lambda a, b, unit: _StepGe.apply(a, b, unit, kind, alpha)
+
+
+def _plain_step(a, b, unit):
+    return (a >= b).to(a.dtype)
+
+
+class _RateNeuron(torch.autograd.Function):
+    """The neuron with Fast-SNN's straight-through rate gradient."""
+
+    @staticmethod
+    def forward(ctx, x_seq, theta, group_size, signed, init_fraction, neg_margin, v_init, count_init):
+        spikes, v, count, total = _run(
+            x_seq, theta, group_size, signed, init_fraction, neg_margin, v_init, count_init, _plain_step
+        )
+        mean = total / x_seq.shape[0]
+        ctx.save_for_backward(mean, theta)
+        ctx.time_steps = x_seq.shape[0]
+        ctx.mark_non_differentiable(v, count)
+        return spikes, v, count
+
+    @staticmethod
+    def backward(ctx, grad_spikes, grad_v, grad_count):
+        mean, theta = ctx.saved_tensors
+        acc_grad = grad_spikes.to(mean.dtype).sum(0) / ctx.time_steps
+        passed = torch.where((mean > 0) & (mean < theta), acc_grad, torch.zeros_like(acc_grad))
+        grad_x = passed.to(grad_spikes.dtype).unsqueeze(0).expand_as(grad_spikes).contiguous()
+        return grad_x, None, None, None, None, None, None, None
+
+
+def neuron_reference(
+    x_seq: torch.Tensor,
+    threshold: Threshold,
+    *,
+    group_size: int = 1,
+    signed: bool = False,
+    init_fraction: float = 0.5,
+    neg_margin: float = 1e-3,
+    v_init: Optional[torch.Tensor] = None,
+    count_init: Optional[torch.Tensor] = None,
+    grad: str = "surrogate",
+    surrogate: str = "sigmoid",
+    alpha: Optional[float] = None,
+) -> NeuronResult:
+    """Runs the generalised neuron over all T steps of ``x_seq`` [T, ...] with a
+    Python loop over time. Same arguments and results as
+    :func:`fastspike.neuron`, which it defines."""
+    alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
+    check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
+    acc = accumulation_dtype(x_seq.dtype)
+    theta = broadcast_threshold(threshold_tensor(threshold, x_seq), x_seq)
+    check_state(v_init, x_seq, acc, "v_init")
+    check_state(count_init, x_seq, torch.int32, "count_init")
+    args = (x_seq, theta.detach(), group_size, bool(signed), float(init_fraction), float(neg_margin), v_init, count_init)
+    if grad == "rate":
+        return NeuronResult(*_RateNeuron.apply(*args))
+    if grad == "none":
+        with torch.no_grad():
+            spikes, v, count, _ = _run(*args, _plain_step)
+    else:
+        spikes, v, count, _ = _run(*args, _surrogate_step(surrogate, alpha))
+    return NeuronResult(spikes, v, count)
+
+
+def seed_style_signed_if(x_seq: torch.Tensor, threshold: float, neg_margin: float = 1e-3) -> torch.Tensor:
+    """A transcription of the loop published Fast-SNN code runs for a signed IF
+    layer (boolean-mask indexing, one Python step at a time), kept as the
+    benchmarks' "seed-style" baseline. Same results as
+    neuron_reference(..., signed=True) for float32 input."""
+    mem = torch.full_like(x_seq[0], 0.5 * threshold)
+    fired = torch.zeros_like(x_seq[0])
+    out = []
+    for t in range(x_seq.shape[0]):
+        mem = mem + x_seq[t]
+        spikes = torch.zeros_like(mem)
+        pos = mem >= threshold
+        spikes[pos] = threshold
+        mem[pos] -= threshold
+        fired[pos] += 1
+        neg = (mem <= -neg_margin) & (fired > 0)
+        spikes[neg] = -threshold
+        mem[neg] += threshold
+        fired[neg] -= 1
+        out.append(spikes)
+    return torch.stack(out)
