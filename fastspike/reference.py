@@ -35,7 +35,7 @@ __all__ = [
     "NeuronResult",
     "accumulation_dtype",
     "neuron_reference",
-    "seed_style_signed_if",
+    "seed_style_loop",
     "DEFAULT_ALPHA",
 ]
 
@@ -308,11 +308,14 @@ def neuron_reference(
     return NeuronResult(spikes, v, count)
 
 
-def seed_style_signed_if(x_seq: torch.Tensor, threshold: float, neg_margin: float = 1e-3) -> torch.Tensor:
-    """A transcription of the loop published Fast-SNN code runs for a signed IF
-    layer (boolean-mask indexing, one Python step at a time), kept as the
-    benchmarks' "seed-style" baseline. Same results as
-    neuron_reference(..., signed=True) for float32 input."""
+def seed_style_loop(
+    x_seq: torch.Tensor, threshold: float, signed: bool = True, neg_margin: float = 1e-3
+) -> torch.Tensor:
+    """A transcription of the loop published Fast-SNN code runs for an IF or
+    signed IF layer (boolean-mask indexing ``mem[spikes] -= θ``, one Python
+    step at a time), kept as the benchmarks' "seed-style" baseline. For a
+    float32 x_seq and a scalar threshold it gives the same spikes as
+    neuron_reference(..., signed=signed)."""
     mem = torch.full_like(x_seq[0], 0.5 * threshold)
     fired = torch.zeros_like(x_seq[0])
     out = []
@@ -323,9 +326,10 @@ def seed_style_signed_if(x_seq: torch.Tensor, threshold: float, neg_margin: floa
         spikes[pos] = threshold
         mem[pos] -= threshold
         fired[pos] += 1
-        neg = (mem <= -neg_margin) & (fired > 0)
-        spikes[neg] = -threshold
-        mem[neg] += threshold
-        fired[neg] -= 1
+        if signed:
+            neg = (mem <= -neg_margin) & (fired > 0)
+            spikes[neg] = -threshold
+            mem[neg] += threshold
+            fired[neg] -= 1
         out.append(spikes)
     return torch.stack(out)

@@ -1,0 +1,60 @@
+# fastspike: `make test` and `make demo` set up everything on a fresh machine:
+# a .venv with torch (from requirements-dev.txt), the extension with its CUDA
+# kernels for sm_80 and sm_90 wherever nvcc is found, then run.
+# PYTHON=/path/to/python uses an existing interpreter and its packages instead
+# (a GPU box has no internet): nothing is installed but the extension itself.
+
+VENV := .venv
+PYTHON ?= $(VENV)/bin/python
+CUDA_HOME ?= /usr/local/cuda
+TORCH_CUDA_ARCH_LIST ?= 8.0;9.0+PTX
+MAX_JOBS ?= 2
+export CUDA_HOME TORCH_CUDA_ARCH_LIST MAX_JOBS
+
+# Build the CUDA kernels whenever nvcc is there, even with no GPU in sight.
+ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
+  ifneq ($(FASTSPIKE_USE_CUDA),0)
+    export FASTSPIKE_FORCE_CUDA ?= 1
+  endif
+endif
+
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py fastspike/_build.py
+BUILD_STAMP := build/.extension-$(subst /,_,$(PYTHON)).stamp
+
+ifeq ($(PYTHON),$(VENV)/bin/python)
+ENV_STAMP := $(VENV)/.installed
+else
+ENV_STAMP :=
+endif
+
+.PHONY: all env build test demo bench clean
+
+all: build
+
+env: $(ENV_STAMP)
+
+$(VENV)/.installed: requirements-dev.txt
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VENV)/bin/python -m pip install --quiet -r requirements-dev.txt
+	touch $@
+
+build: $(BUILD_STAMP)
+
+$(BUILD_STAMP): $(SOURCES) $(ENV_STAMP)
+	$(PYTHON) -m pip install --no-build-isolation --no-deps -e . 
+	mkdir -p build && touch $@
+
+test: build
+	$(PYTHON) -m pytest -q tests
+
+# Until the converter lands, the main job is the neuron benchmark in its
+# quick form: fused kernels vs the Python loop, a table and JSON.
+demo: build
+	$(PYTHON) benchmarks/bench_neurons.py --quick
+
+bench: build
+	$(PYTHON) benchmarks/bench_neurons.py
+
+clean:
+	rm -rf build fastspike/_C*.so *.egg-info
