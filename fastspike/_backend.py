@@ -6,7 +6,8 @@
    source checkout and ``FASTSPIKE_JIT`` is not ``0``;
 3. none: the pure-PyTorch reference runs instead, with one warning.
 
-``FASTSPIKE_BACKEND=reference`` skips 1 and 2 (to compare or to debug).
+``FASTSPIKE_BACKEND=reference`` skips 1 and 2 (to compare or to debug);
+``FASTSPIKE_BACKEND=jit`` skips 1 (to test the JIT build).
 """
 
 from __future__ import annotations
@@ -75,13 +76,17 @@ def _load_jit() -> BackendState:
 
 def load() -> BackendState:
     """Loads the best available backend; warns once if it is the reference."""
-    if os.environ.get("FASTSPIKE_BACKEND", "") == "reference":
+    choice = os.environ.get("FASTSPIKE_BACKEND", "")
+    if choice == "reference":
         return BackendState("reference", None, "FASTSPIKE_BACKEND=reference")
     failures = []
-    try:
-        return _load_prebuilt()
-    except (ImportError, OSError) as err:
-        failures.append(f"prebuilt fastspike._C: {err}")
+    if choice == "jit":
+        failures.append("prebuilt fastspike._C skipped (FASTSPIKE_BACKEND=jit)")
+    else:
+        try:
+            return _load_prebuilt()
+        except (ImportError, OSError) as err:
+            failures.append(f"prebuilt fastspike._C: {err}")
     if os.environ.get("FASTSPIKE_JIT", "1") != "0":
         try:
             return _load_jit()

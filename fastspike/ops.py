@@ -33,6 +33,7 @@ from .reference import (
     Threshold,
     accumulation_dtype,
     check_neuron_args,
+    check_state,
     neuron_reference,
     threshold_tensor,
 )
@@ -47,6 +48,17 @@ def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
+def _check_fake_inputs(x_seq, threshold, v_init, count_init) -> None:
+    """The device and state checks of the C++ wrappers, for the fake kernels
+    (a tensor on another device than x_seq may route a call there)."""
+    if threshold.device != x_seq.device:
+        raise RuntimeError(
+            f"threshold must be on the same device as x_seq ({x_seq.device}), got {threshold.device}"
+        )
+    check_state(v_init, x_seq, accumulation_dtype(x_seq.dtype), "v_init")
+    check_state(count_init, x_seq, torch.int32, "count_init")
+
+
 if _STATE.name == "extension":
 
     @torch.library.register_fake("fastspike::neuron_forward")
@@ -54,6 +66,7 @@ if _STATE.name == "extension":
         x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
         grad_mode, surrogate, alpha,
     ):
+        _check_fake_inputs(x_seq, threshold, v_init, count_init)
         acc = accumulation_dtype(x_seq.dtype)
         state_shape = x_seq.shape[1:]
         surrogate_mode = grad_mode == "surrogate"
@@ -72,6 +85,7 @@ if _STATE.name == "extension":
     def _neuron_forward_out_fake(
         x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, spikes
     ):
+        _check_fake_inputs(x_seq, threshold, v_init, count_init)
         acc = accumulation_dtype(x_seq.dtype)
         state_shape = x_seq.shape[1:]
         return (
@@ -149,6 +163,21 @@ def backend_info() -> Dict[str, Any]:
     }
 
 
+def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None:
+    if needs_grad:
+        raise ValueError("out= is for inference and does not record a backward; "
+                         "call without out= or under torch.no_grad()")
+    if out.device != x_seq.device:
+        raise ValueError(f"spikes (the out= tensor) must be on x_seq's device {x_seq.device}, got {out.device}")
+    if out.dtype != x_seq.dtype:
+        raise TypeError(f"spikes (the out= tensor) must have x_seq's dtype {x_seq.dtype}, got {out.dtype}")
+    if out.shape != x_seq.shape:
+        raise ValueError(f"spikes (the out= tensor) must have x_seq's shape {list(x_seq.shape)}, "
+                         f"got {list(out.shape)}")
+    if not out.is_contiguous():
+        raise ValueError("spikes (the out= tensor) must be contiguous")
+
+
 def _use_reference(x_seq: torch.Tensor) -> bool:
     global _warned_cuda_fallback
     if _STATE.name != "extension":
@@ -220,9 +249,8 @@ def neuron(
     )
     if needs_grad and grad == "none":
         raise ValueError("grad='none' was given but an input requires grad; use 'surrogate' or 'rate'")
-    if out is not None and needs_grad:
-        raise ValueError("out= is for inference and does not record a backward; "
-                         "call without out= or under torch.no_grad()")
+    if out is not None:
+        _check_out(out, x_seq, needs_grad)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,

@@ -1,0 +1,146 @@
+"""Gradients of both modes equal autograd through the reference loop; the
+operators pass torch.library.opcheck and run under torch.compile."""
+
+import pytest
+import torch
+
+import fastspike
+from fastspike.reference import neuron_reference
+
+from conftest import FLOAT_DTYPES, NEURON_KINDS, cpu_and_cuda, needs_extension
+
+pytestmark = needs_extension()
+
+TOLERANCE = {
+    torch.float64: dict(rtol=1e-9, atol=1e-11),
+    torch.float32: dict(rtol=1e-4, atol=1e-5),
+    torch.float16: dict(rtol=1e-2, atol=1e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=1e-2),
+}
+
+
+def grads(fn, x, v0, weights, weight_v, **kwargs):
+    x = x.detach().requires_grad_(True)
+    v0 = v0.detach().requires_grad_(True) if v0 is not None else None
+    result = fn(x, kwargs.pop("threshold"), v_init=v0, **kwargs)
+    loss = (result.spikes.double() * weights).sum() + (result.v.double() * weight_v).sum()
+    loss.backward()
+    return result, x.grad, None if v0 is None else v0.grad
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+@pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
+def test_surrogate_gradient_matches_reference(device, dtype, group_size, signed, surrogate):
+    gen = torch.Generator().manual_seed(3)
+    shape = (6, 2, 3, 5)
+    x = (torch.randn(shape, generator=gen) * 0.8).to(dtype).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    v0 = (torch.rand(shape[1:], generator=gen) * 0.5).to(acc).to(device)
+    weights = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+    weight_v = torch.randn(shape[1:], generator=gen, dtype=torch.float64).to(device)
+    threshold = (torch.rand(3, generator=gen) + 0.5).to(device)
+    kwargs = dict(threshold=threshold, group_size=group_size, signed=signed, grad="surrogate",
+                  surrogate=surrogate)
+    expected = grads(neuron_reference, x, v0, weights, weight_v, **dict(kwargs))
+    actual = grads(fastspike.neuron, x, v0, weights, weight_v, **dict(kwargs))
+    assert torch.equal(expected[0].spikes, actual[0].spikes)
+    assert torch.allclose(actual[1].double(), expected[1].double(), **TOLERANCE[dtype])
+    assert torch.allclose(actual[2].double(), expected[2].double(), **TOLERANCE[dtype])
+    assert actual[1].abs().sum() > 0
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+def test_rate_gradient_matches_reference(device, dtype, group_size, signed):
+    gen = torch.Generator().manual_seed(4)
+    shape = (5, 4, 3, 2)
+    x = (torch.randn(shape, generator=gen) * 0.8 + 0.3).to(dtype).to(device)
+    weights = torch.randn(shape, generator=gen, dtype=torch.float64).to(device)
+    threshold = (torch.rand(3, 2, generator=gen) + 0.5).to(device)
+    kwargs = dict(threshold=threshold, group_size=group_size, signed=signed, grad="rate")
+    expected = grads(neuron_reference, x, None, weights, 0.0, **dict(kwargs))
+    actual = grads(fastspike.neuron, x, None, weights, 0.0, **dict(kwargs))
+    assert torch.allclose(actual[1].double(), expected[1].double(), **TOLERANCE[dtype])
+    # The formula itself: (1/T)·Σ_τ g_τ where 0 < x̄ < θ, the same for every t.
+    mean = x.double().mean(0)
+    passed = (mean > 0) & (mean < threshold.double())
+    formula = torch.where(passed, weights.sum(0) / shape[0], torch.zeros_like(mean))
+    assert torch.allclose(actual[1].double(), formula.expand(shape), **TOLERANCE[dtype])
+    assert passed.any() and (~passed).any()
+
+
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+def test_cuda_backward_bodies_on_cpu_grid(group_size, signed):
+    x = torch.randn(7, 3, 37) * 0.8
+    threshold = torch.rand(37) + 0.4
+    fwd = torch.ops.fastspike.neuron_forward(
+        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "surrogate", "sigmoid", 4.0)
+    grad_spikes = torch.randn_like(x)
+    grad_v = torch.randn(3, 37)
+    expected = torch.ops.fastspike.neuron_backward_surrogate(
+        grad_spikes, grad_v, fwd[3], fwd[4], threshold, group_size, signed, 1e-3, "atan", 2.0)
+    rate_fwd = torch.ops.fastspike.neuron_forward(
+        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "rate", "sigmoid", 4.0)
+    expected_rate = torch.ops.fastspike.neuron_backward_rate(grad_spikes, rate_fwd[5], threshold)
+    for blocks, threads in [(1, 1), (3, 7), (2, 64)]:
+        emulated = torch.ops.fastspike._emulate_cuda_backward_surrogate(
+            grad_spikes, grad_v, fwd[3], fwd[4], threshold, group_size, signed, 1e-3, "atan", 2.0,
+            blocks, threads)
+        assert all(torch.equal(e, a) for e, a in zip(expected, emulated))
+        emulated_rate = torch.ops.fastspike._emulate_cuda_backward_rate(
+            grad_spikes, rate_fwd[5], threshold, blocks, threads)
+        assert torch.equal(expected_rate, emulated_rate)
+
+
+def test_backward_without_recorded_trace_is_refused():
+    x = torch.randn(3, 4, requires_grad=True)
+    spikes = torch.ops.fastspike.neuron_forward(
+        x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none", "sigmoid", 4.0)[0]
+    with pytest.raises(RuntimeError, match="grad_mode='none'"):
+        spikes.sum().backward()
+
+
+def opcheck_cases():
+    x = torch.randn(4, 2, 3, 5) * 0.8
+    thr = torch.rand(3) + 0.5
+    v0 = torch.rand(2, 3, 5)
+    c0 = torch.randint(0, 2, (2, 3, 5), dtype=torch.int32)
+    cases = []
+    for grad_mode in ("none", "surrogate", "rate"):
+        for signed in (False, True):
+            cases.append(("neuron_forward", (x.clone().requires_grad_(grad_mode != "none"), thr, v0, c0, 2, signed, 0.5, 1e-3, grad_mode, "sigmoid", 4.0)))
+    fwd = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "surrogate", "atan", 2.0)
+    rate = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "rate", "atan", 2.0)
+    cases.append(("neuron_backward_surrogate", (torch.randn_like(x), torch.randn(2, 3, 5), fwd[3], fwd[4], thr, 2, True, 1e-3, "atan", 2.0)))
+    cases.append(("neuron_backward_rate", (torch.randn_like(x), rate[5], thr)))
+    cases.append(("neuron_forward_out", (x, thr, None, None, 1, True, 0.5, 1e-3, torch.empty_like(x))))
+    return cases
+
+
+@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_opcheck(name, args):
+    torch.library.opcheck(getattr(torch.ops.fastspike, name).default, args)
+
+
+@pytest.mark.parametrize("grad", ["surrogate", "rate"])
+def test_torch_compile_fullgraph_forward_and_backward(grad):
+    torch._dynamo.reset()
+
+    def layer(x, threshold):
+        spikes = fastspike.neuron(x * 1.5, threshold, signed=True, group_size=2, grad=grad).spikes
+        return spikes * spikes.new_tensor(0.5)  # elementwise: exact in both
+
+    compiled = torch.compile(layer, fullgraph=True, backend="inductor")
+    threshold = torch.rand(3) + 0.5
+    x = torch.randn(5, 2, 3, 4)
+    x_eager, x_comp = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+    out_eager, out_comp = layer(x_eager, threshold), compiled(x_comp, threshold)
+    assert torch.equal(out_eager, out_comp)
+    out_eager.pow(2).sum().backward()
+    out_comp.pow(2).sum().backward()
+    assert torch.allclose(x_eager.grad, x_comp.grad, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # the inference path (grad_mode none) compiles too
+        assert torch.equal(compiled(x, threshold), layer(x, threshold))

@@ -1,0 +1,131 @@
+"""Bad input gets a clear error naming the argument, from the public API and
+from the raw operators alike; never a crash or a silent wrong result."""
+
+import math
+
+import pytest
+import torch
+
+import fastspike
+
+from conftest import needs_extension
+
+
+def raw_forward(x, threshold, v_init=None, count_init=None, group_size=1, signed=False,
+                init_fraction=0.5, neg_margin=1e-3, grad_mode="none", surrogate="sigmoid", alpha=4.0):
+    return torch.ops.fastspike.neuron_forward(x, threshold, v_init, count_init, group_size, signed,
+                                              init_fraction, neg_margin, grad_mode, surrogate, alpha)
+
+
+X = torch.randn(4, 2, 3, 5)
+
+# (what is wrong, keyword arguments, pattern the message must contain)
+BAD_CALLS = [
+    ("integer input", dict(x=X.to(torch.int32)), r"x_seq must be a floating-point tensor"),
+    ("0-dim input", dict(x=torch.tensor(1.0)), r"x_seq must have a leading time axis"),
+    ("zero threshold", dict(threshold=torch.tensor(0.0)), r"threshold must be finite and > 0"),
+    ("negative threshold", dict(threshold=torch.tensor([0.5, -1.0, 0.5])), r"threshold must be finite and > 0"),
+    ("NaN threshold", dict(threshold=torch.tensor(math.nan)), r"threshold must be finite and > 0"),
+    ("inf threshold", dict(threshold=torch.full((3,), math.inf)), r"threshold must be finite and > 0"),
+    ("threshold shape", dict(threshold=torch.ones(4)), r"threshold must be a scalar, a per-channel.*shape \[4\]"),
+    ("integer threshold", dict(threshold=torch.ones(3, dtype=torch.int64)), r"threshold must be a floating-point tensor"),
+    ("group size 0", dict(group_size=0), r"group_size must be an integer in \[1, 2\^20\]"),
+    ("negative margin", dict(neg_margin=-0.1), r"neg_margin must be a finite number >= 0"),
+    ("NaN init fraction", dict(init_fraction=math.nan), r"init_fraction .* must be finite"),
+    ("v_init shape", dict(v_init=torch.zeros(2, 3)), r"v_init must have the shape of one time step of x_seq, \[2, 3, 5\]"),
+    ("v_init dtype", dict(v_init=torch.zeros(2, 3, 5, dtype=torch.float64)), r"v_init must have dtype Float"),
+    ("count_init dtype", dict(count_init=torch.zeros(2, 3, 5)), r"count_init must have dtype Int"),
+    ("count_init shape", dict(count_init=torch.zeros(3, 5, dtype=torch.int32)), r"count_init must have the shape"),
+    ("threshold device", dict(threshold=torch.ones((), device="meta")), r"threshold must be on the same device as x_seq"),
+    ("v_init device", dict(v_init=torch.zeros(2, 3, 5, device="meta")), r"v_init must be on the same device as x_seq"),
+    ("surrogate name", dict(surrogate="relu"), r"surrogate must be 'sigmoid' or 'atan'"),
+    ("alpha", dict(alpha=0.0), r"alpha \(surrogate sharpness\) must be a finite number > 0"),
+]
+
+
+def public_kwargs(case):
+    kwargs = dict(case)
+    x = kwargs.pop("x", X)
+    threshold = kwargs.pop("threshold", torch.tensor(1.0))
+    return x, threshold, kwargs
+
+
+@pytest.mark.parametrize("what,case,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_public_api_rejects(what, case, pattern):
+    x, threshold, kwargs = public_kwargs(case)
+    with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+        fastspike.neuron(x, threshold, **kwargs)
+
+
+@needs_extension()
+@pytest.mark.parametrize("what,case,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_raw_operator_rejects(what, case, pattern):
+    x, threshold, kwargs = public_kwargs(case)
+    # A meta tensor routes the call to the fake kernel, which raises in Python.
+    with pytest.raises((RuntimeError, ValueError, TypeError), match=pattern):
+        raw_forward(x, threshold, **kwargs)
+
+
+def test_python_number_thresholds_are_checked_before_use():
+    for bad in (0.0, -1.0, math.inf, math.nan):
+        with pytest.raises(ValueError, match="threshold must be finite and > 0"):
+            fastspike.neuron(X, bad)
+    with pytest.raises(TypeError, match="threshold must be a number or a tensor"):
+        fastspike.neuron(X, "1.0")
+
+
+def test_grad_mode_errors():
+    with pytest.raises(ValueError, match="grad must be 'none', 'surrogate' or 'rate'"):
+        fastspike.neuron(X, 1.0, grad="bptt")
+    with pytest.raises(ValueError, match="grad='none' was given but an input requires grad"):
+        fastspike.neuron(X.clone().requires_grad_(), 1.0, grad="none")
+
+
+@needs_extension()
+def test_raw_grad_mode_error():
+    with pytest.raises(RuntimeError, match="grad_mode must be 'none', 'surrogate' or 'rate'"):
+        raw_forward(X, torch.tensor(1.0), grad_mode="bptt")
+
+
+@pytest.mark.parametrize(
+    "out,pattern",
+    [
+        (torch.empty(4, 2, 3), r"spikes \(the out= tensor\) must have x_seq's shape"),
+        (torch.empty(4, 2, 3, 5, dtype=torch.float64), r"spikes \(the out= tensor\) must have x_seq's dtype"),
+        (torch.empty(4, 2, 5, 3).transpose(2, 3), r"spikes \(the out= tensor\) must be contiguous"),
+    ],
+)
+def test_out_buffer_errors(out, pattern):
+    with torch.no_grad(), pytest.raises((RuntimeError, ValueError, TypeError), match=pattern):
+        fastspike.neuron(X, 1.0, out=out)
+
+
+def test_out_buffer_refuses_autograd():
+    with pytest.raises(ValueError, match="out= is for inference"):
+        fastspike.neuron(X.clone().requires_grad_(), 1.0, out=torch.empty_like(X))
+
+
+@needs_extension()
+def test_backward_operator_checks_its_trace():
+    grad = torch.randn(4, 2, 3, 5)
+    with pytest.raises(RuntimeError, match="membrane_seq must be the Float tensor of shape"):
+        torch.ops.fastspike.neuron_backward_surrogate(
+            grad, None, torch.empty(0), torch.empty(0, dtype=torch.bool), torch.tensor(1.0), 1,
+            False, 1e-3, "sigmoid", 4.0)
+    with pytest.raises(RuntimeError, match="negative_open_seq must be the bool tensor"):
+        torch.ops.fastspike.neuron_backward_surrogate(
+            grad, None, torch.zeros(4, 2, 3, 5), torch.empty(0, dtype=torch.bool),
+            torch.tensor(1.0), 1, True, 1e-3, "sigmoid", 4.0)
+    with pytest.raises(RuntimeError, match="input_mean must have the shape of one time step"):
+        torch.ops.fastspike.neuron_backward_rate(grad, torch.empty(0), torch.tensor(1.0))
+
+
+def test_nan_and_inf_inputs_stay_in_their_neuron():
+    x = torch.randn(6, 10) * 0.5
+    x[2, 3] = math.nan
+    x[1, 7] = math.inf
+    result = fastspike.neuron(x, 1.0, signed=True)
+    clean = fastspike.neuron(torch.cat([x[:, :3], x[:, 4:7], x[:, 8:]], 1), 1.0, signed=True)
+    keep = [i for i in range(10) if i not in (3, 7)]
+    assert torch.equal(result.spikes[:, keep], clean.spikes)
+    assert torch.isnan(result.v[3])

@@ -1,0 +1,183 @@
+"""The fused forward equals the reference loop bit for bit (DESIGN §2)."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastspike
+from fastspike.reference import neuron_reference
+
+from conftest import FLOAT_DTYPES, NEURON_KINDS, assert_same_result, cpu_and_cuda, needs_extension
+
+pytestmark = needs_extension()
+
+
+def make_threshold(layout: str, x_shape, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(1)
+    if layout == "scalar":
+        return torch.tensor(0.8, device=device)
+    if layout == "channel":
+        return (torch.rand(x_shape[2], generator=gen) + 0.3).to(device)
+    if layout == "neuron":  # shared over the batch
+        return (torch.rand(x_shape[2:], generator=gen) + 0.3).to(device)
+    return (torch.rand(x_shape[1:], generator=gen) + 0.3).to(device)  # every neuron its own
+
+
+def run_both(x, threshold, **kwargs):
+    expected = neuron_reference(x, threshold, grad="none", **kwargs)
+    with torch.no_grad():
+        actual = fastspike.neuron(x, threshold, **kwargs)
+    return expected, actual
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+@pytest.mark.parametrize("layout", ["scalar", "channel", "neuron", "per_sample_neuron"])
+def test_forward_matches_reference(device, dtype, group_size, signed, layout):
+    # 3·5·7·3 neurons: not a multiple of the CPU block or the CUDA vector width.
+    shape = (7, 3, 5, 7, 3)
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(0)) * 0.7).to(dtype).to(device)
+    threshold = make_threshold(layout, shape, device)
+    expected, actual = run_both(x, threshold, group_size=group_size, signed=signed)
+    assert_same_result(expected, actual)
+    # The kernel must actually fire both ways for this to mean anything.
+    assert (actual.spikes > 0).any()
+    if signed:
+        assert (actual.spikes < 0).any()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("neurons", [1, 255, 256, 257, 1024 + 3, 4096])
+def test_forward_sizes_across_block_and_vector_boundaries(device, neurons):
+    x = torch.randn(5, neurons, generator=torch.Generator().manual_seed(neurons)).to(device)
+    for group_size, signed in NEURON_KINDS:
+        assert_same_result(*run_both(x, 1.0, group_size=group_size, signed=signed))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_forward_time_step_one_and_zero(device):
+    x = torch.randn(1, 2, 3, 4, device=device) * 2
+    assert_same_result(*run_both(x, 1.0, signed=True))
+    empty_t = torch.randn(0, 2, 3, device=device)
+    expected, actual = run_both(empty_t, 1.0, signed=True, group_size=2)
+    assert_same_result(expected, actual)
+    assert actual.spikes.shape == (0, 2, 3)
+    assert torch.equal(actual.v, torch.full((2, 3), 0.25, device=device))  # φ·θ/m
+    empty_n = torch.randn(4, 0, 3, device=device)
+    result = fastspike.neuron(empty_n, 1.0)
+    assert result.spikes.shape == (4, 0, 3) and result.v.shape == (0, 3)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_forward_non_contiguous_input(device):
+    base = torch.randn(6, 4, 10, 3, device=device)
+    x = base.transpose(1, 2)  # [6, 10, 4, 3], not contiguous
+    assert not x.is_contiguous()
+    threshold = torch.rand(4, device=device) + 0.5
+    expected, actual = run_both(x, threshold, signed=True)
+    assert_same_result(expected, actual)
+    strided = base[:, ::2]
+    assert_same_result(*run_both(strided, 0.9, group_size=2))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_forward_from_given_state(device, dtype):
+    x = (torch.randn(4, 2, 6) * 0.6).to(dtype).to(device)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    v0 = torch.randn(2, 6, dtype=acc, device=device)
+    c0 = torch.randint(0, 3, (2, 6), dtype=torch.int32, device=device)
+    assert_same_result(*run_both(x, 0.7, signed=True, group_size=2, v_init=v0, count_init=c0))
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_out_buffer_including_in_place(device):
+    x = torch.randn(8, 3, 300, device=device)
+    expected = neuron_reference(x, 1.0, signed=True, grad="none")
+    buffer = torch.empty_like(x)
+    with torch.no_grad():
+        result = fastspike.neuron(x, 1.0, signed=True, out=buffer)
+    assert result.spikes is buffer
+    assert_same_result(expected, result)
+    # The spikes may overwrite the input itself (each element is read before
+    # it is written), the cheapest form for inference.
+    x_copy = x.clone()
+    with torch.no_grad():
+        result = fastspike.neuron(x_copy, 1.0, signed=True, out=x_copy)
+    assert_same_result(expected, result)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_extreme_parameters(device):
+    x = torch.randn(6, 50, device=device) * 3
+    for kwargs in [
+        dict(init_fraction=0.0),
+        dict(init_fraction=-1.5, signed=True),
+        dict(neg_margin=0.0, signed=True),
+        dict(neg_margin=0.4, signed=True, group_size=5),
+        dict(group_size=64, signed=True),
+    ]:
+        assert_same_result(*run_both(x, 0.3, **kwargs))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    time_steps=st.integers(0, 9),
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=4),
+    dtype=st.sampled_from(FLOAT_DTYPES),
+    group_size=st.integers(1, 6),
+    signed=st.booleans(),
+    layout=st.sampled_from(["scalar", "channel", "neuron", "per_sample_neuron"]),
+    scale=st.floats(0.01, 5.0),
+    init_fraction=st.floats(-1.0, 1.5),
+    neg_margin=st.floats(0.0, 0.5),
+    seed=st.integers(0, 2**16),
+)
+def test_forward_random_parameters(time_steps, shape, dtype, group_size, signed, layout, scale,
+                                   init_fraction, neg_margin, seed):
+    if layout == "channel" and len(shape) < 2:
+        layout = "scalar"
+    x_shape = (time_steps, *shape)
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(x_shape, generator=gen) * scale).to(dtype)
+    threshold = make_threshold(layout, x_shape, "cpu") if len(x_shape) >= 3 or layout in ("scalar", "per_sample_neuron") else 1.0
+    assert_same_result(*run_both(x, threshold, group_size=group_size, signed=signed,
+                                 init_fraction=init_fraction, neg_margin=neg_margin))
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+@pytest.mark.parametrize("blocks,threads", [(1, 1), (2, 32), (3, 7), (64, 256)])
+def test_cuda_kernel_bodies_on_cpu_grid(dtype, group_size, signed, blocks, threads):
+    """Walks the CUDA launch grid on the CPU with the kernels' own bodies:
+    grid-stride loops, vector and scalar paths, recorded traces."""
+    for neurons in (4 * 37, 37):  # vectorisable, and not
+        x = (torch.randn(5, neurons, generator=torch.Generator().manual_seed(neurons)) * 0.8).to(dtype)
+        threshold = torch.rand(neurons) + 0.4
+        expected = fastspike.neuron(x, threshold, group_size=group_size, signed=signed)
+        for width in (0, 1):
+            for grad_mode in ("none", "surrogate", "rate"):
+                emulated = torch.ops.fastspike._emulate_cuda_forward(
+                    x, threshold, None, None, group_size, signed, 0.5, 1e-3, grad_mode,
+                    blocks, threads, width,
+                )
+                assert_same_result(expected, emulated[:3])
+                real = torch.ops.fastspike.neuron_forward(
+                    x, threshold, None, None, group_size, signed, 0.5, 1e-3, grad_mode, "sigmoid", 4.0
+                )
+                for e, a in zip(real[3:], emulated[3:]):
+                    assert torch.equal(e, a)
+
+
+def test_emulated_grid_uses_vector_path_when_aligned():
+    # 4·k neurons with an aligned start: the launcher's rule picks width 4,
+    # while a view starting one element in cannot use it. Both must agree.
+    x = torch.randn(3, 65) * 0.8
+    aligned, shifted = x[:, :64].contiguous(), torch.randn(3 * 64 + 1)[1:].view(3, 64)
+    for t in (aligned, shifted):
+        expected = fastspike.neuron(t, 0.5, signed=True)
+        emulated = torch.ops.fastspike._emulate_cuda_forward(
+            t, torch.tensor(0.5), None, None, 1, True, 0.5, 1e-3, "none", 2, 8, 0)
+        assert_same_result(expected, emulated[:3])
