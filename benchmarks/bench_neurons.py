@@ -18,8 +18,11 @@ reported, since shared machines are noisy); each sample repeats the call until i
 * ``fused_out`` fastspike.neuron(..., out=buf) into a preallocated buffer (forward only)
 * ``reference`` fastspike.reference.neuron_reference, the eager PyTorch time loop
 * ``compiled``  torch.compile of a function calling neuron_reference (grad "none" forward,
-                "surrogate" forward+backward), compiled once per configuration and warmed up
-                before timing; the compile time (first call) is reported separately
+                "surrogate" forward+backward), compiled once per configuration (dynamic=False,
+                dynamo reset in between) and warmed up before timing; the first call's wall time
+                (tracing, compilation and one run) is reported as compile_s, and the number of
+                graphs dynamo made as graphs (the reference's host-side threshold check breaks
+                the graph)
 * ``seed``      fastspike.reference.seed_style_loop, the boolean-mask loop of published Fast-SNN
                 code (group_size 1, forward only)
 * ``copy``      x.clone() and ``copy_out`` out.copy_(x): memory-bandwidth references (forward only)
@@ -37,7 +40,9 @@ copy_out's.
 
 Output: a table on stdout, one row per configuration as it completes, and a JSON file (default
 benchmarks/results/neurons-<device-slug>.json, rewritten atomically after every configuration so
-that an interrupted run keeps what it measured).
+that an interrupted run keeps what it measured). Per contender the JSON has median_s, min_s,
+gbps (from median_s), samples (seconds per call, one per round) and iters (calls per sample), or
+skipped with the reason.
 
 --N takes exponents or counts: a value k <= 40 (or written 2^k) means 2^k neurons, a larger value
 is the count itself. A contender whose single warm call takes longer than --max-seconds-per-call is
@@ -50,6 +55,7 @@ import argparse
 import datetime as _dt
 import gc
 import json
+import logging
 import math
 import os
 import platform
@@ -145,10 +151,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--directions", nargs="+", choices=list(DIRECTIONS), default=None)
     parser.add_argument("--contenders", nargs="+", choices=list(ALL_CONTENDERS), default=None)
     parser.add_argument("--device", choices=["cpu", "cuda"], default=default_device())
-    parser.add_argument("--rounds", type=int, default=5, help="round-robin rounds per configuration (default 5)")
     parser.add_argument(
-        "--min-time", type=float, default=0.05,
-        help="each sample repeats the call until it lasts at least this many seconds (default 0.05)",
+        "--rounds", type=int, default=None, help="round-robin rounds per configuration (default 5; 3 with --quick)"
+    )
+    parser.add_argument(
+        "--min-time", type=float, default=None,
+        help="each sample repeats the call until it lasts at least this many seconds "
+        "(default 0.05; 0.02 with --quick)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=None,
+        help="torch.set_num_threads for the run (default: torch's choice); on a small shared machine "
+        "1 thread is often steadier, since a parallel region waits for a descheduled thread",
     )
     parser.add_argument(
         "--max-seconds-per-call", type=float, default=10.0,
@@ -177,7 +191,7 @@ def resolve_grid(args: argparse.Namespace) -> None:
     elif args.quick:
         preset = dict(
             T=[4, 8], N=[2**16, 2**20], dtypes=["float32"], kinds=list(KINDS), directions=["forward"],
-            contenders=[c for c in ALL_CONTENDERS if c != "compiled"],
+            contenders=[c for c in ALL_CONTENDERS if c != "compiled"], rounds=3, min_time=0.02,
         )
     else:
         exps = list(range(12, 23, 2)) + ([24, 26] if args.device == "cuda" else [])
@@ -185,6 +199,8 @@ def resolve_grid(args: argparse.Namespace) -> None:
             T=[1, 2, 4, 8, 16, 32], N=[2**e for e in exps], dtypes=list(DTYPES), kinds=list(KINDS),
             directions=list(DIRECTIONS), contenders=list(ALL_CONTENDERS),
         )
+    preset.setdefault("rounds", 5)
+    preset.setdefault("min_time", 0.05)
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -315,14 +331,14 @@ def bench_config(
         contenders[name] = entry
         try:
             call = make_calls(name, x, group_size, signed, direction)
+            if name == "compiled":
+                torch._dynamo.utils.counters.clear()
             first = timer.run(call, 1, no_grad)  # compile (torch.compile) / allocator warm-up
             if name == "compiled":
                 entry["compile_s"] = first
-            # the first call of the others already ran warm enough to tell a too-slow contender
-            if name == "compiled" or first <= args.max_seconds_per_call:
-                warm = min(timer.run(call, 1, no_grad) for _ in range(2))
-            else:
-                warm = first
+                entry["graphs"] = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+            # the first call of the others already tells a too-slow contender
+            warm = timer.run(call, 1, no_grad) if name == "compiled" or first <= args.max_seconds_per_call else first
         except Exception as exc:  # a failing contender must not stop the benchmark
             entry["skipped"] = f"error: {type(exc).__name__}: {exc}"
             continue
@@ -344,6 +360,7 @@ def bench_config(
         if not entry["samples"]:
             continue
         entry["median_s"] = statistics.median(entry["samples"])
+        entry["min_s"] = min(entry["samples"])
         nbytes = copy_bytes(T, N, dtype) if name in ("copy", "copy_out") else neuron_b
         entry["gbps"] = nbytes / entry["median_s"] / 1e9
 
@@ -444,6 +461,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("--device cuda: torch sees no GPU", file=sys.stderr)
         return 2
     resolve_grid(args)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     name = device_name(device)
     out_path = args.out or os.path.join(
@@ -452,6 +471,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "compiled" in args.contenders:
         # dynamic=False and a reset per configuration: one graph per shape, never a dynamic one.
         torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        # the expected graph break (threshold check in the reference) would print a page per shape
+        torch._logging.set_logs(dynamo=logging.ERROR)
 
     payload: Dict[str, Any] = {
         "device": name,
@@ -464,7 +485,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": {
             "T": args.T, "N": args.N, "dtypes": args.dtypes, "kinds": args.kinds,
             "directions": args.directions, "contenders": args.contenders, "rounds": args.rounds,
-            "min_time": args.min_time, "max_seconds_per_call": args.max_seconds_per_call,
+            "min_time": args.min_time, "threads": args.threads, "max_seconds_per_call": args.max_seconds_per_call,
             "threshold": THRESHOLD, "input": f"torch.randn(T, N, generator seeded {SEED}) * 0.5",
         },
         "bytes_model": BYTES_MODEL,

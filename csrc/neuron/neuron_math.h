@@ -10,10 +10,14 @@
 // same operations in the same order, the forward agrees bit for bit.
 #pragma once
 
-#if !defined(__CUDACC_RTC__)
+#if defined(__CUDACC_RTC__)
+// NVRTC has no <cstdint>: the widths nvcc uses on 64-bit Linux.
+typedef long long int64_t;
+typedef int int32_t;
+#else
+#include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <cmath>
 #endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
