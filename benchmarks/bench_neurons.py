@@ -240,8 +240,9 @@ def make_calls(
         if name == "reference":
             return lambda: neuron_reference(x, THRESHOLD, grad="none", **kw)
         if name == "compiled":
-            def forward_fn(x_seq: torch.Tensor) -> torch.Tensor:
-                return neuron_reference(x_seq, THRESHOLD, grad="none", **kw).spikes
+            # all three outputs, so that inductor cannot drop the work for the final v and count
+            def forward_fn(x_seq: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+                return tuple(neuron_reference(x_seq, THRESHOLD, grad="none", **kw))
 
             compiled = torch.compile(forward_fn, dynamic=False)
             return lambda: compiled(x)
@@ -256,21 +257,21 @@ def make_calls(
 
     xg = x.detach().requires_grad_(True)
     if name == "fused":
-        def fn(x_seq: torch.Tensor) -> torch.Tensor:
-            return fastspike.neuron(x_seq, THRESHOLD, grad="surrogate", **kw).spikes
+        def fn(x_seq: torch.Tensor) -> fastspike.NeuronResult:
+            return fastspike.neuron(x_seq, THRESHOLD, grad="surrogate", **kw)
     elif name == "reference":
-        def fn(x_seq: torch.Tensor) -> torch.Tensor:
-            return neuron_reference(x_seq, THRESHOLD, grad="surrogate", **kw).spikes
+        def fn(x_seq: torch.Tensor) -> fastspike.NeuronResult:
+            return neuron_reference(x_seq, THRESHOLD, grad="surrogate", **kw)
     elif name == "compiled":
-        def eager(x_seq: torch.Tensor) -> torch.Tensor:
-            return neuron_reference(x_seq, THRESHOLD, grad="surrogate", **kw).spikes
+        def eager(x_seq: torch.Tensor) -> fastspike.NeuronResult:
+            return neuron_reference(x_seq, THRESHOLD, grad="surrogate", **kw)
 
         fn = torch.compile(eager, dynamic=False)
     else:
         raise ValueError(f"{name} has no forward_backward variant")
 
     def fwd_bwd() -> torch.Tensor:
-        loss = fn(xg).sum()
+        loss = fn(xg)[0].sum()  # spikes; v and count are returned too, as from the fused op
         (grad_x,) = torch.autograd.grad(loss, xg)
         return grad_x
 

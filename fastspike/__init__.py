@@ -6,12 +6,22 @@
 runs a layer of signed IF neurons over all T steps of ``x_seq`` [T, ...] in one
 kernel launch (CPU or CUDA), with the same numbers as the Python time loop in
 :mod:`fastspike.reference`. :func:`backend_info` says which implementation is
-in use.
+in use. The converter turns a ReLU network into a spiking one::
+
+    qnet = fastspike.quantize(net, levels=8)          # then train or fastspike.calibrate
+    snet = fastspike.to_snn(qnet, time_steps=8, neuron="signed")
 """
 
+from .convert import ConversionError, calibrate, quantize, to_snn
+from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuron
 from .ops import NeuronResult, backend_info, neuron
+from .quant import QuantReLU
 from .reference import neuron_reference
 
 __version__ = "0.1.0"
 
-__all__ = ["neuron", "neuron_reference", "backend_info", "NeuronResult", "__version__"]
+__all__ = [
+    "neuron", "neuron_reference", "backend_info", "NeuronResult",
+    "QuantReLU", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
+    "quantize", "calibrate", "to_snn", "ConversionError", "__version__",
+]
