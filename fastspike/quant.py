@@ -34,8 +34,9 @@ PRESETS = ("qcfs", "cs-qcfs", "fastsnn", "lsq")
 
 
 def quantize_tensor(z: torch.Tensor, threshold: torch.Tensor, levels: int) -> torch.Tensor:
-    """λ·clamp(⌊z·L/λ + ½⌋, 0, L)/L with λ broadcast against z (no gradients)."""
-    return threshold * torch.clamp(torch.floor(z * levels / threshold + 0.5), 0, levels) / levels
+    """⌊clamp(z/λ, 0, 1)·L + ½⌋/L·λ with λ broadcast against z (no gradients): the
+    qcfs forward, in the same operation order, so it agrees bit for bit."""
+    return torch.floor(torch.clamp(z / threshold, 0, 1) * levels + 0.5) / levels * threshold
 
 
 class _FloorSTE(torch.autograd.Function):

@@ -17,7 +17,6 @@ typedef int int32_t;
 #else
 #include <cmath>
 #include <cstdint>
-#include <cstring>
 #endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -124,6 +123,52 @@ FASTSPIKE_HD acc_t neuron_unit(acc_t threshold, int group_size) {
 }
 
 // ---------------------------------------------------------------------------
+// Spike counts of a group of m members, defined by comparisons (DESIGN §2):
+//   k⁺ = #{j ∈ 1..m : h ≥ j·u}          n⁻ = #{j ∈ 1..m : v ≤ −ε − (j−1)·u}
+// Each set is a prefix of 1..m (the rounded levels are monotone in j), so the
+// count is found from a quotient estimate corrected by one comparison either
+// way: the quotient is off by at most one for m ≤ 2^20, and the comparisons
+// make the result exactly the comparison count, with no loop over m (which
+// keeps the CPU lane loop vectorisable and the CUDA thread branch-free).
+// floor(clamp(q, 0, m)) without a call to floor: the conversion truncates,
+// which is floor once q is clamped non-negative (and NaN becomes 0).
+template <typename acc_t>
+FASTSPIKE_HD int clamp_count(acc_t q, int m) {
+  q = q > acc_t(0) ? q : acc_t(0);
+  q = q < acc_t(m) ? q : acc_t(m);
+  return static_cast<int>(q);
+}
+
+template <typename acc_t, int kGroup>
+FASTSPIKE_HD int positive_count(acc_t h, acc_t unit, int group_size) {
+  if (kGroup == 1) return (h >= unit) ? 1 : 0;
+  const int m = kGroup > 0 ? kGroup : group_size;
+  int k = clamp_count(div_rn(h, unit), m);
+  // & rather than &&: both sides are cheap, and no branch keeps loops vectorisable.
+  k += static_cast<int>((k < m) & (h >= mul_rn(acc_t(k + 1), unit)));
+  k -= static_cast<int>((k > 0) & (h < mul_rn(acc_t(k), unit)));
+  return k;
+}
+
+template <typename acc_t>
+FASTSPIKE_HD acc_t negative_level(int j, acc_t unit, acc_t neg_margin) {
+  return sub_rn(-neg_margin, mul_rn(acc_t(j - 1), unit));  // L_j = −ε − (j−1)·u
+}
+
+template <typename acc_t, int kGroup>
+FASTSPIKE_HD int negative_count(acc_t v, acc_t unit, acc_t neg_margin, int group_size) {
+  if (kGroup == 1) return (v <= -neg_margin) ? 1 : 0;
+  const int m = kGroup > 0 ? kGroup : group_size;
+  // floor(q) + 1 with q = (−ε − v)/u, clamped to [0, m]; q < 0 gives 1 here,
+  // which the second fixup takes back.
+  int n = clamp_count(div_rn(sub_rn(-neg_margin, v), unit), m) + 1;
+  n = n < m ? n : m;
+  n += static_cast<int>((n < m) & (v <= negative_level(n + 1, unit, neg_margin)));
+  n -= static_cast<int>((n > 0) & (v > negative_level(n, unit, neg_margin)));
+  return n;
+}
+
+// ---------------------------------------------------------------------------
 // One time step of the generalised neuron (DESIGN §2). `unit` is u = θ/m.
 // Updates (v, count) in place and returns k⁺ − k⁻. `charged` receives the
 // membrane after charging (what the surrogate backward needs) and
@@ -133,22 +178,15 @@ template <typename acc_t, bool kSigned, int kGroup>
 FASTSPIKE_HD int neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_size,
                              acc_t& v, int32_t& count, acc_t& charged,
                              bool& negative_open) {
-  const int m = kGroup > 0 ? kGroup : group_size;
   const acc_t h = add_rn(v, x);
   charged = h;
-  int k_pos = 0;
-  for (int j = 1; j <= m; ++j) {
-    k_pos += (h >= mul_rn(acc_t(j), unit)) ? 1 : 0;
-  }
+  const int k_pos = positive_count<acc_t, kGroup>(h, unit, group_size);
   acc_t v_new = sub_rn(h, mul_rn(acc_t(k_pos), unit));
   int32_t c = count + k_pos;
   int k_neg = 0;
   negative_open = false;
   if (kSigned) {
-    int n_neg = 0;
-    for (int j = 1; j <= m; ++j) {
-      n_neg += (v_new <= sub_rn(-neg_margin, mul_rn(acc_t(j - 1), unit))) ? 1 : 0;
-    }
+    const int n_neg = negative_count<acc_t, kGroup>(v_new, unit, neg_margin, group_size);
     negative_open = n_neg < c;
     k_neg = negative_open ? n_neg : c;  // min(c, n⁻): never more than fired
     v_new = add_rn(v_new, mul_rn(acc_t(k_neg), unit));
@@ -185,17 +223,15 @@ FASTSPIKE_HD acc_t spike_derivative(acc_t h, bool negative_open, acc_t unit,
                                     int kind, acc_t alpha) {
   const int m = kGroup > 0 ? kGroup : group_size;
   acc_t d = 0;
-  int k_pos = 0;
   for (int j = 1; j <= m; ++j) {
-    const acc_t level = mul_rn(acc_t(j), unit);
-    k_pos += (h >= level) ? 1 : 0;
-    d += surrogate_grad<acc_t>((h - level) * inv_unit, kind, alpha);
+    d += surrogate_grad<acc_t>((h - mul_rn(acc_t(j), unit)) * inv_unit, kind, alpha);
   }
   if (kSigned && negative_open) {
+    const int k_pos = positive_count<acc_t, kGroup>(h, unit, m);
     const acc_t v_after = sub_rn(h, mul_rn(acc_t(k_pos), unit));
     for (int j = 1; j <= m; ++j) {
-      const acc_t level = sub_rn(-neg_margin, mul_rn(acc_t(j - 1), unit));
-      d += surrogate_grad<acc_t>((level - v_after) * inv_unit, kind, alpha);
+      d += surrogate_grad<acc_t>((negative_level(j, unit, neg_margin) - v_after) * inv_unit, kind,
+                                 alpha);
     }
   }
   return d;
@@ -227,31 +263,62 @@ struct ForwardArgs {
   acc_t neg_margin;
 };
 
-// kVec elements loaded or stored as one access (float4 for float on CUDA,
-// where 16 bytes is the widest access); on the host a plain copy.
+// kVec elements loaded or stored as one access on CUDA (float4 for float,
+// 16 bytes being the widest access). The host loops index memory directly:
+// copying a kVec-wide pack there costs more than the neuron math.
 template <typename T, int kVec>
 struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Pack {
   T val[kVec];
 };
 
-template <typename T, int kVec>
-FASTSPIKE_HD Pack<T, kVec> load_pack(const T* ptr) {
-#ifdef __CUDA_ARCH__
-  return *reinterpret_cast<const Pack<T, kVec>*>(ptr);
-#else
-  Pack<T, kVec> p;
-  std::memcpy(&p, ptr, sizeof(p));
-  return p;
-#endif
+// One neuron, one time step: updates its state, records what the surrogate
+// backward needs when kRecord (the plan guarantees those outputs exist then),
+// and returns the spike output (k⁺ − k⁻)·u in the input's dtype.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, bool kRecord>
+FASTSPIKE_HD scalar_t forward_lane(scalar_t x, int64_t offset, const ForwardArgs<scalar_t, acc_t>& a,
+                                   int m, acc_t unit, acc_t& v, int32_t& count, acc_t& sum) {
+  const acc_t xv = static_cast<acc_t>(x);
+  acc_t charged;
+  bool negative_open;
+  const int k =
+      neuron_step<acc_t, kSigned, kGroup>(xv, unit, a.neg_margin, m, v, count, charged, negative_open);
+  if (kRecord) {
+    a.membrane_seq[offset] = charged;
+    if (kSigned) a.negative_open_seq[offset] = negative_open;
+  }
+  sum = add_rn(sum, xv);
+  return static_cast<scalar_t>(mul_rn(acc_t(k), unit));
 }
 
-template <typename T, int kVec>
-FASTSPIKE_HD void store_pack(T* ptr, const Pack<T, kVec>& p) {
+// The T steps of kVec neurons starting at n0, state in the caller's arrays.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec, bool kRecord>
+FASTSPIKE_HD void forward_steps(int64_t n0, const ForwardArgs<scalar_t, acc_t>& a,
+                                const acc_t* unit, acc_t* v, int32_t* count, acc_t* sum) {
+  const int m = kGroup > 0 ? kGroup : a.group_size;
+  for (int64_t t = 0; t < a.time_steps; ++t) {
+    const int64_t offset = t * a.neurons + n0;
 #ifdef __CUDA_ARCH__
-  *reinterpret_cast<Pack<T, kVec>*>(ptr) = p;
+    const Pack<scalar_t, kVec> x = *reinterpret_cast<const Pack<scalar_t, kVec>*>(a.x + offset);
+    Pack<scalar_t, kVec> s;
+    for (int l = 0; l < kVec; ++l) {
+      s.val[l] = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(
+          x.val[l], offset + l, a, m, unit[l], v[l], count[l], sum[l]);
+    }
+    *reinterpret_cast<Pack<scalar_t, kVec>*>(a.spikes + offset) = s;
 #else
-  std::memcpy(ptr, &p, sizeof(p));
+    // The lanes are independent neurons (spikes may alias x, but only lane by
+    // lane), so the host compiler may use SIMD across them.
+    const scalar_t* x = a.x + offset;
+    scalar_t* s = a.spikes + offset;
+#ifdef _OPENMP
+#pragma omp simd
 #endif
+    for (int l = 0; l < kVec; ++l) {
+      s[l] = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(x[l], offset + l, a, m, unit[l],
+                                                                     v[l], count[l], sum[l]);
+    }
+#endif
+  }
 }
 
 // Neurons [index·kVec, index·kVec + kVec) over all T steps. kVec > 1 needs
@@ -270,22 +337,11 @@ FASTSPIKE_HD void forward_element(int64_t index, const ForwardArgs<scalar_t, acc
     count[l] = a.count_init ? a.count_init[n] : 0;
     sum[l] = 0;
   }
-  for (int64_t t = 0; t < a.time_steps; ++t) {
-    const int64_t offset = t * a.neurons + n0;
-    const Pack<scalar_t, kVec> x = load_pack<scalar_t, kVec>(a.x + offset);
-    Pack<scalar_t, kVec> s;
-    for (int l = 0; l < kVec; ++l) {
-      const acc_t xv = static_cast<acc_t>(x.val[l]);
-      acc_t charged;
-      bool negative_open;
-      const int k = neuron_step<acc_t, kSigned, kGroup>(
-          xv, unit[l], a.neg_margin, m, v[l], count[l], charged, negative_open);
-      s.val[l] = static_cast<scalar_t>(mul_rn(acc_t(k), unit[l]));
-      if (a.membrane_seq) a.membrane_seq[offset + l] = charged;
-      if (a.negative_open_seq) a.negative_open_seq[offset + l] = negative_open;
-      sum[l] = add_rn(sum[l], xv);
-    }
-    store_pack<scalar_t, kVec>(a.spikes + offset, s);
+  // Recording is decided once here, so the lane loop has no branch in it.
+  if (a.membrane_seq) {
+    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, true>(n0, a, unit, v, count, sum);
+  } else {
+    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, false>(n0, a, unit, v, count, sum);
   }
   for (int l = 0; l < kVec; ++l) {
     const int64_t n = n0 + l;

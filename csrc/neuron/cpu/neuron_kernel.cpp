@@ -11,7 +11,9 @@
 namespace fastspike {
 namespace {
 
-constexpr int kCpuBlock = 256;
+// 64 lanes: wide enough for SIMD, small enough that the per-lane state stays
+// in L1 next to the rows being streamed (measured: 256 was no faster).
+constexpr int kCpuBlock = 64;
 
 // Grain in units of `unit` neurons such that one task does >= ~32k steps.
 int64_t grain_for(int64_t time_steps, int64_t unit) {
