@@ -48,13 +48,13 @@ $(BUILD_STAMP): $(SOURCES) $(ENV_STAMP)
 test: build
 	$(PYTHON) -m pytest -q tests
 
-# Until the converter lands, the main job is the neuron benchmark in its
-# quick form: fused kernels vs the Python loop, a table and JSON.
+# The main job: train, convert and evaluate on digits and synthetic scenes
+# (a few minutes on two cores); table, demo-results/demo.json and demo.png.
 demo: build
-	$(PYTHON) benchmarks/bench_neurons.py --quick
+	$(PYTHON) -m fastspike demo --out demo-results
 
 bench: build
 	$(PYTHON) benchmarks/bench_neurons.py
 
 clean:
-	rm -rf build fastspike/_C*.so *.egg-info
+	rm -rf build fastspike/_C*.so *.egg-info demo-results

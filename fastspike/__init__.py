@@ -14,14 +14,14 @@ in use. The converter turns a ReLU network into a spiking one::
 
 from .convert import ConversionError, calibrate, quantize, to_snn
 from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuron
-from .ops import NeuronResult, backend_info, neuron
+from .ops import NeuronResult, backend_info, neuron, use_reference
 from .quant import QuantReLU
 from .reference import neuron_reference
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "neuron", "neuron_reference", "backend_info", "NeuronResult",
+    "neuron", "neuron_reference", "backend_info", "NeuronResult", "use_reference",
     "QuantReLU", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
     "quantize", "calibrate", "to_snn", "ConversionError", "__version__",
 ]

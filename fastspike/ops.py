@@ -21,8 +21,9 @@ backend.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Iterator, Optional
 
 import torch
 
@@ -38,7 +39,7 @@ from .reference import (
     threshold_tensor,
 )
 
-__all__ = ["neuron", "backend_info", "NeuronResult"]
+__all__ = ["neuron", "backend_info", "NeuronResult", "use_reference"]
 
 _STATE = _backend.load()
 _warned_cuda_fallback = False
@@ -178,9 +179,25 @@ def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None
         raise ValueError("spikes (the out= tensor) must be contiguous")
 
 
+_forced_reference = 0  # depth of nested use_reference() blocks
+
+
+@contextlib.contextmanager
+def use_reference() -> Iterator[None]:
+    """Within this block every neuron call runs the pure-PyTorch reference loop,
+    e.g. to time a converted network against the loop it replaces or to check
+    gradients. Not thread-safe: it switches a module-level flag."""
+    global _forced_reference
+    _forced_reference += 1
+    try:
+        yield
+    finally:
+        _forced_reference -= 1
+
+
 def _use_reference(x_seq: torch.Tensor) -> bool:
     global _warned_cuda_fallback
-    if _STATE.name != "extension":
+    if _STATE.name != "extension" or _forced_reference:
         return True
     if x_seq.is_cuda and not _backend.has_cuda_kernels():
         if not _warned_cuda_fallback:

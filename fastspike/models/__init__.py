@@ -7,6 +7,8 @@ Plain PyTorch modules with ``nn.ReLU`` activations, traceable by
     net = get_model("cifar_resnet20", num_classes=10)
     net = get_model("cifar_vgg16", num_classes=100, pool="max", width=0.5)
     net = get_model("resnet18", num_classes=1000)      # torchvision, random init
+    net = get_model("tiny_yolov2", num_classes=3, width=0.25)   # detection: decode_yolo, yolo_loss
+    net = get_model("small_deeplab", num_classes=4, width=8)    # segmentation
 
 Nothing is downloaded: pretrained weights are loaded from a local file with
 ``net.load_state_dict(torch.load(path))``.
@@ -20,17 +22,31 @@ from torch import nn
 
 from .cifar_resnet import BasicBlock, CifarResNet, cifar_resnet18, cifar_resnet20
 from .cifar_vgg import VGG16_CFG, CifarVGG, cifar_vgg16
+from .digits import DigitsCNN
+from .deeplab import ASPP, SmallDeepLab, deeplabv3_resnet50
+from .yolo import DEFAULT_ANCHORS, TinyYOLOv2, YOLOv2ResNet34, decode_yolo, yolo_loss
 
 __all__ = [
     "get_model", "available_models",
     "CifarResNet", "BasicBlock", "cifar_resnet18", "cifar_resnet20",
     "CifarVGG", "VGG16_CFG", "cifar_vgg16",
+    "TinyYOLOv2", "YOLOv2ResNet34", "DEFAULT_ANCHORS", "decode_yolo", "yolo_loss",
+    "SmallDeepLab", "ASPP", "deeplabv3_resnet50", "DigitsCNN",
 ]
 
 _CIFAR_MODELS: Dict[str, Callable[..., nn.Module]] = {
     "cifar_resnet18": cifar_resnet18,
     "cifar_resnet20": cifar_resnet20,
     "cifar_vgg16": cifar_vgg16,
+    "digits_cnn": DigitsCNN,  # the 8x8 digits classifier of `fastspike demo`
+}
+
+# Detection and segmentation models (fastspike.models.yolo / .deeplab).
+_DENSE_MODELS: Dict[str, Callable[..., nn.Module]] = {
+    "tiny_yolov2": TinyYOLOv2,
+    "yolov2_resnet34": YOLOv2ResNet34,
+    "small_deeplab": SmallDeepLab,
+    "deeplabv3_resnet50": deeplabv3_resnet50,
 }
 
 # torchvision entry points, built as torchvision.models.<name>(weights=None, num_classes=...).
@@ -39,7 +55,7 @@ _TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn
 
 def available_models() -> List[str]:
     """Names accepted by :func:`get_model`, sorted."""
-    return sorted([*_CIFAR_MODELS, *_TORCHVISION_MODELS])
+    return sorted([*_CIFAR_MODELS, *_DENSE_MODELS, *_TORCHVISION_MODELS])
 
 
 def get_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
@@ -52,7 +68,11 @@ def get_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         **kwargs: passed to the builder: for ``cifar_resnet18/20``
             ``base_width``, ``in_channels``; for ``cifar_vgg16`` ``in_channels``,
             ``pool``, ``width``, ``hidden``, ``dropout``; for torchvision names,
-            any keyword of ``torchvision.models.<name>``.
+            any keyword of ``torchvision.models.<name>``; for ``tiny_yolov2``
+            ``anchors``, ``width``, ``in_channels``, ``num_downsamples``; for
+            ``yolov2_resnet34`` ``anchors``, ``width``; for ``small_deeplab``
+            ``width``, ``in_channels``, ``rates``; ``deeplabv3_resnet50`` takes
+            none (torchvision's model, unchanged, returning ``{"out": ...}``).
 
     Raises:
         ValueError: unknown ``name``, or pretrained weights requested
@@ -70,6 +90,8 @@ def get_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
     kwargs.pop("pretrained", None)
     if name in _CIFAR_MODELS:
         return _CIFAR_MODELS[name](num_classes=num_classes, **kwargs)
+    if name in _DENSE_MODELS:
+        return _DENSE_MODELS[name](num_classes=num_classes, **kwargs)
     if name in _TORCHVISION_MODELS:
         try:
             import torchvision

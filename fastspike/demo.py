@@ -1,0 +1,295 @@
+"""``fastspike demo``: the whole story on data that needs no download.
+
+1. Classification: a small CNN on the scikit-learn digits is trained, quantized
+   (QCFS), calibrated and fine-tuned, then converted with IF, signed IF and
+   group neurons and evaluated at several T.
+2. Detection: a small Tiny-YOLOv2 on synthetic scenes, the same path, mAP@0.5.
+3. Segmentation: a small DeepLab on the same scenes, mean IoU.
+
+Every SNN row also reports images per second with the fused kernels and with
+the pure-PyTorch time loop they replace (same model, :func:`fastspike.use_reference`).
+The table is printed and saved as JSON, with a PNG plot of each metric against T.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from .checkpoint import make_checkpoint, save_checkpoint
+from .convert import calibrate, quantize, to_snn
+from .ops import backend_info, use_reference
+
+__all__ = ["DemoConfig", "run_demo"]
+
+
+@dataclass
+class DemoConfig:
+    """Sizes of the demo; :meth:`quick` is the reduced run of the test suite."""
+
+    time_steps: Sequence[int] = (1, 2, 4, 8)
+    levels: int = 8
+    neurons: Sequence[str] = ("if", "signed", "group")
+    group_size: int = 2
+    digits_epochs: int = 30
+    digits_finetune_epochs: int = 15
+    scenes_train: int = 512
+    scenes_test: int = 128
+    scene_size: int = 64
+    detect_epochs: int = 30
+    segment_epochs: int = 20
+    tasks: Sequence[str] = ("classification", "detection", "segmentation")
+    batch_size: int = 64
+    timing_batch: int = 128
+    seed: int = 0
+
+    @classmethod
+    def quick(cls) -> "DemoConfig":
+        return cls(time_steps=(1, 4), levels=4, digits_epochs=3, digits_finetune_epochs=1,
+                   scenes_train=32, scenes_test=16, scene_size=32, detect_epochs=1, segment_epochs=1,
+                   timing_batch=16)
+
+
+# ---------------------------------------------------------------------------
+# Training and timing
+
+
+def _fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[Any, Any], torch.Tensor],
+         epochs: int, lr: float, desc: str, device: torch.device) -> None:
+    """Adam with a cosine schedule; one progress bar over all steps."""
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
+    model.train()
+    with tqdm(total=epochs * len(loader), desc=desc, leave=False, mininterval=1.0) as bar:
+        for _ in range(epochs):
+            for x, y in loader:
+                loss = loss_fn(model(x.to(device)), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                sched.step()
+                bar.update()
+                bar.set_postfix(loss=f"{loss.item():.3f}")
+    model.eval()
+
+
+@torch.no_grad()
+def _images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> float:
+    model(x)  # warm-up
+    best = math.inf
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(x)
+        best = min(best, time.perf_counter() - start)
+    return x.shape[0] / best
+
+
+@dataclass
+class _Task:
+    name: str
+    metric: str
+    train_set: Dataset
+    test_set: Dataset
+    collate: Optional[Callable]
+    model_name: str  # a fastspike.models.get_model name, so the checkpoint reloads
+    num_classes: int
+    model_kwargs: Dict[str, Any]
+    loss: Callable[[Any, Any], torch.Tensor]
+    evaluate: Callable[[nn.Module, DataLoader], float]
+    epochs: int
+    finetune_epochs: int
+    lr: float
+
+
+def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) -> List[Dict[str, Any]]:
+    torch.manual_seed(cfg.seed)
+    train = DataLoader(task.train_set, cfg.batch_size, shuffle=True, collate_fn=task.collate,
+                       generator=torch.Generator().manual_seed(cfg.seed))
+    test = DataLoader(task.test_set, cfg.batch_size, collate_fn=task.collate)
+    timing_x = next(iter(DataLoader(task.test_set, cfg.timing_batch, collate_fn=task.collate)))[0].to(device)
+    rows: List[Dict[str, Any]] = []
+
+    def row(model_name: str, T: Optional[int], model: nn.Module, timed_reference: bool = False) -> None:
+        r = {"task": task.name, "metric": task.metric, "model": model_name, "T": T,
+             "value": task.evaluate(model, test), "images_per_s": _images_per_second(model, timing_x)}
+        if timed_reference:
+            with use_reference():
+                r["images_per_s_reference"] = _images_per_second(model, timing_x, repeats=1)
+            r["speedup"] = r["images_per_s"] / r["images_per_s_reference"]
+        rows.append(r)
+
+    from .models import get_model
+
+    ann = get_model(task.model_name, task.num_classes, **task.model_kwargs).to(device)
+    _fit(ann, train, task.loss, task.epochs, task.lr, f"{task.name}: ANN", device)
+    row("ANN", None, ann)
+
+    qnet = quantize(ann, levels=cfg.levels)
+    calibrate(qnet, train, percentile=99.9, max_batches=8, device=device)
+    _fit(qnet, train, task.loss, task.finetune_epochs, task.lr / 10, f"{task.name}: quantized ANN", device)
+    row(f"quantized ANN (L={cfg.levels})", None, qnet)
+    ckpt = make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", qnet, task.model_kwargs)
+    save_checkpoint(ckpt, os.path.join(out_dir, f"{task.name}.pt"))
+
+    for kind in cfg.neurons:
+        group = cfg.group_size if kind == "group" else None
+        for T in tqdm(cfg.time_steps, desc=f"{task.name}: {kind} SNN", leave=False):
+            snn = to_snn(qnet, T, kind, group_size=group)
+            label = f"{kind} (m={group})" if group else kind
+            row(f"SNN {label}", T, snn, timed_reference=True)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# The three tasks
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, loader: DataLoader) -> float:
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in loader:
+        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
+        total += y.numel()
+    return correct / total
+
+
+def _classification(cfg: DemoConfig) -> _Task:
+    from .data import digits
+
+    return _Task("classification", "accuracy", digits("train", seed=cfg.seed), digits("test", seed=cfg.seed),
+                 None, "digits_cnn", 10, {}, lambda out, y: F.cross_entropy(out, y.to(out.device)),
+                 _accuracy, cfg.digits_epochs, cfg.digits_finetune_epochs, 1e-2)
+
+
+def _detection(cfg: DemoConfig) -> _Task:
+    from .data import SyntheticScenes, collate_scenes
+    from .metrics import DetectionMeter
+    from .models.yolo import DEFAULT_ANCHORS, decode_yolo, yolo_loss
+
+    size = cfg.scene_size
+    downsamples = 3  # a 64 px scene gives an 8x8 grid
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module, loader: DataLoader) -> float:
+        device = next(model.parameters()).device
+        meter = DetectionMeter(num_classes=3)
+        for x, targets in loader:
+            preds = decode_yolo(model(x.to(device)).cpu(), DEFAULT_ANCHORS, 3, size)
+            meter.update(preds, targets)
+        return meter.compute()["map"]
+
+    return _Task("detection", "mAP@0.5",
+                 SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
+                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1), collate_scenes,
+                 "tiny_yolov2", 3, dict(width=0.25, num_downsamples=downsamples),
+                 lambda out, targets: yolo_loss(out, targets, DEFAULT_ANCHORS, 3, size),
+                 evaluate, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3)
+
+
+def _segmentation(cfg: DemoConfig) -> _Task:
+    from .data import SyntheticScenes, collate_scenes
+    from .metrics import SegmentationMeter
+
+    size = cfg.scene_size
+
+    def masks(targets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
+        return torch.stack([t["mask"] for t in targets])
+
+    @torch.no_grad()
+    def evaluate(model: nn.Module, loader: DataLoader) -> float:
+        device = next(model.parameters()).device
+        meter = SegmentationMeter(num_classes=4)
+        for x, targets in loader:
+            meter.update(model(x.to(device)).argmax(1).cpu(), masks(targets))
+        return meter.compute()["miou"]
+
+    return _Task("segmentation", "mIoU",
+                 SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
+                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1), collate_scenes,
+                 "small_deeplab", 4, dict(width=8),
+                 lambda out, targets: F.cross_entropy(out, masks(targets).to(out.device)),
+                 evaluate, cfg.segment_epochs, max(1, cfg.segment_epochs // 3), 3e-3)
+
+
+_TASKS = {"classification": _classification, "detection": _detection, "segmentation": _segmentation}
+
+
+# ---------------------------------------------------------------------------
+# Report
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    header = f"{'task':15s} {'model':28s} {'T':>3s} {'metric':>16s} {'img/s':>9s} {'img/s loop':>10s} {'speedup':>8s}"
+    lines = [header, "-" * len(header)]
+    for r in rows:
+        T = "" if r["T"] is None else str(r["T"])
+        ref = f"{r['images_per_s_reference']:10.0f}" if "images_per_s_reference" in r else " " * 10
+        speed = f"{r['speedup']:7.1f}x" if "speedup" in r else ""
+        lines.append(f"{r['task']:15s} {r['model']:28s} {T:>3s} {r['metric']:>8s} {r['value']:7.3f} "
+                     f"{r['images_per_s']:9.0f} {ref} {speed:>8s}")
+    return "\n".join(lines)
+
+
+def plot(rows: List[Dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no screen needed
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
+    for ax, task in zip(axes[0], tasks):
+        task_rows = [r for r in rows if r["task"] == task]
+        for r in task_rows:
+            if r["T"] is None:
+                ax.axhline(r["value"], linestyle="--" if r["model"] == "ANN" else ":", color="grey",
+                           label=r["model"])
+        for model in dict.fromkeys(r["model"] for r in task_rows if r["T"] is not None):
+            points = sorted((r["T"], r["value"]) for r in task_rows if r["model"] == model)
+            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("time steps T")
+        ax.set_ylabel(task_rows[0]["metric"])
+        ax.set_title(task)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(out_dir: str = "demo-results", config: Optional[DemoConfig] = None,
+             device: str = "cpu") -> Dict[str, Any]:
+    """Runs the demo, prints the table, and writes ``demo.json``, ``demo.png``
+    and one checkpoint per task (the quantized ANN) under ``out_dir``."""
+    cfg = config or DemoConfig()
+    unknown = [t for t in cfg.tasks if t not in _TASKS]
+    if unknown:
+        raise ValueError(f"tasks must be among {sorted(_TASKS)}, got {unknown}")
+    os.makedirs(out_dir, exist_ok=True)
+    dev = torch.device(device)
+    rows: List[Dict[str, Any]] = []
+    start = time.perf_counter()
+    for name in cfg.tasks:
+        rows += _run_task(_TASKS[name](cfg), cfg, dev, out_dir)
+    result = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
+              "device": str(dev), "backend": backend_info(), "threads": torch.get_num_threads(),
+              "seconds": time.perf_counter() - start, "rows": rows}
+    print(format_table(rows))
+    tmp = os.path.join(out_dir, ".demo.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, os.path.join(out_dir, "demo.json"))
+    plot(rows, os.path.join(out_dir, "demo.png"))
+    print(f"wrote {os.path.join(out_dir, 'demo.json')} and demo.png ({result['seconds']:.0f} s)")
+    return result

@@ -1,0 +1,202 @@
+"""The demo, the ``fastspike`` command and checkpoints (issue 4, and the checkpoint part of issue 7)."""
+
+import json
+import os
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastspike
+from fastspike.checkpoint import (CheckpointError, load_checkpoint, load_model, make_checkpoint,
+                                  save_checkpoint)
+from fastspike.cli import main
+from fastspike.demo import DemoConfig, run_demo
+from fastspike.models import get_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(*args, env=None, timeout=300):
+    """Runs ``python -m fastspike ARGS`` in a fresh interpreter."""
+    return subprocess.run([sys.executable, "-m", "fastspike", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_dir(tmp_path_factory):
+    """The reduced demo, all three tasks, run once for the module."""
+    out = tmp_path_factory.mktemp("demo")
+    result = run_demo(str(out), DemoConfig.quick())
+    return out, result
+
+
+def test_demo_runs_end_to_end_and_writes_json_and_png(demo_dir):
+    out, result = demo_dir
+    with open(out / "demo.json") as f:
+        saved = json.load(f)
+    assert saved["rows"] == json.loads(json.dumps(result["rows"]))
+    tasks = {r["task"] for r in saved["rows"]}
+    assert tasks == {"classification", "detection", "segmentation"}
+    cfg = DemoConfig.quick()
+    for task in tasks:
+        rows = [r for r in saved["rows"] if r["task"] == task]
+        # ANN, quantized ANN, then every neuron kind at every T.
+        assert len(rows) == 2 + len(cfg.neurons) * len(cfg.time_steps)
+        for r in rows:
+            assert 0.0 <= r["value"] <= 1.0 and r["images_per_s"] > 0
+            if r["T"] is not None:
+                assert r["images_per_s_reference"] > 0
+    png = (out / "demo.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    for task in tasks:
+        assert load_checkpoint(str(out / f"{task}.pt"))["levels"] == cfg.levels
+
+
+def test_demo_classification_learns_and_the_snn_follows_the_quantized_ann(demo_dir):
+    _, result = demo_dir
+    rows = {(r["model"], r["T"]): r["value"] for r in result["rows"] if r["task"] == "classification"}
+    assert rows[("ANN", None)] > 0.5  # 10 classes: chance is 0.1
+    L = DemoConfig.quick().levels
+    quantized = rows[(f"quantized ANN (L={L})", None)]
+    # Signed neurons at T = L stay close to the quantized ANN (a three-epoch model in the quick run).
+    assert rows[("SNN signed", L)] >= quantized - 0.15
+
+
+def test_convert_and_eval_from_the_command_line(demo_dir, tmp_path):
+    out, _ = demo_dir
+    converted = tmp_path / "snn.pt"
+    r = _cli("convert", str(out / "classification.pt"), "--out", str(converted), "-T", "4", "--neuron", "signed")
+    assert r.returncode == 0, r.stderr
+    assert "spiking layers" in r.stdout
+    snn = load_model(str(converted))
+    assert snn.time_steps == 4
+    r = _cli("eval", str(out / "classification.pt"), "--T", "1", "4", "--out", str(tmp_path / "eval.json"))
+    assert r.returncode == 0, r.stderr
+    rows = json.loads((tmp_path / "eval.json").read_text())["rows"]
+    assert [row["T"] for row in rows] == [None, 1, 4]
+    # The CLI's quantized-ANN accuracy is the demo's (same checkpoint, same test split).
+    demo_rows = json.loads((out / "demo.json").read_text())["rows"]
+    demo_q = [x["value"] for x in demo_rows if x["task"] == "classification" and x["model"].startswith("quantized")]
+    assert rows[0]["accuracy"] == pytest.approx(demo_q[0])
+
+
+def test_torchrun_evaluation_equals_single_process(demo_dir, tmp_path):
+    out, _ = demo_dir
+    single = tmp_path / "single.json"
+    r = _cli("eval", str(out / "classification.pt"), "--T", "2", "--batch-size", "50", "--out", str(single))
+    assert r.returncode == 0, r.stderr
+    parallel = tmp_path / "parallel.json"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "fastspike", "eval", str(out / "classification.pt"), "--T", "2",
+                        "--batch-size", "50", "--out", str(parallel)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = json.loads(single.read_text()), json.loads(parallel.read_text())
+    assert b["world_size"] == 2
+    assert a["rows"] == b["rows"]
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["eval", "no/such/file.pt"], "does not exist"),
+    (["convert", "no/such/file.pt", "--out", "x.pt", "-T", "4"], "does not exist"),
+    (["convert", "CKPT", "--out", "OUT", "-T", "4", "--model", "resnet1000"], "unknown model 'resnet1000'"),
+    (["eval", "CKPT", "--T", "0"], "expected a positive integer, got 0"),
+    (["convert", "CKPT", "--out", "OUT", "-T", "-3"], "expected a positive integer"),
+])
+def test_cli_mistakes_give_one_line_and_nonzero_exit(args, expected, demo_dir, tmp_path):
+    out, _ = demo_dir
+    args = [str(out / "classification.pt") if a == "CKPT" else str(tmp_path / "o.pt") if a == "OUT" else a
+            for a in args]
+    r = _cli(*args)
+    assert r.returncode == 2
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr
+    assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+
+
+def test_cli_help_everywhere_and_info():
+    for command in ([], ["demo"], ["convert"], ["eval"], ["bench"], ["info"]):
+        with pytest.raises(SystemExit) as info:
+            main([*command, "--help"])
+        assert info.value.code == 0
+    r = _cli("info")
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["backend"]["backend"] == fastspike.backend_info()["backend"]
+    assert info["torch"] == torch.__version__
+
+
+# ---------------------------------------------------------------------------
+# Checkpoints
+
+
+def _digits_checkpoint():
+    net = get_model("digits_cnn", 10)
+    qnet = fastspike.quantize(net, levels=4)
+    return make_checkpoint("digits_cnn", 10, 4, "qcfs", qnet)
+
+
+def test_checkpoint_round_trip(tmp_path):
+    ckpt = _digits_checkpoint()
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(ckpt, path)
+    model = load_model(path)
+    for k, v in ckpt["state_dict"].items():
+        assert torch.equal(model.state_dict()[k], v)
+    assert os.listdir(tmp_path) == ["c.pt"]  # no temporary left behind
+
+
+def test_interrupted_save_keeps_the_old_file(tmp_path, monkeypatch):
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(_digits_checkpoint(), path)
+    before = open(path, "rb").read()
+
+    def dies_halfway(obj, f):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(_digits_checkpoint(), path)
+    assert open(path, "rb").read() == before
+    assert os.listdir(tmp_path) == ["c.pt"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("echo pwned > /dev/null",))
+
+
+def test_malicious_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "fastspike", "payload": _Exploit()}, str(evil))
+    with pytest.raises(CheckpointError, match="refused"):
+        load_checkpoint(str(evil))
+
+    good = tmp_path / "good.pt"
+    save_checkpoint(_digits_checkpoint(), str(good))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(good.read_bytes()[:1000])
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        load_checkpoint(str(truncated))
+
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, str(plain))
+    with pytest.raises(CheckpointError, match="not a fastspike checkpoint"):
+        load_checkpoint(str(plain))
+
+    wrong = _digits_checkpoint()
+    wrong["model"] = "cifar_resnet20"
+    mismatched = tmp_path / "mismatched.pt"
+    save_checkpoint(wrong, str(mismatched))
+    with pytest.raises(CheckpointError, match="does not match model 'cifar_resnet20'"):
+        load_model(str(mismatched))
+
+    not_torch = tmp_path / "text.pt"
+    not_torch.write_text("hello")
+    with pytest.raises((CheckpointError, pickle.UnpicklingError)):
+        load_checkpoint(str(not_torch))
