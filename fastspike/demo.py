@@ -43,11 +43,11 @@ class DemoConfig:
     group_size: int = 2
     digits_epochs: int = 30
     digits_finetune_epochs: int = 15
-    scenes_train: int = 512
+    scenes_train: int = 256
     scenes_test: int = 128
     scene_size: int = 64
-    detect_epochs: int = 30
-    segment_epochs: int = 20
+    detect_epochs: int = 15
+    segment_epochs: int = 10
     tasks: Sequence[str] = ("classification", "detection", "segmentation")
     batch_size: int = 64
     timing_batch: int = 128

@@ -93,7 +93,7 @@ class CifarResNet(nn.Module):
         self.avgpool = nn.AdaptiveAvgPool2d((1, 1))
         self.flatten = nn.Flatten(1)
         self.fc = nn.Linear(in_planes, num_classes)
-        _init_weights(self)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.relu(self.bn1(self.conv1(x)))
@@ -103,8 +103,8 @@ class CifarResNet(nn.Module):
         return self.fc(self.flatten(self.avgpool(x)))
 
 
-def _init_weights(model: nn.Module) -> None:
-    # torchvision's ResNet init: He-normal convs, BN as identity.
+def init_weights(model: nn.Module) -> None:
+    """torchvision's ResNet init, shared by the CIFAR models: He-normal convs, BN as identity."""
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")

@@ -14,6 +14,8 @@ from typing import List, Sequence, Union
 import torch
 from torch import nn
 
+from .cifar_resnet import init_weights
+
 __all__ = ["VGG16_CFG", "CifarVGG", "cifar_vgg16"]
 
 # Channel counts of the conv layers, "M" a 2x2 pool.
@@ -75,12 +77,7 @@ class CifarVGG(nn.Module):
             nn.Dropout(dropout),
             nn.Linear(hidden, num_classes),
         )
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_weights(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(self.features(x))
