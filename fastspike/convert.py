@@ -108,6 +108,24 @@ def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
     return f"{stem}_{i}"
 
 
+def _replace_with_module(gm: fx.GraphModule, node: fx.Node, stem: str, module: nn.Module) -> None:
+    """Replaces ``node`` by a call of ``module`` (registered under a fresh name) on its first input."""
+    name = _fresh_name(gm, stem)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Checks the edited graph, drops modules no node calls any more, regenerates forward."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
 def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
     if node.op == "call_module":
         return f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
@@ -162,16 +180,8 @@ def replace_activations(gm: fx.GraphModule, make_quantizer: Callable[[], nn.Modu
             )
         if not _is_relu(gm, node):
             continue
-        name = _fresh_name(gm, "quant")
-        gm.add_submodule(name, make_quantizer())
-        with gm.graph.inserting_after(node):
-            quant = gm.graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(quant)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+        _replace_with_module(gm, node, "quant", make_quantizer())
+    return _finish(gm)
 
 
 # ---------------------------------------------------------------------------
@@ -233,17 +243,9 @@ def move_max_pools(gm: fx.GraphModule, strict: bool = False) -> fx.GraphModule:
         warnings.warn(f"fastspike: max-pool node '{node.name}' does not follow a ReLU; it is replaced by "
                       "an average pool with the same window (pass strict=True to refuse instead)",
                       stacklevel=3)
-        name = _fresh_name(gm, "avgpool")
-        gm.add_submodule(name, _AVG_POOL_FOR[settings["dims"]](
+        _replace_with_module(gm, node, "avgpool", _AVG_POOL_FOR[settings["dims"]](
             settings["kernel_size"], settings["stride"], settings["padding"], settings["ceil_mode"]))
-        with gm.graph.inserting_after(node):
-            avg = gm.graph.call_module(name, (node.args[0],))
-        node.replace_all_uses_with(avg)
-        gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    return _finish(gm)
 
 
 def quantize(
@@ -381,10 +383,7 @@ def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
         setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
-    gm.graph.lint()
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return gm
+    return _finish(gm)
 
 
 NEURON_KINDS = {"if": (1, False), "signed": (1, True), "group": (None, False), "signed-group": (None, True)}
