@@ -19,8 +19,17 @@ Each pass does one thing and they are composed in two visible pipelines
 * :func:`fold_batch_norms`: eval-mode BatchNorm folds into the conv/linear
   before it;
 * :func:`insert_neurons`: quantizers become spiking neurons (threshold λ);
+* :func:`fuse_residual_adds` (``fuse_residual=True``): ``add -> neuron`` (a
+  ResNet residual join) becomes one neuron call taking both operands;
 * :func:`add_time_axis`: inputs are repeated over T in the merged [T·B, ...]
-  layout and outputs read out over T.
+  layout and outputs read out over T; with ``constant_input_once=True`` the
+  part before the first neurons runs once on [B, ...] and is repeated only
+  where it meets a time-varying value or reaches the output (the first
+  neurons read it as a time broadcast, never copied);
+* :func:`fold_spike_scales` (``compact_spikes=True``): a neuron whose every
+  consumer is a conv/linear (through average pools, dropout, flatten) emits
+  its signed spike counts and the spike scale θ/m moves into those layers'
+  input-channel weights.
 """
 
 from __future__ import annotations
@@ -38,6 +47,7 @@ from torch.utils import _pytree as pytree
 
 from .nn import SpikingNeuron
 from .quant import QuantReLU
+from .reference import MAX_COMPACT_GROUP
 
 __all__ = [
     "ConversionError",
@@ -49,6 +59,8 @@ __all__ = [
     "fold_batch_norms",
     "insert_neurons",
     "add_time_axis",
+    "fuse_residual_adds",
+    "fold_spike_scales",
     "RepeatOverTime",
     "ReadoutOverTime",
     "NEURON_KINDS",
@@ -426,6 +438,13 @@ def insert_neurons(gm: fx.GraphModule, time_steps: int, neuron: str = "if",
     return gm
 
 
+# Defaults of to_snn's optimisations: on only where measured to save time or
+# peak memory with unchanged outputs (README, "From a network to an SNN").
+FUSE_RESIDUAL_DEFAULT = True
+CONSTANT_INPUT_ONCE_DEFAULT = True
+COMPACT_SPIKES_DEFAULT = False
+
+
 class RepeatOverTime(nn.Module):
     """[B, ...] -> [T·B, ...]: the same analog input at every step (time-major)."""
 
@@ -461,20 +480,224 @@ class ReadoutOverTime(nn.Module):
         return pytree.tree_map(self._one, y)
 
 
-def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean") -> fx.GraphModule:
-    """Repeats every input over T (merged layout) and reads the outputs out over T."""
+def _is_neuron(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(_module(gm, node), SpikingNeuron)
+
+
+def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The module ``node`` calls is called from no other node (so per-site settings are safe)."""
+    return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
+
+
+def _placeholder_descendants(gm: fx.GraphModule) -> set:
+    """Nodes computed from the network's inputs (not parameters or constants)."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+# ---------------------------------------------------------------------------
+# Pass: residual join -> one neuron call with two operands
+
+_ADD_FUNCTIONS = {operator.add, torch.add}
+_INPLACE_ADD_FUNCTIONS = {operator.iadd}
+_ADD_METHODS = {"add"}
+_INPLACE_ADD_METHODS = {"add_"}
+
+
+def _tensor_add_operands(node: fx.Node) -> Optional[Tuple[fx.Node, fx.Node]]:
+    """(a, b) of a plain a + b (no alpha=, no out=) on two graph values."""
+    is_add = ((node.op == "call_function" and node.target in _ADD_FUNCTIONS | _INPLACE_ADD_FUNCTIONS)
+              or (node.op == "call_method" and node.target in _ADD_METHODS | _INPLACE_ADD_METHODS))
+    if not is_add or node.kwargs or len(node.args) != 2:
+        return None
+    a, b = node.args
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)):
+        return None
+    in_place = node.target in _INPLACE_ADD_FUNCTIONS or node.target in _INPLACE_ADD_METHODS
+    if in_place and len(a.users) != 1:
+        return None  # someone else reads the tensor the in-place add overwrites
+    return a, b
+
+
+def fuse_residual_adds(gm: fx.GraphModule) -> fx.GraphModule:
+    """Turns each ``neuron(a + b)`` whose sum has no other use, with a and b
+    both computed from the inputs, into ``neuron(a, b)``: the neuron op adds
+    the residual while charging (same rounding as torch's add), so the sum is
+    never written to memory. Operands that turn out at run time to broadcast
+    or to differ in dtype are added as before by the layer."""
+    dynamic = _placeholder_descendants(gm)
+    for node in list(gm.graph.nodes):
+        operands = _tensor_add_operands(node)
+        if operands is None or len(node.users) != 1 or not all(o in dynamic for o in operands):
+            continue
+        user = next(iter(node.users))
+        if not _is_neuron(gm, user) or user.args != (node,) or user.kwargs:
+            continue
+        user.args = operands
+        gm.graph.erase_node(node)
+    return _finish(gm)
+
+
+# ---------------------------------------------------------------------------
+# Pass: the time axis
+
+_SIZE_METHODS = {"size", "numel", "nelement"}
+
+
+def _reads_batch_size(node: fx.Node) -> bool:
+    """Nodes whose value depends on the number of rows of their input (B or T·B)."""
+    if node.op == "call_method":
+        return node.target in _SIZE_METHODS
+    return node.op == "call_function" and (
+        node.target is len or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"))
+
+
+def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
+                  constant_input_once: bool = False) -> fx.GraphModule:
+    """Repeats every input over T (merged layout) and reads the outputs out over T.
+
+    With ``constant_input_once``, the nodes computed from the inputs with no
+    neuron among their ancestors (the constant part) run once on [B, ...]:
+    a neuron reading such a value takes it as a time broadcast (never copied),
+    and the value is repeated over T only where it meets a time-varying one,
+    feeds a size query, or reaches the output (so the outputs are the same as
+    repeating the inputs)."""
     gm.add_submodule("repeat_over_time", RepeatOverTime(time_steps))
     gm.add_submodule("readout_over_time", ReadoutOverTime(time_steps, readout))
+    # constant: computed from the inputs, no neuron upstream, [B, ...];
+    # varying: [T·B, ...] (or a size read off such a tensor); anything else
+    # (parameters, literals) is used as it is.
+    constant, varying, repeated = set(), set(), {}
+
+    def repeat(value: fx.Node) -> fx.Node:
+        if value not in repeated:
+            with gm.graph.inserting_after(value):
+                repeated[value] = gm.graph.call_module("repeat_over_time", (value,))
+            varying.add(repeated[value])
+        return repeated[value]
+
+    def repeat_constant_inputs(node: fx.Node) -> None:
+        for value in node.all_input_nodes:
+            if value in constant:
+                node.replace_input_with(value, repeat(value))
+
     for node in list(gm.graph.nodes):
         if node.op == "placeholder":
-            with gm.graph.inserting_after(node):
-                repeated = gm.graph.call_module("repeat_over_time", (node,))
-            node.replace_all_uses_with(repeated, delete_user_cb=lambda user: user is not repeated)
+            if constant_input_once:
+                constant.add(node)
+            else:
+                rep = repeat(node)
+                node.replace_all_uses_with(rep, delete_user_cb=lambda user: user is not rep)
         elif node.op == "output":
+            if constant_input_once:
+                node.args = fx.node.map_arg(node.args, lambda v: repeat(v) if v in constant else v)
             with gm.graph.inserting_before(node):
                 read = gm.graph.call_module("readout_over_time", (node.args[0],))
             node.args = (read,)
+        elif not constant_input_once:
+            continue
+        elif _is_neuron(gm, node) and not node.kwargs and len(node.args) <= 2 and _called_once(gm, node):
+            layer = _module(gm, node)
+            layer.constant_input = node.args[0] in constant
+            layer.constant_residual = len(node.args) > 1 and node.args[1] in constant
+            varying.add(node)
+        elif (_is_neuron(gm, node) or any(v in varying for v in node.all_input_nodes)
+              or (_reads_batch_size(node) and any(v in constant for v in node.all_input_nodes))):
+            # Where a constant meets a time-varying value, or a size is read
+            # off it, it must have the T·B rows the unoptimised network had.
+            repeat_constant_inputs(node)
+            varying.add(node)
+        elif any(v in constant for v in node.all_input_nodes):
+            constant.add(node)
     gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ---------------------------------------------------------------------------
+# Pass: compact spikes, the spike scale folded into the consumers
+
+_SCALE_PASSTHROUGH_MODULES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+                              nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.Dropout, nn.Identity)
+
+
+def _flattens_channels(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """flatten(x, 1) in any spelling: [N, C, ...] -> [N, C·...], channel-major."""
+    m = _module(gm, node)
+    if isinstance(m, nn.Flatten):
+        return m.start_dim == 1 and m.end_dim == -1
+    if (node.op == "call_function" and node.target is torch.flatten) or (
+            node.op == "call_method" and node.target == "flatten"):
+        rest = list(node.args[1:]) + [node.kwargs.get(k) for k in ("start_dim", "end_dim") if k in node.kwargs]
+        return rest[:1] == [1] and rest[1:] in ([], [-1])
+    return False
+
+
+def _scale_consumers(gm: fx.GraphModule, node: fx.Node, flattened: bool = False) -> Optional[List[Tuple[nn.Module, bool]]]:
+    """The conv/linear layers that every use of ``node`` reaches through
+    linear, channel-preserving nodes (average pools, dropout, identity, one
+    flatten before a linear), as (layer, flattened); None if some use is
+    anything else."""
+    found: List[Tuple[nn.Module, bool]] = []
+    for user in node.users:
+        m = _module(gm, user)
+        if user.args[:1] != (node,) or (len(user.args) > 1 and not _flattens_channels(gm, user)):
+            return None
+        if isinstance(m, nn.Linear) or (isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not flattened
+                                        and m.groups == 1 and m.padding_mode == "zeros"):
+            if not _called_once(gm, user):
+                return None  # a layer called at several sites cannot take one site's scale
+            found.append((m, flattened))
+            continue
+        if isinstance(m, _SCALE_PASSTHROUGH_MODULES) and not user.kwargs and not flattened:
+            further = _scale_consumers(gm, user, flattened)
+        elif _flattens_channels(gm, user) and not flattened:
+            further = _scale_consumers(gm, user, True)
+        else:
+            return None
+        if further is None:
+            return None
+        found += further
+    return found or None
+
+
+def _per_input_scale(layer: nn.Module, scale: torch.Tensor, flattened: bool) -> Optional[torch.Tensor]:
+    """The scale of each input of ``layer`` (weight.shape[1] of them), or None
+    if the spike scale's shape does not map onto them."""
+    inputs = layer.weight.shape[1]
+    if scale.dim() == 0:
+        return scale.expand(inputs)
+    if scale.dim() == 1 and flattened and inputs % scale.numel() == 0:
+        return scale.repeat_interleave(inputs // scale.numel())  # flatten(1) is channel-major
+    if scale.dim() == 1 and scale.numel() == inputs:
+        return scale
+    return None
+
+
+def fold_spike_scales(gm: fx.GraphModule) -> fx.GraphModule:
+    """For each neuron whose every consumer is a conv/linear (see
+    :func:`_scale_consumers`), multiplies those layers' input-channel weights
+    by the spike scale u = θ/m and makes the neuron emit its signed counts
+    k⁺ − k⁻ (from the op's compact int8 output) instead of (k⁺ − k⁻)·u. Exact up
+    to float rounding (W·u·k instead of W·(k·u)); inference only."""
+    for node in gm.graph.nodes:
+        if not _is_neuron(gm, node) or not _called_once(gm, node):
+            continue
+        layer = _module(gm, node)
+        consumers = _scale_consumers(gm, node)
+        if not consumers or layer.group_size > MAX_COMPACT_GROUP:
+            continue
+        scales = [_per_input_scale(m, layer.spike_scale(), flat) for m, flat in consumers]
+        if any(scale is None for scale in scales):
+            continue
+        with torch.no_grad():
+            for (m, _), scale in zip(consumers, scales):
+                weight = m.weight
+                weight.mul_(scale.to(weight.dtype).view((1, -1) + (1,) * (weight.dim() - 2)))
+        layer.compact = True
     gm.recompile()
     return gm
 
@@ -487,6 +710,9 @@ def to_snn(
     group_size: Optional[int] = None,
     readout: str = "mean",
     leaf_modules: Sequence[Type[nn.Module]] = (),
+    fuse_residual: bool = FUSE_RESIDUAL_DEFAULT,
+    constant_input_once: bool = CONSTANT_INPUT_ONCE_DEFAULT,
+    compact_spikes: bool = COMPACT_SPIKES_DEFAULT,
     **neuron_kwargs,
 ) -> fx.GraphModule:
     """Converts a quantized network into a spiking one that runs all
@@ -499,8 +725,23 @@ def to_snn(
         neuron: "if", "signed" (Fast-SNN), "group" or "signed-group".
         group_size: m for the group kinds.
         readout: "mean" (default), "sum" or "sequence" ([T, B, ...]).
+        fuse_residual: emit one neuron call for each ``add -> activation``
+            (ResNet residual joins), so the sum is never stored
+            (:func:`fuse_residual_adds`). Same outputs, bit for bit.
+        constant_input_once: run everything before the first neurons once
+            on [B, ...] instead of on the T-fold repeated batch; the first
+            neurons read that current as a time broadcast. Same outputs, bit
+            for bit; gradients equal up to float rounding (sums over T are
+            taken in another order).
+        compact_spikes: neurons whose consumers are all conv/linear layers
+            emit int8 spike counts, with θ/m folded into those layers'
+            weights (:func:`fold_spike_scales`). Outputs equal up to float
+            rounding; inference only.
         neuron_kwargs: passed to each :class:`~fastspike.nn.SpikingNeuron`
             (e.g. grad="rate", init_fraction=...).
+
+    The defaults of the three options are what measured faster or smaller
+    here (see README, "From a network to an SNN").
 
     The input is the usual [B, ...] analog batch; the result is in eval mode.
     """
@@ -509,6 +750,10 @@ def to_snn(
     gm = trace(copy.deepcopy(qmodel), leaf_modules).eval()
     gm = fold_batch_norms(gm)
     gm = insert_neurons(gm, time_steps, neuron, group_size, **neuron_kwargs)
-    gm = add_time_axis(gm, time_steps, readout)
+    if fuse_residual:
+        gm = fuse_residual_adds(gm)
+    gm = add_time_axis(gm, time_steps, readout, constant_input_once)
+    if compact_spikes:
+        gm = fold_spike_scales(gm)
     gm.time_steps = time_steps
     return gm

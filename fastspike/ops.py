@@ -4,8 +4,14 @@ their autograd registration, plus the choice of backend.
 The operators (schemas in csrc/neuron/neuron.cpp) are
 
 ``fastspike::neuron_forward(x_seq, threshold, v_init, count_init, group_size,
-signed, init_fraction, neg_margin, grad_mode, surrogate, alpha)``
+signed, init_fraction, neg_margin, grad_mode, surrogate, alpha, residual=None,
+compact=False)``
     -> (spikes, v_final, count_final, membrane_seq, negative_open_seq, input_mean)
+
+    ``residual`` (x_seq's shape and dtype) charges the neurons with
+    x_seq + residual without storing the sum; ``compact`` returns the spikes as
+    int8 counts k⁺ − k⁻ (inference only). x_seq and residual may be time
+    broadcasts (stride 0 along dim 0), read at every step without a copy.
 
 ``fastspike::neuron_forward_out(..., Tensor(a!) spikes)`` -> (v_final, count_final)
 
@@ -27,13 +33,16 @@ from typing import Any, Dict, Iterator, Optional
 
 import torch
 
-from . import _backend
+from . import _backend, cupy_backend
 from .reference import (
     DEFAULT_ALPHA,
     NeuronResult,
     Threshold,
     accumulation_dtype,
+    check_compact,
+    check_like_x,
     check_neuron_args,
+    check_residual,
     check_state,
     neuron_reference,
     threshold_tensor,
@@ -49,7 +58,7 @@ def _empty(like: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return like.new_empty((0,), dtype=dtype)
 
 
-def _check_fake_inputs(x_seq, threshold, v_init, count_init) -> None:
+def _check_fake_inputs(x_seq, threshold, v_init, count_init, residual=None) -> None:
     """The device and state checks of the C++ wrappers, for the fake kernels
     (a tensor on another device than x_seq may route a call there)."""
     if threshold.device != x_seq.device:
@@ -58,6 +67,7 @@ def _check_fake_inputs(x_seq, threshold, v_init, count_init) -> None:
         )
     check_state(v_init, x_seq, accumulation_dtype(x_seq.dtype), "v_init")
     check_state(count_init, x_seq, torch.int32, "count_init")
+    check_residual(residual, x_seq)
 
 
 if _STATE.name == "extension":
@@ -65,14 +75,15 @@ if _STATE.name == "extension":
     @torch.library.register_fake("fastspike::neuron_forward")
     def _neuron_forward_fake(
         x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
-        grad_mode, surrogate, alpha,
+        grad_mode, surrogate, alpha, residual=None, compact=False,
     ):
-        _check_fake_inputs(x_seq, threshold, v_init, count_init)
+        _check_fake_inputs(x_seq, threshold, v_init, count_init, residual)
+        check_compact(compact, group_size, grad_mode)
         acc = accumulation_dtype(x_seq.dtype)
         state_shape = x_seq.shape[1:]
         surrogate_mode = grad_mode == "surrogate"
         return (
-            x_seq.new_empty(x_seq.shape),
+            x_seq.new_empty(x_seq.shape, dtype=torch.int8 if compact else x_seq.dtype),
             x_seq.new_empty(state_shape, dtype=acc),
             x_seq.new_empty(state_shape, dtype=torch.int32),
             x_seq.new_empty(x_seq.shape, dtype=acc) if surrogate_mode else _empty(x_seq, acc),
@@ -111,11 +122,13 @@ if _STATE.name == "extension":
 
     def _setup_context(ctx, inputs, output):
         (x_seq, threshold, v_init, _count_init, group_size, signed, _init_fraction, neg_margin,
-         grad_mode, surrogate, alpha) = inputs
+         grad_mode, surrogate, alpha) = inputs[:11]
         _spikes, _v, _count, membrane_seq, negative_open_seq, input_mean = output
         ctx.grad_mode = grad_mode
         ctx.params = (group_size, signed, neg_margin, surrogate, alpha)
         ctx.has_v_init = v_init is not None
+        ctx.has_residual = len(inputs) > 11 and inputs[11] is not None
+        ctx.num_inputs = len(inputs)
         ctx.save_for_backward(threshold, membrane_seq, negative_open_seq, input_mean)
 
     def _backward(ctx, grad_spikes, grad_v, _grad_count, _grad_mem, _grad_open, _grad_mean):
@@ -137,8 +150,11 @@ if _STATE.name == "extension":
             )
         else:
             grad_x = torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
-        return (grad_x, None, grad_v_init if ctx.has_v_init else None, None, None, None, None,
-                None, None, None, None)
+        # x_seq + residual is what charges the neurons: both get the same gradient
+        # (autograd sums it over T for an operand that was a time broadcast).
+        grads = (grad_x, None, grad_v_init if ctx.has_v_init else None, None, None, None, None,
+                 None, None, None, None, grad_x if ctx.has_residual else None, None)
+        return grads[:ctx.num_inputs]
 
     torch.library.register_autograd(
         "fastspike::neuron_forward", _backward, setup_context=_setup_context
@@ -149,9 +165,11 @@ def backend_info() -> Dict[str, Any]:
     """Which implementation runs the neuron operators, and why.
 
     Keys: ``backend`` ("extension" or "reference"), ``source`` ("prebuilt",
-    "jit" or None), ``reason``, ``library`` (path of the loaded library),
+    "jit", "library" (``FASTSPIKE_LIBRARY``) or None), ``reason``, ``library`` (path of the loaded library),
     ``cuda_kernels`` (the library has CUDA implementations),
-    ``cuda_available`` (torch sees a GPU), ``torch`` (version).
+    ``cuda_available`` (torch sees a GPU), ``cupy`` (whether the CuPy/NVRTC
+    kernels serve CUDA tensors, and why; see :mod:`fastspike.cupy_backend`),
+    ``torch`` (version).
     """
     return {
         "backend": _STATE.name,
@@ -160,6 +178,7 @@ def backend_info() -> Dict[str, Any]:
         "library": _STATE.library,
         "cuda_kernels": _backend.has_cuda_kernels(),
         "cuda_available": torch.cuda.is_available(),
+        "cupy": cupy_backend.status(),
         "torch": torch.__version__,
     }
 
@@ -168,13 +187,7 @@ def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None
     if needs_grad:
         raise ValueError("out= is for inference and does not record a backward; "
                          "call without out= or under torch.no_grad()")
-    if out.device != x_seq.device:
-        raise ValueError(f"spikes (the out= tensor) must be on x_seq's device {x_seq.device}, got {out.device}")
-    if out.dtype != x_seq.dtype:
-        raise TypeError(f"spikes (the out= tensor) must have x_seq's dtype {x_seq.dtype}, got {out.dtype}")
-    if out.shape != x_seq.shape:
-        raise ValueError(f"spikes (the out= tensor) must have x_seq's shape {list(x_seq.shape)}, "
-                         f"got {list(out.shape)}")
+    check_like_x(out, x_seq, "spikes (the out= tensor)")
     if not out.is_contiguous():
         raise ValueError("spikes (the out= tensor) must be contiguous")
 
@@ -199,12 +212,17 @@ def _use_reference(x_seq: torch.Tensor) -> bool:
     global _warned_cuda_fallback
     if _STATE.name != "extension" or _forced_reference:
         return True
+    # The same kernel source compiled at run time by CuPy/NVRTC serves the
+    # CUDA key when the library has no CUDA kernels (FASTSPIKE_CUPY=0: never).
+    if x_seq.is_cuda and cupy_backend.ensure_registered(_backend.has_cuda_kernels()):
+        return False
     if x_seq.is_cuda and not _backend.has_cuda_kernels():
         if not _warned_cuda_fallback:
             warnings.warn(
                 "fastspike: the operator library was built without CUDA kernels; CUDA tensors "
                 "run on the pure-PyTorch reference. Rebuild with nvcc available "
-                "(FASTSPIKE_FORCE_CUDA=1) for the fused kernels.",
+                "(FASTSPIKE_FORCE_CUDA=1) or install CuPy for the fused kernels "
+                f"(CuPy path: {cupy_backend.status()['reason']}).",
                 RuntimeWarning,
                 stacklevel=3,
             )
@@ -227,6 +245,8 @@ def neuron(
     surrogate: str = "sigmoid",
     alpha: Optional[float] = None,
     out: Optional[torch.Tensor] = None,
+    residual: Optional[torch.Tensor] = None,
+    compact: bool = False,
 ) -> NeuronResult:
     """Runs a layer of spiking neurons over all T time steps in one call.
 
@@ -254,25 +274,48 @@ def neuron(
         out: optional preallocated [T, ...] tensor (x_seq's dtype, contiguous)
             to receive the spikes, for inference loops that reuse buffers; may
             be x_seq itself. Not differentiable.
+        residual: optional second operand, x_seq's shape and dtype (strides
+            free): the neurons are charged with x_seq + residual, rounded in
+            x_seq's dtype exactly as ``neuron(x_seq + residual)`` would, but
+            the sum is never written to memory (the residual join of a ResNet
+            block). Both operands receive the same gradient.
+        compact: return the spikes as the int8 signed counts k⁺ − k⁻ per step
+            (1 byte instead of (k⁺ − k⁻)·u in x_seq's dtype; the consumer
+            applies u = θ/m). Inference only (no input may require grad);
+            group_size ≤ 127.
+
+    x_seq and residual may be time broadcasts, e.g.
+    ``x.unsqueeze(0).expand(T, *x.shape)`` for an input that is the same at
+    every step: they are read at every step with time stride 0 and never
+    copied T times; the gradient of such an operand sums over T.
 
     Returns:
-        NeuronResult(spikes [T, ...] in x_seq's dtype, v [...], count [...]).
+        NeuronResult(spikes [T, ...] in x_seq's dtype (int8 when compact),
+        v [...], count [...]).
     """
     alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
     check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
+    check_residual(residual, x_seq)
     threshold = threshold_tensor(threshold, x_seq)
     needs_grad = torch.is_grad_enabled() and (
-        x_seq.requires_grad or (v_init is not None and v_init.requires_grad)
+        x_seq.requires_grad
+        or (v_init is not None and v_init.requires_grad)
+        or (residual is not None and residual.requires_grad)
     )
     if needs_grad and grad == "none":
         raise ValueError("grad='none' was given but an input requires grad; use 'surrogate' or 'rate'")
+    check_compact(compact, group_size, grad if needs_grad else "none")
     if out is not None:
+        if residual is not None or compact:
+            raise ValueError("out= takes the plain spikes of x_seq only; call without out= to use "
+                             "residual= or compact=")
         _check_out(out, x_seq, needs_grad)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,
             neg_margin=neg_margin, v_init=v_init, count_init=count_init,
             grad=grad if needs_grad else "none", surrogate=surrogate, alpha=alpha,
+            residual=residual, compact=compact,
         )
         if out is not None:
             out.copy_(result.spikes)
@@ -286,6 +329,6 @@ def neuron(
         return NeuronResult(out, v, count)
     spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
         x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-        float(neg_margin), grad if needs_grad else "none", surrogate, alpha,
+        float(neg_margin), grad if needs_grad else "none", surrogate, alpha, residual, bool(compact),
     )
     return NeuronResult(spikes, v, count)

@@ -48,7 +48,7 @@ Threshold = Union[float, torch.Tensor]
 class NeuronResult(NamedTuple):
     """Output of a multi-step neuron call."""
 
-    spikes: torch.Tensor  #: [T, ...], x_seq's dtype: (k⁺ − k⁻)·u per step
+    spikes: torch.Tensor  #: [T, ...], x_seq's dtype: (k⁺ − k⁻)·u per step (int8 k⁺ − k⁻ if compact)
     v: torch.Tensor  #: [...], float32 (float64 for float64 input): final membrane
     count: torch.Tensor  #: [...], int32: final net spike count c
 
@@ -154,6 +154,41 @@ def check_state(state: Optional[torch.Tensor], x_seq: torch.Tensor, dtype: torch
         )
 
 
+# int8 holds the signed counts |k⁺ − k⁻| ≤ m only up to m = 127.
+MAX_COMPACT_GROUP = 127
+
+
+def check_like_x(tensor: torch.Tensor, x_seq: torch.Tensor, name: str) -> None:
+    """``tensor`` must have x_seq's device, dtype and shape (out=, residual=)."""
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
+    if tensor.device != x_seq.device:
+        raise ValueError(f"{name} must be on the same device as x_seq ({x_seq.device}), got {tensor.device}")
+    if tensor.dtype != x_seq.dtype:
+        raise TypeError(f"{name} must have x_seq's dtype {x_seq.dtype}, got {tensor.dtype}")
+    if tensor.shape != x_seq.shape:
+        raise ValueError(f"{name} must have x_seq's shape {list(x_seq.shape)}, got {list(tensor.shape)}")
+
+
+def check_residual(residual: Optional[torch.Tensor], x_seq: torch.Tensor) -> None:
+    """A residual operand must match x_seq exactly: it is added elementwise in
+    the kernel, with no broadcasting or type promotion."""
+    if residual is not None:
+        check_like_x(residual, x_seq, "residual")
+
+
+def check_compact(compact: bool, group_size: int, grad: str) -> None:
+    """Compact spikes are int8 counts without a gradient."""
+    if not compact:
+        return
+    if grad != "none":
+        raise ValueError("compact spikes (int8 counts) are for inference and have no gradient: "
+                         f"grad must be 'none' (or no input may require grad), got {grad!r}")
+    if group_size > MAX_COMPACT_GROUP:
+        raise ValueError(f"compact spikes are int8 counts |k| <= group_size, so group_size must be "
+                         f"<= {MAX_COMPACT_GROUP}, got {group_size}")
+
+
 def surrogate_derivative(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:
     """φ'(z) of the surrogate step, z in units of u."""
     if kind == "atan":
@@ -202,9 +237,11 @@ def _run(
     v_init: Optional[torch.Tensor],
     count_init: Optional[torch.Tensor],
     step,
+    compact: bool = False,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The time loop. `step(a, b, unit)` computes [a ≥ b] (with or without a
-    surrogate gradient). Returns spikes, v, count and the running sum of x."""
+    surrogate gradient). Returns spikes (int8 counts k⁺ − k⁻ when compact), v,
+    count and the running sum of x."""
     acc = accumulation_dtype(x_seq.dtype)
     state_shape = x_seq.shape[1:]
     unit = _unit(theta, group_size)
@@ -234,11 +271,12 @@ def _run(
             v = v + k_neg.detach() * unit
             count = count - k_neg.detach().to(torch.int32)
             k = k_pos - k_neg
-        spikes.append((k * unit).to(x_seq.dtype))
+        spikes.append(k.to(torch.int8) if compact else (k * unit).to(x_seq.dtype))
+    out_dtype = torch.int8 if compact else x_seq.dtype
     if spikes:
         spikes_seq = torch.stack(spikes)
     else:
-        spikes_seq = torch.empty_like(x_seq)
+        spikes_seq = torch.empty(x_seq.shape, dtype=out_dtype, device=x_seq.device)
     v = v.expand(state_shape).contiguous() if v.shape != state_shape else v
     return spikes_seq, v, count, total
 
@@ -287,12 +325,20 @@ def neuron_reference(
     grad: str = "surrogate",
     surrogate: str = "sigmoid",
     alpha: Optional[float] = None,
+    residual: Optional[torch.Tensor] = None,
+    compact: bool = False,
 ) -> NeuronResult:
     """Runs the generalised neuron over all T steps of ``x_seq`` [T, ...] with a
     Python loop over time. Same arguments and results as
-    :func:`fastspike.neuron`, which it defines."""
+    :func:`fastspike.neuron`, which it defines: ``residual`` means charging
+    with ``x_seq + residual`` (torch's add, so rounded in x_seq's dtype), and
+    ``compact`` returns the int8 counts k⁺ − k⁻ instead of (k⁺ − k⁻)·u."""
     alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
     check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
+    check_residual(residual, x_seq)
+    check_compact(compact, group_size, grad)
+    if residual is not None:
+        x_seq = x_seq + residual
     acc = accumulation_dtype(x_seq.dtype)
     theta = broadcast_threshold(threshold_tensor(threshold, x_seq), x_seq)
     check_state(v_init, x_seq, acc, "v_init")
@@ -302,7 +348,7 @@ def neuron_reference(
         return NeuronResult(*_RateNeuron.apply(*args))
     if grad == "none":
         with torch.no_grad():
-            spikes, v, count, _ = _run(*args, _plain_step)
+            spikes, v, count, _ = _run(*args, _plain_step, compact=compact)
     else:
         spikes, v, count, _ = _run(*args, _surrogate_step(surrogate, alpha))
     return NeuronResult(spikes, v, count)

@@ -72,6 +72,25 @@ void check_neuron_params(int64_t group_size, double neg_margin) {
               "neg_margin must be a finite number >= 0, got ", neg_margin);
 }
 
+// A time broadcast (stride 0 along dim 0, as from x.unsqueeze(0).expand(T, ...))
+// is kept as one contiguous step that the kernels read at every t; anything
+// else is made contiguous.
+at::Tensor time_stream(const at::Tensor& seq, bool& constant) {
+  constant = seq.dim() >= 1 && seq.size(0) > 1 && seq.stride(0) == 0;
+  return constant ? seq.select(0, 0).contiguous() : seq.contiguous();
+}
+
+void check_residual(const at::Tensor& residual, const at::Tensor& x_seq) {
+  check_same_device(residual, x_seq, "residual");
+  TORCH_CHECK(residual.scalar_type() == x_seq.scalar_type(), "residual must have x_seq's dtype ",
+              x_seq.scalar_type(), ", got ", residual.scalar_type());
+  TORCH_CHECK(residual.sizes() == x_seq.sizes(), "residual must have x_seq's shape ",
+              shape_str(x_seq.sizes()), " (no broadcasting), got ", shape_str(residual.sizes()));
+}
+
+// int8 holds |k⁺ − k⁻| ≤ m only up to m = 127.
+constexpr int64_t kMaxCompactGroup = 127;
+
 }  // namespace
 
 at::ScalarType accumulation_dtype(at::ScalarType dtype) {
@@ -125,7 +144,8 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& count_init, int64_t group_size,
                          bool is_signed, double init_fraction, double neg_margin,
-                         c10::string_view grad_mode, c10::string_view surrogate, double alpha) {
+                         c10::string_view grad_mode, c10::string_view surrogate, double alpha,
+                         const c10::optional<at::Tensor>& residual, bool compact) {
   (void)is_signed;
   TORCH_CHECK(is_supported_float(x_seq.scalar_type()),
               "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
@@ -142,8 +162,19 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
   plan.surrogate = parse_surrogate(surrogate, alpha);
   check_state(v_init, x_seq, plan.acc_dtype, "v_init");
   check_state(count_init, x_seq, at::kInt, "count_init");
+  if (residual.has_value()) check_residual(*residual, x_seq);
+  if (compact) {
+    TORCH_CHECK(plan.grad_mode == GradMode::kNone,
+                "compact spikes (int8 counts) are for inference and have no gradient: grad_mode "
+                "must be 'none', got '", std::string(grad_mode), "'");
+    TORCH_CHECK(group_size <= kMaxCompactGroup, "compact spikes are int8 counts |k| <= group_size, "
+                "so group_size must be <= ", kMaxCompactGroup, ", got ", group_size);
+  }
   plan.threshold = resolve_threshold(threshold, x_seq, plan.acc_dtype);
-  plan.x = x_seq.contiguous();
+  plan.x = time_stream(x_seq, plan.x_constant);
+  if (residual.has_value()) plan.residual = time_stream(*residual, plan.residual_constant);
+  plan.compact = compact;
+  plan.seq_sizes = x_seq.sizes().vec();
   if (v_init.has_value()) plan.v_init = v_init->contiguous();
   if (count_init.has_value()) plan.count_init = count_init->contiguous();
   plan.time_steps = x_seq.size(0);
@@ -165,17 +196,21 @@ void check_spikes_out(const at::Tensor& spikes_out, const at::Tensor& x_seq) {
 ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
                                         const c10::optional<at::Tensor>& spikes_out) {
   const at::Tensor& x = plan.x;
-  const auto state_sizes = x.sizes().slice(1);
+  const at::IntArrayRef seq_sizes(plan.seq_sizes);
+  const auto state_sizes = seq_sizes.slice(1);
   const auto acc_options = x.options().dtype(plan.acc_dtype);
   const auto nothing = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
   ForwardOutputs out;
-  out.spikes = spikes_out.has_value() ? *spikes_out : at::empty_like(x);
+  out.spikes = spikes_out.has_value()
+                   ? *spikes_out
+                   : at::empty(seq_sizes, x.options().dtype(plan.compact ? at::kChar
+                                                                         : x.scalar_type()));
   out.v_final = at::empty(state_sizes, acc_options);
   out.count_final = at::empty(state_sizes, x.options().dtype(at::kInt));
   const bool surrogate = plan.grad_mode == GradMode::kSurrogate;
-  out.membrane_seq = surrogate ? at::empty(x.sizes(), acc_options) : nothing(plan.acc_dtype);
+  out.membrane_seq = surrogate ? at::empty(seq_sizes, acc_options) : nothing(plan.acc_dtype);
   out.negative_open_seq =
-      surrogate && is_signed ? at::empty(x.sizes(), x.options().dtype(at::kBool)) : nothing(at::kBool);
+      surrogate && is_signed ? at::empty(seq_sizes, x.options().dtype(at::kBool)) : nothing(at::kBool);
   out.input_mean =
       plan.grad_mode == GradMode::kRate ? at::empty(state_sizes, acc_options) : nothing(plan.acc_dtype);
   return out;
@@ -239,11 +274,15 @@ TORCH_LIBRARY(fastspike, m) {
   // Runs all T steps of the generalised neuron (DESIGN §2) in one call.
   // Returns (spikes, v_final, count_final, membrane_seq, negative_open_seq,
   // input_mean); the last three are what the backward of grad_mode needs and
-  // are empty ([0]) otherwise.
+  // are empty ([0]) otherwise. residual (x_seq's shape and dtype): charge with
+  // x + residual, rounded as torch.add would, without storing the sum.
+  // compact: spikes are the int8 counts k⁺ − k⁻ (grad_mode 'none', m <= 127).
+  // x_seq and residual may be time broadcasts (stride 0 along dim 0).
   m.def(
       "neuron_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
       "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
-      "str surrogate, float alpha) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+      "str surrogate, float alpha, Tensor? residual=None, bool compact=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Inference form writing the spikes into a preallocated tensor (which may be
   // x_seq itself); returns (v_final, count_final).
   m.def(
@@ -263,7 +302,7 @@ TORCH_LIBRARY(fastspike, m) {
   m.def(
       "_emulate_cuda_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
       "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
-      "int blocks, int threads, int vector_width) "
+      "int blocks, int threads, int vector_width, Tensor? residual=None, bool compact=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "_emulate_cuda_backward_surrogate(Tensor grad_spikes, Tensor? grad_v_final, "

@@ -11,6 +11,7 @@
 #include <c10/util/string_view.h>
 
 #include <tuple>
+#include <vector>
 
 namespace fastspike {
 
@@ -23,7 +24,14 @@ struct ThresholdLayout {
 };
 
 struct ForwardPlan {
-  at::Tensor x;  // contiguous
+  // Contiguous [T, ...], or one contiguous step [...] when x_constant (x_seq
+  // was a time broadcast, stride 0 along dim 0: it is read T times, never copied).
+  at::Tensor x;
+  bool x_constant = false;
+  c10::optional<at::Tensor> residual;  // same layout rules as x
+  bool residual_constant = false;
+  bool compact = false;                // spikes are the int8 counts k⁺ − k⁻
+  std::vector<int64_t> seq_sizes;      // x_seq.sizes(): [T, ...]
   ThresholdLayout threshold;
   c10::optional<at::Tensor> v_init;      // contiguous, acc dtype
   c10::optional<at::Tensor> count_init;  // contiguous, int32
@@ -38,7 +46,7 @@ using ForwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
 struct ForwardOutputs {
-  at::Tensor spikes;             // [T, ...], x's dtype
+  at::Tensor spikes;             // [T, ...], x's dtype (int8 counts when compact)
   at::Tensor v_final;            // [...], acc dtype
   at::Tensor count_final;        // [...], int32
   at::Tensor membrane_seq;       // [T, ...] acc dtype when grad_mode is surrogate, else [0]
@@ -57,7 +65,9 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& count_init, int64_t group_size,
                          bool is_signed, double init_fraction, double neg_margin,
-                         c10::string_view grad_mode, c10::string_view surrogate, double alpha);
+                         c10::string_view grad_mode, c10::string_view surrogate, double alpha,
+                         const c10::optional<at::Tensor>& residual = c10::nullopt,
+                         bool compact = false);
 
 // spikes_out, when given, has been checked by check_spikes_out and is used as
 // the spike output instead of a fresh tensor.

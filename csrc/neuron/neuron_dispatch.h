@@ -54,14 +54,19 @@ inline int64_t blocks_for(int64_t work_items, int64_t threads, int64_t max_block
 }
 
 // The forward kernel loads kForwardVectorWidth neurons per access when every
-// row of x and spikes starts on such a boundary; otherwise one at a time.
-template <typename scalar_t>
-int forward_vector_width(int64_t neurons, const void* x, const void* spikes) {
+// row of x, residual and the spike output starts on such a boundary;
+// otherwise one at a time.
+template <typename scalar_t, typename acc_t>
+int forward_vector_width(const ForwardArgs<scalar_t, acc_t>& a) {
   constexpr int kWidth = kForwardVectorWidth;
+  const auto aligned = [](const void* p, uintptr_t align) {
+    return reinterpret_cast<uintptr_t>(p) % align == 0;  // nullptr counts as aligned
+  };
   constexpr uintptr_t kAlign = alignof(Pack<scalar_t, kWidth>);
-  const bool aligned = reinterpret_cast<uintptr_t>(x) % kAlign == 0 &&
-                       reinterpret_cast<uintptr_t>(spikes) % kAlign == 0;
-  return (neurons % kWidth == 0 && aligned) ? kWidth : 1;
+  const bool all_aligned = aligned(a.x, kAlign) && aligned(a.residual, kAlign) &&
+                           aligned(a.spikes, kAlign) &&
+                           aligned(a.spike_counts, alignof(Pack<int8_t, kWidth>));
+  return (a.neurons % kWidth == 0 && all_aligned) ? kWidth : 1;
 }
 
 template <typename T>
@@ -80,7 +85,11 @@ ForwardArgs<scalar_t, acc_t> make_forward_args(const ForwardPlan& plan, const Fo
                                                double neg_margin) {
   ForwardArgs<scalar_t, acc_t> a;
   a.x = plan.x.data_ptr<scalar_t>();
-  a.spikes = out.spikes.data_ptr<scalar_t>();
+  a.spikes = plan.compact ? nullptr : out.spikes.data_ptr<scalar_t>();
+  a.spike_counts = plan.compact ? out.spikes.data_ptr<int8_t>() : nullptr;
+  a.residual = data_or_null<scalar_t>(plan.residual);
+  a.x_constant = plan.x_constant;
+  a.residual_constant = plan.residual_constant;
   a.threshold = plan.threshold.values.data_ptr<acc_t>();
   a.threshold_inner = plan.threshold.inner;
   a.threshold_size = plan.threshold.size;
@@ -158,10 +167,11 @@ ForwardResult neuron_forward_op(const at::Tensor& x_seq, const at::Tensor& thres
                                 const c10::optional<at::Tensor>& count_init, int64_t group_size,
                                 bool is_signed, double init_fraction, double neg_margin,
                                 c10::string_view grad_mode, c10::string_view surrogate,
-                                double alpha) {
+                                double alpha, const c10::optional<at::Tensor>& residual,
+                                bool compact) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         is_signed, init_fraction, neg_margin, grad_mode,
-                                        surrogate, alpha);
+                                        surrogate, alpha, residual, compact);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, c10::nullopt);
   if (plan.neurons > 0) run(plan, out, group_size, is_signed, init_fraction, neg_margin);
   return out.as_tuple();

@@ -14,6 +14,8 @@
 // NVRTC has no <cstdint>: the widths nvcc uses on 64-bit Linux.
 typedef long long int64_t;
 typedef int int32_t;
+typedef signed char int8_t;
+typedef unsigned int uint32_t;
 #else
 #include <cmath>
 #include <cstdint>
@@ -164,25 +166,34 @@ FASTSPIKE_HD int negative_count(acc_t v, acc_t unit, acc_t neg_margin, int group
   int n = clamp_count(div_rn(sub_rn(-neg_margin, v), unit), m) + 1;
   n = n < m ? n : m;
   n += static_cast<int>((n < m) & (v <= negative_level(n + 1, unit, neg_margin)));
-  n -= static_cast<int>((n > 0) & (v > negative_level(n, unit, neg_margin)));
+  // !(v <= L) rather than v > L: a NaN membrane must end with no negative spikes.
+  n -= static_cast<int>((n > 0) & !(v <= negative_level(n, unit, neg_margin)));
   return n;
+}
+
+// a + b modulo 2^32: int32 overflow is undefined behaviour in C++, and a
+// count_init near 2^31 must not make the kernel's result depend on the compiler.
+FASTSPIKE_HD int32_t wrapping_add(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
 }
 
 // ---------------------------------------------------------------------------
 // One time step of the generalised neuron (DESIGN §2). `unit` is u = θ/m.
-// Updates (v, count) in place and returns k⁺ − k⁻. `charged` receives the
+// Updates (v, count) in place and returns k⁺ − k⁻ in acc_t (as the reference
+// computes it, so a count that wrapped around int32 gives no integer overflow;
+// the count itself wraps as torch's int32 arithmetic does). `charged` receives the
 // membrane after charging (what the surrogate backward needs) and
 // `negative_open` whether the negative-spike count was below the spike count
 // (the only case in which k⁻ depends on v).
 template <typename acc_t, bool kSigned, int kGroup>
-FASTSPIKE_HD int neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_size,
+FASTSPIKE_HD acc_t neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_size,
                              acc_t& v, int32_t& count, acc_t& charged,
                              bool& negative_open) {
   const acc_t h = add_rn(v, x);
   charged = h;
   const int k_pos = positive_count<acc_t, kGroup>(h, unit, group_size);
   acc_t v_new = sub_rn(h, mul_rn(acc_t(k_pos), unit));
-  int32_t c = count + k_pos;
+  int32_t c = wrapping_add(count, k_pos);
   int k_neg = 0;
   negative_open = false;
   if (kSigned) {
@@ -190,11 +201,11 @@ FASTSPIKE_HD int neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_si
     negative_open = n_neg < c;
     k_neg = negative_open ? n_neg : c;  // min(c, n⁻): never more than fired
     v_new = add_rn(v_new, mul_rn(acc_t(k_neg), unit));
-    c -= k_neg;
+    c = wrapping_add(c, -k_neg);
   }
   v = v_new;
   count = c;
-  return k_pos - k_neg;
+  return sub_rn(acc_t(k_pos), acc_t(k_neg));
 }
 
 // Derivative of the Heaviside step [z ≥ 0] used by the surrogate backward, in
@@ -261,6 +272,12 @@ struct ForwardArgs {
   int group_size;
   acc_t init_fraction;
   acc_t neg_margin;
+  // Zero (nullptr, false) means the plain forward, so a caller that fills the
+  // struct field by field only sets what it uses.
+  const scalar_t* residual;   // nullptr, or charge with x + residual rounded in scalar_t
+  int8_t* spike_counts;       // nullptr, or write k⁺ − k⁻ here instead of to spikes
+  bool x_constant;            // x is one step [N] read at every t (time stride 0)
+  bool residual_constant;     // likewise for residual
 };
 
 // kVec elements loaded or stored as one access on CUDA (float4 for float,
@@ -271,59 +288,125 @@ struct alignas(sizeof(T) * kVec < 16 ? sizeof(T) * kVec : 16) Pack {
   T val[kVec];
 };
 
+// The charging current: x, or x + residual rounded in x's dtype first, as
+// torch.add followed by the neuron would (the sum is never stored).
+template <typename scalar_t, typename acc_t, bool kResidual>
+FASTSPIKE_HD acc_t charge_current(scalar_t x, scalar_t r) {
+  if (!kResidual) return static_cast<acc_t>(x);
+  return static_cast<acc_t>(
+      static_cast<scalar_t>(add_rn(static_cast<acc_t>(x), static_cast<acc_t>(r))));
+}
+
 // One neuron, one time step: updates its state, records what the surrogate
 // backward needs when kRecord (the plan guarantees those outputs exist then),
-// and returns the spike output (k⁺ − k⁻)·u in the input's dtype.
+// and returns k⁺ − k⁻.
 template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, bool kRecord>
-FASTSPIKE_HD scalar_t forward_lane(scalar_t x, int64_t offset, const ForwardArgs<scalar_t, acc_t>& a,
-                                   int m, acc_t unit, acc_t& v, int32_t& count, acc_t& sum) {
-  const acc_t xv = static_cast<acc_t>(x);
+FASTSPIKE_HD acc_t forward_lane(acc_t xv, int64_t offset, const ForwardArgs<scalar_t, acc_t>& a,
+                              int m, acc_t unit, acc_t& v, int32_t& count, acc_t& sum) {
   acc_t charged;
   bool negative_open;
-  const int k =
+  const acc_t k =
       neuron_step<acc_t, kSigned, kGroup>(xv, unit, a.neg_margin, m, v, count, charged, negative_open);
   if (kRecord) {
     a.membrane_seq[offset] = charged;
     if (kSigned) a.negative_open_seq[offset] = negative_open;
   }
   sum = add_rn(sum, xv);
-  return static_cast<scalar_t>(mul_rn(acc_t(k), unit));
+  return k;
+}
+
+// The spike output (k⁺ − k⁻)·u in the input's dtype.
+template <typename scalar_t, typename acc_t>
+FASTSPIKE_HD scalar_t spike_value(acc_t k, acc_t unit) {
+  return static_cast<scalar_t>(mul_rn(k, unit));
+}
+
+// The int8 count k⁺ − k⁻. |k| ≤ m ≤ 127 for any state the ops produce; the
+// clamp only keeps a nonsensical count_init from an out-of-range conversion.
+template <typename acc_t>
+FASTSPIKE_HD int8_t spike_count(acc_t k) {
+  k = k < acc_t(127) ? k : acc_t(127);
+  k = k > acc_t(-127) ? k : acc_t(-127);
+  return static_cast<int8_t>(static_cast<int>(k));
 }
 
 // The T steps of kVec neurons starting at n0, state in the caller's arrays.
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec, bool kRecord>
+// kCompact writes the int8 counts k⁺ − k⁻ (|k| ≤ m ≤ 127, checked by the
+// host) instead of (k⁺ − k⁻)·u; kResidual adds the residual to x first.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec, bool kRecord,
+          bool kResidual, bool kCompact>
 FASTSPIKE_HD void forward_steps(int64_t n0, const ForwardArgs<scalar_t, acc_t>& a,
                                 const acc_t* unit, acc_t* v, int32_t* count, acc_t* sum) {
   const int m = kGroup > 0 ? kGroup : a.group_size;
+  // A constant input is read at time stride 0: never materialised T times.
+  const int64_t x_stride = a.x_constant ? 0 : a.neurons;
+  const int64_t r_stride = a.residual_constant ? 0 : a.neurons;
   for (int64_t t = 0; t < a.time_steps; ++t) {
     const int64_t offset = t * a.neurons + n0;
+    const int64_t x_offset = t * x_stride + n0;
+    const int64_t r_offset = t * r_stride + n0;
 #ifdef __CUDA_ARCH__
-    const Pack<scalar_t, kVec> x = *reinterpret_cast<const Pack<scalar_t, kVec>*>(a.x + offset);
-    Pack<scalar_t, kVec> s;
+    typedef Pack<scalar_t, kVec> ScalarPack;
+    const ScalarPack x = *reinterpret_cast<const ScalarPack*>(a.x + x_offset);
+    const ScalarPack r = kResidual ? *reinterpret_cast<const ScalarPack*>(a.residual + r_offset) : x;
+    acc_t k[kVec];
     for (int l = 0; l < kVec; ++l) {
-      s.val[l] = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(
-          x.val[l], offset + l, a, m, unit[l], v[l], count[l], sum[l]);
+      k[l] = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(
+          charge_current<scalar_t, acc_t, kResidual>(x.val[l], r.val[l]), offset + l, a, m,
+          unit[l], v[l], count[l], sum[l]);
     }
-    *reinterpret_cast<Pack<scalar_t, kVec>*>(a.spikes + offset) = s;
+    if (kCompact) {
+      Pack<int8_t, kVec> c;
+      for (int l = 0; l < kVec; ++l) c.val[l] = spike_count(k[l]);
+      *reinterpret_cast<Pack<int8_t, kVec>*>(a.spike_counts + offset) = c;
+    } else {
+      ScalarPack s;
+      for (int l = 0; l < kVec; ++l) s.val[l] = spike_value<scalar_t, acc_t>(k[l], unit[l]);
+      *reinterpret_cast<ScalarPack*>(a.spikes + offset) = s;
+    }
 #else
     // The lanes are independent neurons (spikes may alias x, but only lane by
     // lane), so the host compiler may use SIMD across them.
-    const scalar_t* x = a.x + offset;
+    const scalar_t* x = a.x + x_offset;
+    const scalar_t* r = kResidual ? a.residual + r_offset : x;
     scalar_t* s = a.spikes + offset;
+    int8_t* c = a.spike_counts + offset;
 #ifdef _OPENMP
 #pragma omp simd
 #endif
     for (int l = 0; l < kVec; ++l) {
-      s[l] = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(x[l], offset + l, a, m, unit[l],
-                                                                     v[l], count[l], sum[l]);
+      const acc_t k = forward_lane<scalar_t, acc_t, kSigned, kGroup, kRecord>(
+          charge_current<scalar_t, acc_t, kResidual>(x[l], r[l]), offset + l, a, m, unit[l], v[l],
+          count[l], sum[l]);
+      if (kCompact) {
+        c[l] = spike_count(k);
+      } else {
+        s[l] = spike_value<scalar_t, acc_t>(k, unit[l]);
+      }
     }
 #endif
   }
 }
 
+// Picks the residual variant once per element, so the lane loop has no branch.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec, bool kRecord,
+          bool kCompact>
+FASTSPIKE_HD void forward_steps_any_input(int64_t n0, const ForwardArgs<scalar_t, acc_t>& a,
+                                          const acc_t* unit, acc_t* v, int32_t* count,
+                                          acc_t* sum) {
+  if (a.residual) {
+    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, kRecord, true, kCompact>(n0, a, unit, v,
+                                                                                 count, sum);
+  } else {
+    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, kRecord, false, kCompact>(n0, a, unit, v,
+                                                                                  count, sum);
+  }
+}
+
 // Neurons [index·kVec, index·kVec + kVec) over all T steps. kVec > 1 needs
-// neurons % kVec == 0 and x/spikes aligned to kVec elements (the launcher
-// checks), so every row t·N + index·kVec is aligned too and there is no tail.
+// neurons % kVec == 0 and x/residual/spikes/counts aligned to kVec elements
+// (the launcher checks), so every row t·N + index·kVec is aligned too and
+// there is no tail.
 template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec>
 FASTSPIKE_HD void forward_element(int64_t index, const ForwardArgs<scalar_t, acc_t>& a) {
   const int64_t n0 = index * kVec;
@@ -337,11 +420,17 @@ FASTSPIKE_HD void forward_element(int64_t index, const ForwardArgs<scalar_t, acc
     count[l] = a.count_init ? a.count_init[n] : 0;
     sum[l] = 0;
   }
-  // Recording is decided once here, so the lane loop has no branch in it.
+  // Recording and the output form are decided once here, so the lane loop
+  // has no branch in it. Compact counts never record (inference only).
   if (a.membrane_seq) {
-    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, true>(n0, a, unit, v, count, sum);
+    forward_steps_any_input<scalar_t, acc_t, kSigned, kGroup, kVec, true, false>(n0, a, unit, v,
+                                                                               count, sum);
+  } else if (a.spike_counts) {
+    forward_steps_any_input<scalar_t, acc_t, kSigned, kGroup, kVec, false, true>(n0, a, unit, v,
+                                                                               count, sum);
   } else {
-    forward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, false>(n0, a, unit, v, count, sum);
+    forward_steps_any_input<scalar_t, acc_t, kSigned, kGroup, kVec, false, false>(n0, a, unit, v,
+                                                                                count, sum);
   }
   for (int l = 0; l < kVec; ++l) {
     const int64_t n = n0 + l;

@@ -30,10 +30,11 @@ ForwardResult emulate_cuda_forward(const at::Tensor& x_seq, const at::Tensor& th
                                    const c10::optional<at::Tensor>& count_init,
                                    int64_t group_size, bool is_signed, double init_fraction,
                                    double neg_margin, c10::string_view grad_mode, int64_t blocks,
-                                   int64_t threads, int64_t vector_width) {
+                                   int64_t threads, int64_t vector_width,
+                                   const c10::optional<at::Tensor>& residual, bool compact) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         is_signed, init_fraction, neg_margin, grad_mode,
-                                        "sigmoid", 1.0);
+                                        "sigmoid", 1.0, residual, compact);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, c10::nullopt);
   if (plan.neurons == 0) return out.as_tuple();
   FASTSPIKE_DISPATCH_FLOATS(plan.x.scalar_type(), "emulate_cuda_forward", [&] {
@@ -42,7 +43,7 @@ ForwardResult emulate_cuda_forward(const at::Tensor& x_seq, const at::Tensor& th
         make_forward_args<scalar_t, acc_t>(plan, out, group_size, init_fraction, neg_margin);
     const int width = vector_width > 0
                           ? static_cast<int>(vector_width)
-                          : forward_vector_width<scalar_t>(plan.neurons, args.x, args.spikes);
+                          : forward_vector_width(args);
     TORCH_CHECK(width == 1 || (width == kForwardVectorWidth && plan.neurons % width == 0),
                 "vector_width must be 0 (launcher's rule), 1, or ", kForwardVectorWidth,
                 " with neurons divisible by it; got ", vector_width, " for ", plan.neurons,

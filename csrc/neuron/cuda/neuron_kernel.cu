@@ -1,12 +1,14 @@
 // CUDA implementations of the neuron operators. One launch runs all T steps
 // of the forward (each thread keeps its neurons' membranes in registers) and
 // one launch runs the reverse-time pass of each backward. The kernels only
-// compute their grid-stride index: the per-element work is in neuron_math.h,
+// compute their grid-stride index (neuron_kernels.cuh, also compiled by NVRTC
+// for the CuPy path): the per-element work is in neuron_math.h,
 // shared with the CPU kernels and walked on the CPU by grid_emulation.cpp.
 //
 // Light headers only (DESIGN §4): torch/extension.h or ATen/cuda/CUDAContext.h
 // would make this file several times slower to compile.
 #include "../neuron_dispatch.h"
+#include "neuron_kernels.cuh"  // the __global__ kernels, shared with the CuPy/NVRTC path
 
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -16,33 +18,6 @@
 
 namespace fastspike {
 namespace {
-
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec>
-__global__ void neuron_forward_kernel(ForwardArgs<scalar_t, acc_t> args, int64_t work_items) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < work_items;
-       i += stride) {
-    forward_element<scalar_t, acc_t, kSigned, kGroup, kVec>(i, args);
-  }
-}
-
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup>
-__global__ void neuron_backward_surrogate_kernel(SurrogateBackwardArgs<scalar_t, acc_t> args) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       n < args.neurons; n += stride) {
-    surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup>(n, args);
-  }
-}
-
-template <typename scalar_t, typename acc_t>
-__global__ void neuron_backward_rate_kernel(RateBackwardArgs<scalar_t, acc_t> args) {
-  const int64_t stride = static_cast<int64_t>(blockDim.x) * gridDim.x;
-  for (int64_t n = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-       n < args.neurons; n += stride) {
-    rate_backward_element<scalar_t, acc_t>(n, args);
-  }
-}
 
 // Enough blocks to fill the device many times over; the grid-stride loops
 // take whatever is left beyond that.
@@ -62,7 +37,7 @@ void run_forward_cuda(const ForwardPlan& plan, const ForwardOutputs& out, int64_
     using acc_t = at::opmath_type<scalar_t>;
     const auto args =
         make_forward_args<scalar_t, acc_t>(plan, out, group_size, init_fraction, neg_margin);
-    const int width = forward_vector_width<scalar_t>(plan.neurons, args.x, args.spikes);
+    const int width = forward_vector_width(args);
     const int64_t work_items = plan.neurons / width;
     const int64_t blocks = blocks_for(work_items, kThreadsPerBlock, max_blocks);
     FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
