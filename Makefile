@@ -18,7 +18,7 @@ ifneq ($(wildcard $(CUDA_HOME)/bin/nvcc),)
   endif
 endif
 
-SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h') setup.py fastspike/_build.py
+SOURCES := $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.cuh' -o -name '*.h') setup.py fastspike/_build.py
 BUILD_STAMP := build/.extension-$(subst /,_,$(PYTHON)).stamp
 
 ifeq ($(PYTHON),$(VENV)/bin/python)
@@ -27,7 +27,7 @@ else
 ENV_STAMP :=
 endif
 
-.PHONY: all env build test demo bench clean
+.PHONY: all env build test demo bench sanitize clean
 
 all: build
 
@@ -52,6 +52,12 @@ test: build
 # (a few minutes on two cores); table, demo-results/demo.json and demo.png.
 demo: build
 	$(PYTHON) -m fastspike demo --out demo-results
+
+# The CPU operators built with AddressSanitizer + UBSan into build/sanitize/
+# (never fastspike/_C*.so) and the operator, converter, fuzz and hardening
+# tests run against them; `tools/sanitize.sh gpu` adds compute-sanitizer on a GPU box.
+sanitize: env
+	PYTHON=$(PYTHON) tools/sanitize.sh cpu
 
 bench: build
 	$(PYTHON) benchmarks/bench_neurons.py

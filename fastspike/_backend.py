@@ -8,6 +8,9 @@
 
 ``FASTSPIKE_BACKEND=reference`` skips 1 and 2 (to compare or to debug);
 ``FASTSPIKE_BACKEND=jit`` skips 1 (to test the JIT build).
+``FASTSPIKE_LIBRARY=/path/to/lib.so`` loads that operator library instead of 1
+and 2 (``torch.ops.load_library``), e.g. the AddressSanitizer build of
+``tools/sanitize.sh``; failing to load it is an error, not a silent fallback.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from . import _build
 @dataclass
 class BackendState:
     name: str  # "extension" or "reference"
-    source: Optional[str]  # "prebuilt", "jit" or None
+    source: Optional[str]  # "prebuilt", "jit", "library" (FASTSPIKE_LIBRARY) or None
     reason: str
     library: Optional[str] = None
     notes: Dict[str, str] = field(default_factory=dict)
@@ -40,6 +43,23 @@ def _load_prebuilt() -> BackendState:
     from . import _C  # noqa: F401  (loading registers the operators)
 
     return BackendState("extension", "prebuilt", "fastspike._C is installed", library=_C.__file__)
+
+
+def _load_library(path: str) -> BackendState:
+    """Loads an operator library named by FASTSPIKE_LIBRARY. An explicit request
+    that cannot be honoured raises: falling back to another library would make
+    e.g. a sanitizer run test the wrong code while looking clean."""
+    if not os.path.isfile(path):
+        raise ImportError(f"FASTSPIKE_LIBRARY must name an operator library file, got {path!r} (not found)")
+    try:
+        torch.ops.load_library(path)
+    except OSError as err:
+        raise ImportError(f"FASTSPIKE_LIBRARY={path!r} could not be loaded: {err}") from err
+    if not _has_ops():
+        raise ImportError(f"FASTSPIKE_LIBRARY={path!r} loaded but registered no fastspike operators")
+    return BackendState(
+        "extension", "library", "FASTSPIKE_LIBRARY names it", library=os.path.abspath(path)
+    )
 
 
 def _jit_wants_cuda() -> bool:
@@ -79,6 +99,8 @@ def load() -> BackendState:
     choice = os.environ.get("FASTSPIKE_BACKEND", "")
     if choice == "reference":
         return BackendState("reference", None, "FASTSPIKE_BACKEND=reference")
+    if os.environ.get("FASTSPIKE_LIBRARY"):
+        return _load_library(os.environ["FASTSPIKE_LIBRARY"])
     failures = []
     if choice == "jit":
         failures.append("prebuilt fastspike._C skipped (FASTSPIKE_BACKEND=jit)")

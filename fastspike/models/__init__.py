@@ -11,7 +11,7 @@ Plain PyTorch modules with ``nn.ReLU`` activations, traceable by
     net = get_model("small_deeplab", num_classes=4, width=8)    # segmentation
 
 Nothing is downloaded: pretrained weights are loaded from a local file with
-``net.load_state_dict(torch.load(path))``.
+``net.load_state_dict(torch.load(path, weights_only=True))``.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def get_model(name: str, num_classes: int = 10, **kwargs: Any) -> nn.Module:
         raise ValueError(
             f"get_model({name!r}): {key}={kwargs[key]!r} is not supported; fastspike never downloads "
             "weights. Build the model without them and load pretrained weights from a local file: "
-            "model = get_model(name, num_classes); model.load_state_dict(torch.load(path))."
+            "model = get_model(name, num_classes); model.load_state_dict(torch.load(path, weights_only=True))."
         )
     kwargs.pop("weights", None)
     kwargs.pop("pretrained", None)
