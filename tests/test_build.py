@@ -61,24 +61,32 @@ def load_nvrtc():
     return ctypes.CDLL(libs[0])
 
 
-def nvrtc_compile(source: str, options):
+def nvrtc_compile(source: str, options, name_expressions=()):
+    """Compiles with NVRTC (as CuPy's RawModule does, with name expressions for
+    template instantiations); returns (status, log, PTX, lowered names)."""
     nvrtc = load_nvrtc()
     prog = ctypes.c_void_p()
     assert nvrtc.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), b"neuron.cu", 0, None, None) == 0
+    for name in name_expressions:
+        assert nvrtc.nvrtcAddNameExpression(prog, name.encode()) == 0
     opts = (ctypes.c_char_p * len(options))(*[o.encode() for o in options])
     status = nvrtc.nvrtcCompileProgram(prog, len(options), opts)
     size = ctypes.c_size_t()
     nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
     log = ctypes.create_string_buffer(size.value)
     nvrtc.nvrtcGetProgramLog(prog, log)
-    ptx = b""
+    ptx, lowered = "", {}
     if status == 0:
         nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
         buf = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetPTX(prog, buf)
-        ptx = buf.value
+        ptx = buf.value.decode()
+        for name in name_expressions:
+            out = ctypes.c_char_p()
+            assert nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0
+            lowered[name] = out.value.decode()
     nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
-    return status, log.value.decode(), ptx.decode()
+    return status, log.value.decode(), ptx, lowered
 
 
 FORWARD_KERNELS = r'''
@@ -111,7 +119,7 @@ extern "C" __global__ void rate_f32(fastspike::RateBackwardArgs<float, float> a)
 def test_kernel_source_compiles_under_nvrtc():
     header = open(os.path.join(ROOT, "csrc", "neuron", "neuron_math.h")).read()
     include = os.path.join(CUDA_HOME, "include")
-    status, log, ptx = nvrtc_compile(header + FORWARD_KERNELS + BACKWARD_KERNELS,
+    status, log, ptx, _ = nvrtc_compile(header + FORWARD_KERNELS + BACKWARD_KERNELS,
                                      ["-arch=compute_90", f"-I{include}", "--fmad=false"])
     assert status == 0, log
     for name in ("forward_f32_signed_group", "forward_f16_signed", "backward_f32", "rate_f32"):
@@ -123,7 +131,7 @@ def test_forward_math_is_never_contracted_into_fma():
     keep v − k⁺·u a separate multiply and subtract (DESIGN §2)."""
     header = open(os.path.join(ROOT, "csrc", "neuron", "neuron_math.h")).read()
     include = os.path.join(CUDA_HOME, "include")
-    status, log, ptx = nvrtc_compile(header + FORWARD_KERNELS, ["-arch=compute_90", f"-I{include}", "--fmad=true"])
+    status, log, ptx, _ = nvrtc_compile(header + FORWARD_KERNELS, ["-arch=compute_90", f"-I{include}", "--fmad=true"])
     assert status == 0, log
     assert "mul.rn.f32" in ptx and "sub.rn.f32" in ptx
     assert "fma.rn.f32" not in ptx and "fma.rn.f64" not in ptx
