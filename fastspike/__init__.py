@@ -13,15 +13,18 @@ in use. The converter turns a ReLU network into a spiking one::
 """
 
 from .convert import ConversionError, calibrate, quantize, to_snn
-from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuron
+from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuron, record_spike_trains
 from .ops import NeuronResult, backend_info, neuron, use_reference
 from .quant import QuantReLU
 from .reference import neuron_reference
+from .train import TrainConfig, train_model
+from .finetune import finetune_layerwise, train_snn, write_back
 
 __version__ = "0.1.0"
 
 __all__ = [
     "neuron", "neuron_reference", "backend_info", "NeuronResult", "use_reference",
     "QuantReLU", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
-    "quantize", "calibrate", "to_snn", "ConversionError", "__version__",
+    "quantize", "calibrate", "to_snn", "ConversionError", "record_spike_trains", "__version__",
+    "TrainConfig", "train_model", "finetune_layerwise", "train_snn", "write_back",
 ]

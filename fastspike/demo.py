@@ -29,6 +29,7 @@ from tqdm import tqdm
 from .checkpoint import make_checkpoint, save_checkpoint
 from .convert import calibrate, quantize, to_snn
 from .ops import backend_info, use_reference
+from .train import TrainConfig, train_model
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -64,23 +65,13 @@ class DemoConfig:
 # Training and timing
 
 
-def _fit(model: nn.Module, loader: DataLoader, loss_fn: Callable[[Any, Any], torch.Tensor],
-         epochs: int, lr: float, desc: str, device: torch.device) -> None:
-    """Adam with a cosine schedule; one progress bar over all steps."""
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, epochs * len(loader)))
-    model.train()
-    with tqdm(total=epochs * len(loader), desc=desc, leave=False, mininterval=1.0) as bar:
-        for _ in range(epochs):
-            for x, y in loader:
-                loss = loss_fn(model(x.to(device)), y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update()
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
+def _fit(model: nn.Module, task: "_Task", cfg: DemoConfig, epochs: int, lr: float, desc: str,
+         device: torch.device) -> None:
+    """Adam with a cosine schedule over all steps, in float32 as the demo always trained
+    (fastspike.train.train_model, one progress bar)."""
+    config = TrainConfig(epochs=epochs, batch_size=cfg.batch_size, optimizer="adam", lr=lr, weight_decay=0.0,
+                         seed=cfg.seed, amp=False)
+    train_model(model, task.train_set, config, loss_fn=task.loss, collate_fn=task.collate, device=device, desc=desc)
 
 
 @torch.no_grad()
@@ -131,12 +122,12 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
     from .models import get_model
 
     ann = get_model(task.model_name, task.num_classes, **task.model_kwargs).to(device)
-    _fit(ann, train, task.loss, task.epochs, task.lr, f"{task.name}: ANN", device)
+    _fit(ann, task, cfg, task.epochs, task.lr, f"{task.name}: ANN", device)
     row("ANN", None, ann)
 
     qnet = quantize(ann, levels=cfg.levels)
     calibrate(qnet, train, percentile=99.9, max_batches=8, device=device)
-    _fit(qnet, train, task.loss, task.finetune_epochs, task.lr / 10, f"{task.name}: quantized ANN", device)
+    _fit(qnet, task, cfg, task.finetune_epochs, task.lr / 10, f"{task.name}: quantized ANN", device)
     row(f"quantized ANN (L={cfg.levels})", None, qnet)
     ckpt = make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", qnet, task.model_kwargs)
     save_checkpoint(ckpt, os.path.join(out_dir, f"{task.name}.pt"))

@@ -1,0 +1,380 @@
+"""Tuning a converted SNN: Fast-SNN's layer-wise fine-tuning and end-to-end surrogate training.
+
+    snn = fastspike.to_snn(qnet, time_steps=2, neuron="signed")
+    report = finetune_layerwise(snn, qnet, train_set, val_set=val_set)   # layer by layer, in place
+    write_back(snn, qnet)               # to_snn(qnet, 2, "signed") now rebuilds the tuned SNN
+    train_snn(snn, train_set, TrainConfig(epochs=5, optimizer="adamw", lr=1e-3))  # BPTT, optional
+
+**Layer-wise fine-tuning** (Hu et al., Fast-SNN, TPAMI 2023). With T below the number of levels
+the spiking layers no longer reproduce the quantized ANN exactly and the error grows with depth.
+For each spiking layer k in order, the SNN's time-averaged output of layer k is pulled towards
+the quantized ANN's output of the same layer (quantizer k: the converter gives neuron k the
+quantizer's module name) on the same input, with an MSE loss. Only the weights feeding layer k
+(the convs/linears between the previous spiking layers and it, BatchNorm already folded into
+them) are trained; thresholds are buffers and stay. The neurons run with ``grad="rate"`` (DESIGN
+§2): the forward value is the SNN's, the gradient the one of the layer's quantized-ANN twin on the
+mean input (straight through). After the layer's epochs a metric decides: the update is kept
+only if the metric did not get worse (``force=True`` keeps it anyway). Everything runs on the
+fused kernels.
+
+**Surrogate-gradient training** (:func:`train_snn`): the whole SNN through the fused BPTT
+backward (``grad="surrogate"``), with the loop of :func:`fastspike.train.train_model`
+(checkpoints, resume, DDP, mixed precision).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from tqdm import tqdm
+
+from .convert import RepeatOverTime, trace
+from .nn import SpikingNeuron
+from .train import (TrainConfig, _to_device, classification_accuracy, make_loader, make_optimizer,
+                    make_schedule, train_model)
+
+__all__ = ["finetune_layerwise", "spiking_layers", "feeding_parameters", "layer_loss", "write_back",
+           "train_snn", "neuron_grad", "train_only", "FINETUNE_DEFAULTS"]
+
+#: Recipe of the layer-wise fine-tuning unless a config is given: one epoch of Adam per layer.
+FINETUNE_DEFAULTS = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
+
+
+class _Stop(Exception):
+    """Raised by a forward hook to end a forward pass once the wanted layer has run."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+
+def _output_of(model: nn.Module, name: str, x: Any) -> torch.Tensor:
+    """The output of submodule ``name`` when ``model`` runs on ``x``; the layers after it do not run."""
+    def hook(_module, _inputs, output):
+        raise _Stop(output)
+
+    handle = model.get_submodule(name).register_forward_hook(hook)
+    try:
+        model(x)
+    except _Stop as stop:
+        return stop.output
+    finally:
+        handle.remove()
+    raise RuntimeError(f"layer {name!r} did not run in the forward pass")
+
+
+def _graph_module(model: nn.Module) -> fx.GraphModule:
+    if not isinstance(model, fx.GraphModule):
+        raise TypeError(f"expected a converted SNN (the fx.GraphModule of fastspike.to_snn), "
+                        f"got {type(model).__name__}")
+    return model
+
+
+def spiking_layers(snn: nn.Module) -> List[str]:
+    """Names of the SNN's spiking layers in the order the forward pass runs them."""
+    gm = _graph_module(snn)
+    return [n.target for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), SpikingNeuron)]
+
+
+def feeding_parameters(snn: nn.Module, name: str) -> Dict[str, nn.Parameter]:
+    """The parameters between the previous spiking layers (or the input) and spiking layer
+    ``name``: the weights (and folded BN biases) that compute its input current."""
+    gm = _graph_module(snn)
+    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+    if not nodes or not isinstance(gm.get_submodule(name), SpikingNeuron):
+        raise ValueError(f"layer must name a spiking layer of the SNN ({spiking_layers(gm)}), got {name!r}")
+    found: Dict[str, nn.Parameter] = {}
+    stack, seen = list(nodes[0].all_input_nodes), set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, (SpikingNeuron, RepeatOverTime)):
+                continue  # an earlier layer, or the analog input: stop here
+            for pname, p in module.named_parameters():
+                found[f"{node.target}.{pname}"] = p
+        elif node.op == "get_attr":
+            value = gm.get_parameter(node.target) if isinstance(_attr(gm, node.target), nn.Parameter) else None
+            if value is not None:
+                found[node.target] = value
+        stack.extend(node.all_input_nodes)
+    return found
+
+
+def _attr(gm: nn.Module, target: str) -> Any:
+    owner, _, attr = target.rpartition(".")
+    return getattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+@contextmanager
+def neuron_grad(model: nn.Module, mode: str, surrogate: Optional[str] = None,
+                alpha: Optional[float] = None) -> Iterator[nn.Module]:
+    """Within the block every spiking layer of ``model`` uses gradient ``mode`` ("rate" or
+    "surrogate", and the given surrogate shape/sharpness); the previous settings come back after."""
+    if mode not in ("rate", "surrogate"):
+        raise ValueError(f"mode must be 'rate' or 'surrogate', got {mode!r}")
+    layers = [m for m in model.modules() if isinstance(m, SpikingNeuron)]
+    saved = [(m.grad, m.surrogate, m.alpha) for m in layers]
+    for m in layers:
+        m.grad = mode
+        if surrogate is not None:
+            m.surrogate, m.alpha = surrogate, alpha
+    try:
+        yield model
+    finally:
+        for m, (grad, surr, alpha_) in zip(layers, saved):
+            m.grad, m.surrogate, m.alpha = grad, surr, alpha_
+
+
+def layer_loss(snn: nn.Module, qnet: nn.Module, name: str, x: Any) -> torch.Tensor:
+    """MSE between the SNN's time-averaged output of spiking layer ``name`` and the quantized
+    ANN's output of the quantizer of the same name, both on input ``x`` (the ANN in eval mode,
+    without gradient). The SNN's neurons keep their own ``grad`` setting; fine-tuning runs this
+    under ``neuron_grad(snn, "rate")``."""
+    layer = snn.get_submodule(name)
+    with torch.no_grad():
+        was_training = qnet.training
+        target = _output_of(qnet.eval(), name, x)
+        qnet.train(was_training)
+    merged = _output_of(snn, name, x)
+    steps = layer.time_steps
+    mean = merged.view((steps, merged.shape[0] // steps) + tuple(merged.shape[1:])).mean(0)
+    return F.mse_loss(mean.float(), target.float())
+
+
+@contextmanager
+def train_only(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[None]:
+    """Freezes every parameter but ``params`` (so backward stops at the layer's input)."""
+    keep = {id(p) for p in params}
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    for p, _ in saved:
+        p.requires_grad_(id(p) in keep)
+    try:
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def _first_input(batch: Any) -> Any:
+    return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+@torch.no_grad()
+def _mean_layer_loss(snn, qnet, name, loader, device, max_batches) -> float:
+    total, batches = 0.0, 0
+    for batch in loader:
+        if max_batches is not None and batches >= max_batches:
+            break
+        total += layer_loss(snn, qnet, name, _to_device(_first_input(batch), device)).item()
+        batches += 1
+    return total / max(1, batches)
+
+
+def finetune_layerwise(
+    snn: nn.Module,
+    qnet: nn.Module,
+    train_set,
+    config: Optional[TrainConfig] = None,
+    *,
+    val_set=None,
+    metric: Optional[Callable[[nn.Module], float]] = None,
+    force: bool = False,
+    layers: Optional[Sequence[str]] = None,
+    collate_fn: Optional[Callable] = None,
+    max_batches: Optional[int] = None,
+    device: Optional[torch.device] = None,
+    progress: bool = True,
+) -> List[Dict[str, Any]]:
+    """Fast-SNN layer-wise fine-tuning of ``snn`` (in place) towards its quantized ANN ``qnet``.
+
+    Args:
+        snn: the output of :func:`fastspike.to_snn` (``readout`` any); modified in place.
+        qnet: the quantized ANN it was converted from (not modified).
+        train_set: Dataset of (input, target) pairs (targets unused); batched in a seeded order.
+        config: optimizer, lr, weight decay, schedule, epochs per layer and batch size
+            (:data:`FINETUNE_DEFAULTS` if None; ``label_smoothing``/``amp`` unused).
+        val_set: classification Dataset; the default metric is the SNN's accuracy on it.
+        metric: ``metric(snn) -> float``, higher is better (e.g. mAP or mIoU for detectors and
+            segmenters); takes precedence over ``val_set``. Without either, a layer's update is
+            judged by its own loss on the training batches (lower is better).
+        force: keep every layer's update whatever the metric says.
+        layers: names of the spiking layers to tune (default all, in forward order).
+        collate_fn: for the loader (e.g. :func:`fastspike.data.collate_scenes`).
+        max_batches: batches per epoch (and for the loss-based judgement); default all.
+        device: default the SNN's device.
+        progress: a tqdm bar per layer.
+
+    Returns:
+        one dict per tuned layer: ``layer``, ``parameters`` (count), ``loss_first_epoch`` and
+        ``loss_last_epoch`` (mean layer MSE over the batches of the first and last epoch),
+        ``metric_before``, ``metric_after`` (after the update, before any revert) and ``kept``.
+    """
+    config = config or FINETUNE_DEFAULTS
+    config.validate()
+    order = spiking_layers(snn)
+    if any(getattr(snn.get_submodule(name), "compact", False) for name in order):
+        raise ValueError("snn emits compact spike counts (to_snn(compact_spikes=True)), whose scale is folded "
+                         "into the next weights; fine-tune an SNN converted without compact_spikes")
+    if layers is None:
+        layers = order
+    unknown = [name for name in layers if name not in order]
+    if unknown:
+        raise ValueError(f"layers must name spiking layers of the SNN ({order}), got {unknown}")
+    if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
+                                    or max_batches < 1):
+        raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
+    if metric is not None and not callable(metric):
+        raise TypeError(f"metric must be a callable metric(snn) -> float, got {type(metric).__name__}")
+    device = torch.device(device) if device is not None else next(snn.parameters()).device
+    snn.to(device).eval()  # BN folded, dropout off: the network that will be deployed
+    qnet.to(device).eval()
+    loader, sampler = make_loader(train_set, config, collate_fn=collate_fn)
+    steps_per_epoch = len(loader) if max_batches is None else min(len(loader), max_batches)
+
+    def score(name: str) -> float:
+        if metric is not None:
+            return float(metric(snn))
+        if val_set is not None:
+            return classification_accuracy(snn, val_set, device=device)
+        return -_mean_layer_loss(snn, qnet, name, loader, device, max_batches)
+
+    global_metric = metric is not None or val_set is not None
+    current = score(layers[0]) if global_metric else None
+    report: List[Dict[str, Any]] = []
+    for name in [n for n in order if n in layers]:
+        params = feeding_parameters(snn, name)
+        if not params:
+            continue  # e.g. a neuron right after a pool of an earlier neuron: nothing to tune
+        before = current if global_metric else score(name)
+        snapshot = {k: p.detach().clone() for k, p in params.items()}
+        optimizer = make_optimizer(params.values(), config)
+        schedule = make_schedule(optimizer, config, config.epochs * steps_per_epoch)
+        with neuron_grad(snn, "rate"), train_only(snn, list(params.values())), \
+                tqdm(total=config.epochs * steps_per_epoch, desc=f"fine-tune {name}", leave=False,
+                     disable=not progress) as bar:
+            epoch_losses = []
+            for epoch in range(config.epochs):
+                sampler.set_epoch(epoch)
+                losses = []
+                for step, batch in enumerate(loader):
+                    if step >= steps_per_epoch:
+                        break
+                    loss = layer_loss(snn, qnet, name, _to_device(_first_input(batch), device))
+                    optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizer.step()
+                    schedule.step()
+                    losses.append(loss.item())
+                    bar.update()
+                    bar.set_postfix(mse=f"{loss.item():.4g}")
+                epoch_losses.append(sum(losses) / len(losses))
+        after = score(name)
+        kept = force or after >= before
+        if not kept:
+            with torch.no_grad():
+                for k, p in params.items():
+                    p.copy_(snapshot[k])
+        if global_metric:
+            current = after if kept else before
+        report.append({"layer": name, "parameters": sum(p.numel() for p in params.values()),
+                       "loss_first_epoch": epoch_losses[0], "loss_last_epoch": epoch_losses[-1],
+                       "metric_before": before, "metric_after": after, "kept": kept})
+    return report
+
+
+# ---------------------------------------------------------------------------
+# Saving a tuned SNN as a quantized ANN
+
+
+def _unit_variance(eps: float, like: torch.Tensor) -> torch.Tensor:
+    """A running variance v with v + eps == 1 exactly in ``like``'s dtype, so that a folded
+    BatchNorm scales by rsqrt(1) = 1 exactly."""
+    v = torch.tensor(1.0 - eps, dtype=like.dtype)
+    one = torch.tensor(1.0, dtype=like.dtype)
+    for _ in range(16):
+        total = v + eps
+        if total == one:
+            return v
+        v = torch.nextafter(v, v - 1 if total > one else v + 1)
+    raise ValueError(f"no float {like.dtype} variance gives var + eps == 1 for eps={eps}")
+
+
+@torch.no_grad()
+def write_back(snn: nn.Module, qnet: nn.Module) -> nn.Module:
+    """Copies the weights of a tuned SNN into the quantized ANN it came from, so that
+    ``to_snn(qnet, ...)`` (and so a checkpoint of ``qnet``) rebuilds exactly the tuned SNN.
+
+    A BatchNorm that :func:`fastspike.to_snn` folded into the conv/linear before it is set to
+    an exact identity in eval mode (mean 0, variance with var + eps == 1, scale 1) with the
+    folded bias as its shift, and the conv takes the folded weight: folding again reproduces
+    the SNN's weights bit for bit. (The BN's statistics are thereby replaced: retraining ``qnet``
+    in train mode afterwards starts its BN statistics from this identity.) Other parameters and
+    buffers are copied by name. Returns ``qnet``.
+    """
+    snn_modules = dict(_graph_module(snn).named_modules())
+    qgm = trace(qnet)
+    folded = set()
+    for node in qgm.graph.nodes:
+        if node.op != "call_module":
+            continue
+        bn = qgm.get_submodule(node.target)
+        if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or node.target in snn_modules:
+            continue
+        source = node.args[0]
+        if not (isinstance(source, fx.Node) and source.op == "call_module" and source.target in snn_modules):
+            raise ValueError(f"BatchNorm {node.target!r} of qnet is not in the SNN and does not follow a "
+                             "layer of it: the SNN was not converted from this qnet")
+        layer, fused = qgm.get_submodule(source.target), snn_modules[source.target]
+        layer.weight.copy_(fused.weight)
+        bn.running_mean.zero_()
+        bn.running_var.copy_(_unit_variance(bn.eps, bn.running_var).expand_as(bn.running_var))
+        if bn.affine:
+            bn.weight.fill_(1.0)
+            bn.bias.copy_(fused.bias)
+            if layer.bias is not None:
+                layer.bias.zero_()
+        elif layer.bias is not None:
+            layer.bias.copy_(fused.bias)
+        else:
+            raise ValueError(f"BatchNorm {node.target!r} has no affine shift and {source.target!r} no bias: "
+                             "the folded bias cannot be stored in qnet")
+        folded.update((node.target, source.target))
+    snn_state = snn.state_dict()
+    for key, value in qnet.state_dict().items():
+        owner = key.rpartition(".")[0]
+        if owner not in folded and key in snn_state and snn_state[key].shape == value.shape:
+            value.copy_(snn_state[key])
+    return qnet
+
+
+# ---------------------------------------------------------------------------
+# End-to-end surrogate-gradient training
+
+
+def train_snn(snn: nn.Module, train_set, config: Optional[TrainConfig] = None, *,
+              surrogate: str = "sigmoid", alpha: Optional[float] = None, **train_kwargs: Any
+              ) -> List[Dict[str, float]]:
+    """Trains a converted SNN end to end by backpropagation through time: every spiking layer
+    uses the fused surrogate backward (``surrogate``/``alpha`` as :func:`fastspike.neuron`),
+    thresholds stay fixed, and the loop is :func:`fastspike.train.train_model` (same arguments:
+    ``loss_fn``, ``val_set``, ``checkpoint``, ``resume``, DDP, mixed precision). Every parameter
+    is trained, the biases that BatchNorm folding created (which come out with
+    ``requires_grad=False``) included; to freeze some, call ``train_model`` under
+    :func:`neuron_grad` instead. The neurons' previous gradient settings are restored
+    afterwards. Returns the per-epoch history."""
+    if not any(isinstance(m, SpikingNeuron) for m in snn.modules()):
+        raise ValueError("train_snn needs a spiking network (fastspike.to_snn); for an ANN use train_model")
+    with neuron_grad(snn, "surrogate", surrogate, alpha):
+        for p in snn.parameters():
+            p.requires_grad_(True)
+        return train_model(snn, train_set, config, **train_kwargs)
+
