@@ -23,7 +23,7 @@ from typing import Any, Dict, Optional
 import torch
 from torch import nn
 
-from .convert import quantize, to_snn
+from .convert import ConversionError, quantize, to_snn
 
 __all__ = ["save_checkpoint", "load_checkpoint", "make_checkpoint", "build_quantized", "load_model",
            "CheckpointError"]
@@ -59,6 +59,8 @@ def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
 def load_checkpoint(path: str) -> Dict[str, Any]:
     """Loads a fastspike checkpoint with ``weights_only=True`` and checks its
     fields. Raises FileNotFoundError or :class:`CheckpointError` with the reason."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint {path!r} is a directory, not a checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
     try:
@@ -74,19 +76,46 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
     missing = [k for k in _REQUIRED if k not in ckpt]
     if missing:
         raise CheckpointError(f"checkpoint {path!r} lacks {', '.join(missing)}")
+    for key, types, what in (("state_dict", dict, "a dict of tensors"), ("model_kwargs", (dict, type(None)), "a dict"),
+                             ("snn", (dict, type(None)), "a dict or None"), ("model", str, "a model name")):
+        if not isinstance(ckpt.get(key), types):
+            raise CheckpointError(f"checkpoint {path!r}: {key} must be {what}, got {type(ckpt.get(key)).__name__}")
     return ckpt
 
 
 def build_quantized(ckpt: Dict[str, Any], path: str = "<checkpoint>") -> nn.Module:
-    """The quantized ANN a checkpoint describes, with its weights loaded."""
-    from .models import get_model
+    """The quantized ANN a checkpoint describes, with its weights loaded.
 
-    net = get_model(ckpt["model"], num_classes=ckpt["num_classes"], **ckpt.get("model_kwargs", {}))
-    qnet = quantize(net, levels=ckpt["levels"], preset=ckpt["preset"])
-    result = qnet.load_state_dict(ckpt["state_dict"], strict=False)
+    Raises :class:`CheckpointError` (naming ``path``) when the recipe cannot be
+    rebuilt: an unknown model name, model arguments or quantizer settings the
+    builder refuses, or weights that do not fit the model.
+    """
+    from .models import available_models, get_model
+
+    name = ckpt["model"]
+    if name not in available_models():
+        raise CheckpointError(f"checkpoint {path!r} names unknown model {name!r}; "
+                              f"available: {', '.join(available_models())}")
+    kwargs = ckpt.get("model_kwargs") or {}
+    # Builders reject bad arguments with TypeError/ValueError: here they are a bad file.
+    try:
+        net = get_model(name, num_classes=ckpt["num_classes"], **kwargs)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path!r}: model {name!r} cannot be built with "
+                              f"num_classes={ckpt['num_classes']!r}, model_kwargs={kwargs!r}: {err}") from err
+    try:
+        qnet = quantize(net, levels=ckpt["levels"], preset=ckpt["preset"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path!r}: cannot quantize {name!r} with levels={ckpt['levels']!r}, "
+                              f"preset={ckpt['preset']!r}: {err}") from err
+    try:
+        result = qnet.load_state_dict(ckpt["state_dict"], strict=False)
+    except RuntimeError as err:  # a tensor of the wrong shape
+        detail = " ".join(str(err).split())  # torch's message spans several lines
+        raise CheckpointError(f"checkpoint {path!r} does not match model {name!r}: {detail}") from err
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
-            f"checkpoint {path!r} does not match model {ckpt['model']!r}: missing "
+            f"checkpoint {path!r} does not match model {name!r}: missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
     return qnet.eval()
 
@@ -94,8 +123,19 @@ def build_quantized(ckpt: Dict[str, Any], path: str = "<checkpoint>") -> nn.Modu
 def load_model(path: str, time_steps: Optional[int] = None, neuron: Optional[str] = None,
                group_size: Optional[int] = None) -> nn.Module:
     """Loads a checkpoint as a runnable model: the quantized ANN, or, when the
-    checkpoint holds conversion settings or ``time_steps`` is given, the SNN."""
-    ckpt = load_checkpoint(path)
+    checkpoint holds conversion settings or ``time_steps`` is given, the SNN.
+
+    Raises FileNotFoundError, :class:`CheckpointError` (an unusable file or
+    conversion settings, stored or given) or :class:`~fastspike.ConversionError`.
+    """
+    return model_from_checkpoint(load_checkpoint(path), path, time_steps, neuron, group_size)
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any], path: str = "<checkpoint>",
+                          time_steps: Optional[int] = None, neuron: Optional[str] = None,
+                          group_size: Optional[int] = None) -> nn.Module:
+    """:func:`load_model` for a checkpoint dict already in memory (so a caller
+    can prove a checkpoint rebuilds before writing it); ``path`` names it in errors."""
     qnet = build_quantized(ckpt, path)
     snn = dict(ckpt.get("snn") or {})
     if time_steps is not None:
@@ -106,7 +146,12 @@ def load_model(path: str, time_steps: Optional[int] = None, neuron: Optional[str
         snn["group_size"] = group_size
     if not snn.get("time_steps"):
         return qnet
-    return to_snn(qnet, snn["time_steps"], snn.get("neuron", "if"), group_size=snn.get("group_size"))
+    try:
+        return to_snn(qnet, snn["time_steps"], snn.get("neuron", "if"), group_size=snn.get("group_size"))
+    except ConversionError:
+        raise  # the model itself does not convert: not a settings problem
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path!r}: conversion settings {snn} are invalid: {err}") from err
 
 
 def make_checkpoint(model_name: str, num_classes: int, levels: int, preset: str, qnet: nn.Module,

@@ -1,4 +1,4 @@
-"""The ``fastspike`` command: demo, convert, eval, bench, info.
+"""The ``fastspike`` command: demo, convert, eval, train, finetune, bench, info.
 
 Every subcommand has ``--help``. Mistakes a user can fix (a missing file, an
 unknown model, T <= 0) end with one line on stderr and exit status 2, not a
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import runpy
 import sys
@@ -93,12 +94,13 @@ def _load(args: argparse.Namespace) -> Dict[str, Any]:
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    from .checkpoint import load_model, save_checkpoint
+    from .checkpoint import model_from_checkpoint, save_checkpoint
 
     ckpt = _load(args)
     ckpt["snn"] = {"time_steps": args.time_steps, "neuron": args.neuron, "group_size": args.group_size}
+    # Rebuild before writing, so a checkpoint that does not convert leaves no file behind.
+    snn = model_from_checkpoint(ckpt, args.checkpoint)
     save_checkpoint(ckpt, args.out)
-    snn = load_model(args.out)  # rebuilding it proves the written file converts
     neurons = sum(1 for m in snn.modules() if type(m).__name__ == "SpikingNeuron")
     print(f"converted {ckpt['model']} ({neurons} spiking layers, T={args.time_steps}, {args.neuron}) -> {args.out}")
     return 0
@@ -108,7 +110,12 @@ def cmd_convert(args: argparse.Namespace) -> int:
 # eval
 
 
-def _dataset(data: str, task: str, image_size: int, num_images: int):
+def _dataset(data: str, task: str, image_size: int, num_images: int, num_classes: Optional[int] = None,
+             classes: Optional[Sequence[str]] = None, image_set: str = "val"):
+    """The evaluation set --data names: 'digits' or an ImageFolder path (classification);
+    'scenes' or a PASCAL VOC folder (detection, segmentation), as (image, target) pairs."""
+    if classes and not (task == "detection" and data != "scenes"):
+        raise UsageError("--classes applies to detection models on a VOC folder only")
     if task == "classification":
         if data == "digits":
             from .data import digits
@@ -117,11 +124,33 @@ def _dataset(data: str, task: str, image_size: int, num_images: int):
         from .data import image_folder
 
         return image_folder(data, image_size)
-    if data != "scenes":
-        raise UsageError(f"--data for a {task} model must be 'scenes' (synthetic scenes), got {data!r}")
-    from .data import SyntheticScenes
+    if data == "scenes":
+        from .data import SyntheticScenes
 
-    return SyntheticScenes(num_images, image_size, seed=1)
+        return SyntheticScenes(num_images, image_size, seed=1)
+    if not os.path.isdir(data):
+        raise UsageError(f"--data for a {task} model must be 'scenes' (synthetic scenes) or a PASCAL VOC folder "
+                         f"(VOCdevkit/VOC<year>/...), got {data!r}")
+    from .data import VOC_CLASSES, DatasetError, VOCBoxes, VOCMasks, voc_detection, voc_segmentation
+
+    if task == "segmentation":
+        load, transforms = voc_segmentation, VOCMasks(image_size, num_classes)
+    else:
+        names = tuple(classes) if classes else VOC_CLASSES
+        if num_classes is not None and len(names) != num_classes:
+            given = "--classes names" if classes else "the default (the VOC classes) has"
+            raise UsageError(f"the model detects {num_classes} classes but {given} {len(names)}; pass --classes "
+                             f"with the model's {num_classes} class names in label order")
+        if len(set(names)) != len(names):
+            raise UsageError(f"--classes: expected distinct names, got {' '.join(names)}")
+        load, transforms = voc_detection, VOCBoxes(image_size, names)
+    try:
+        return load(data, image_set=image_set, transforms=transforms)
+    except ValueError as err:
+        if isinstance(err, DatasetError):
+            raise
+        # torchvision's own check of image_set against the year (only VOC2007 has 'test')
+        raise UsageError(f"--image-set {image_set!r}: {err}") from None
 
 
 def _task_of(model_name: str) -> str:
@@ -134,7 +163,8 @@ def _task_of(model_name: str) -> str:
 
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, loader, task: str, num_classes: int, image_size: int,
-              device: torch.device, distributed: bool) -> Dict[str, float]:
+              device: torch.device, distributed: bool, anchors: Optional[Sequence[Sequence[float]]] = None
+              ) -> Dict[str, float]:
     import torch.distributed as dist
 
     model.eval()
@@ -166,7 +196,7 @@ def _evaluate(model: torch.nn.Module, loader, task: str, num_classes: int, image
     preds: List[Any] = []
     targets_all: List[Any] = []
     for x, targets in loader:
-        preds += decode_yolo(model(x.to(device)).cpu(), DEFAULT_ANCHORS, num_classes, image_size)
+        preds += decode_yolo(model(x.to(device)).cpu(), anchors or DEFAULT_ANCHORS, num_classes, image_size)
         targets_all += targets
     if distributed:
         gathered: List[Any] = [None] * dist.get_world_size()
@@ -197,7 +227,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     else:
         rank = 0
     try:
-        dataset = _dataset(args.data, task, args.image_size, args.num_images)
+        dataset = _dataset(args.data, task, args.image_size, args.num_images, ckpt["num_classes"], args.classes,
+                           args.image_set)
         # Every rank takes every world-th sample: no padding, so no sample counts twice.
         shard = Subset(dataset, list(range(rank, len(dataset), world))) if distributed else dataset
         collate = None
@@ -207,12 +238,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
             collate = collate_scenes
         loader = DataLoader(shard, args.batch_size, num_workers=args.workers, collate_fn=collate)
         qnet = build_quantized(ckpt, args.checkpoint).to(device)
+        # The detector's own anchors (a model_kwargs entry when it was built with others) decode its map.
+        anchors = (ckpt.get("model_kwargs") or {}).get("anchors")
         rows = [{"model": f"quantized ANN (L={ckpt['levels']})", "T": None,
-                 **_evaluate(qnet, loader, task, ckpt["num_classes"], args.image_size, device, distributed)}]
+                 **_evaluate(qnet, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
+                             anchors)}]
         for T in args.T:
             snn = to_snn(qnet, T, args.neuron, group_size=args.group_size).to(device)
             rows.append({"model": f"SNN {args.neuron}", "T": T,
-                         **_evaluate(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed)})
+                         **_evaluate(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
+                                     anchors)})
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -228,20 +263,148 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
+# train / finetune
+
+
+def _training_set(data: str, task: str, image_size: int, num_images: int):
+    """(dataset, num_classes or None, model kwargs, collate_fn) of the training split of --data."""
+    if task == "classification":
+        if data == "digits":
+            from .data import digits
+
+            return digits("train"), 10, {"in_channels": 1}, None
+        if data == "scenes":
+            raise UsageError("--data for a classifier must be 'digits' or an ImageFolder path; 'scenes' is for "
+                             "the detection and segmentation models")
+        from .data import image_folder
+
+        dataset = image_folder(data, image_size)
+        return dataset, len(dataset.classes), {}, None
+    if data != "scenes":
+        raise UsageError(f"--data for a {task} model must be 'scenes' (synthetic scenes), got {data!r}")
+    from .data import SyntheticScenes, collate_scenes
+
+    return SyntheticScenes(num_images, image_size, seed=0), None, {}, collate_scenes
+
+
+def _train_config(args: argparse.Namespace):
+    from .train import TrainConfig
+
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, optimizer=args.optimizer, lr=args.lr,
+                         momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+                         schedule=args.schedule, label_smoothing=getattr(args, "label_smoothing", 0.0),
+                         seed=args.seed, workers=args.workers)
+    try:
+        config.validate()
+    except ValueError as err:
+        raise UsageError(f"--{str(err).replace('_', '-')}") from None
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if config.batch_size % world:
+        raise UsageError(f"--batch-size {config.batch_size} is the global batch: it must be divisible by the "
+                         f"{world} processes")
+    return config
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from .convert import quantize
+    from .models import available_models, get_model
+    from .train import ResumeError, train_model
+
+    if args.model not in available_models():
+        raise UsageError(f"unknown model {args.model!r}; available: {', '.join(available_models())}")
+    if _task_of(args.model) != "classification":
+        raise UsageError(f"fastspike train trains classifiers; for {args.model!r} call "
+                         "fastspike.train.train_model with its loss_fn (e.g. models.yolo_loss)")
+    dataset, num_classes, kwargs, _ = _training_set(args.data, "classification", args.image_size, 0)
+    val = None
+    if args.data == "digits":
+        from .data import digits
+
+        val = digits("test")
+    config = _train_config(args)
+    torch.manual_seed(args.seed)  # the same initial weights in every run (and on every rank)
+    try:
+        net = get_model(args.model, num_classes, **kwargs)
+    except TypeError as err:  # e.g. torchvision models take no in_channels
+        raise UsageError(f"model {args.model!r} cannot be built for --data {args.data!r}: {err}") from None
+    qnet = quantize(net, levels=args.levels, preset=args.preset, threshold=args.threshold,
+                    example_input=dataset[0][0].unsqueeze(0))
+    try:
+        history = train_model(qnet, dataset, config, val_set=val, device=torch.device(args.device),
+                              checkpoint=args.out, resume=args.resume, progress=not args.no_progress,
+                              checkpoint_meta={"model": args.model, "num_classes": num_classes,
+                                               "model_kwargs": kwargs}, desc=f"train {args.model}")
+    except ResumeError as err:
+        raise UsageError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        for record in history:
+            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        print(f"trained {args.model} ({args.preset}, L={args.levels}) -> {args.out}")
+    return 0
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .checkpoint import build_quantized, make_checkpoint, save_checkpoint
+    from .convert import to_snn
+    from .finetune import finetune_layerwise, write_back
+
+    ckpt = _load(args)
+    task = _task_of(ckpt["model"])
+    dataset, _, _, collate = _training_set(args.data, task, args.image_size, args.num_images)
+    device = torch.device(args.device)
+    qnet = build_quantized(ckpt, args.checkpoint).to(device)
+    snn = to_snn(qnet, args.time_steps, args.neuron, group_size=args.group_size).to(device)
+    # Classifiers are judged by their accuracy on the tuning data, other models by each layer's loss.
+    report = finetune_layerwise(snn, qnet, dataset, _train_config(args), force=args.force, collate_fn=collate,
+                                val_set=dataset if task == "classification" else None,
+                                max_batches=args.max_batches, device=device, progress=not args.no_progress)
+    write_back(snn, qnet)
+    settings = {"time_steps": args.time_steps, "neuron": args.neuron, "group_size": args.group_size}
+    save_checkpoint(make_checkpoint(ckpt["model"], ckpt["num_classes"], ckpt["levels"], ckpt["preset"], qnet,
+                                    ckpt.get("model_kwargs"), snn=settings), args.out)
+    metric = "train accuracy" if task == "classification" else "-layer MSE"
+    print(f"{'layer':16s} {'params':>8s} {'MSE first':>10s} {'MSE last':>10s} {metric + ' before':>22s} "
+          f"{'after':>8s}  kept")
+    for r in report:
+        print(f"{r['layer']:16s} {r['parameters']:8d} {r['loss_first_epoch']:10.4g} {r['loss_last_epoch']:10.4g} "
+              f"{r['metric_before']:22.4f} {r['metric_after']:8.4f}  {'yes' if r['kept'] else 'no'}")
+    print(f"fine-tuned {ckpt['model']} (T={args.time_steps}, {args.neuron}) -> {args.out}")
+    return 0
+
+
+# ---------------------------------------------------------------------------
 # bench
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          "bench_neurons.py")
+                          f"bench_{args.suite}.py")
     if not os.path.isfile(script):
         raise UsageError(f"the benchmarks live in the source tree ({script} not found): run from a checkout")
-    sys.argv = [script] + list(args.bench_args)
+    passed = list(args.bench_args)
+    sys.argv = [script] + (passed[1:] if passed[:1] == ["--"] else passed)
     runpy.run_path(script, run_name="__main__")
     return 0
 
 
 # ---------------------------------------------------------------------------
+
+
+def _add_recipe_arguments(p: argparse.ArgumentParser, **defaults: Any) -> None:
+    """The optimizer knobs shared by train and finetune (fastspike.train.TrainConfig)."""
+    p.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
+    p.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"],
+                   help="global batch (divided among torchrun processes)")
+    p.add_argument("--optimizer", choices=["sgd", "adamw", "adam"], default=defaults["optimizer"])
+    p.add_argument("--lr", type=float, default=defaults["lr"])
+    p.add_argument("--momentum", type=float, default=0.9, help="SGD momentum")
+    p.add_argument("--nesterov", action="store_true", help="SGD Nesterov momentum")
+    p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
+    p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -267,7 +430,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="metrics of a checkpoint's quantized ANN and its SNNs at several T")
     p.add_argument("checkpoint")
     p.add_argument("--data", default="digits",
-                   help="'digits', an ImageFolder path (classification) or 'scenes' (detection/segmentation)")
+                   help="'digits' or an ImageFolder path (classification); 'scenes' or a PASCAL VOC folder "
+                        "(VOCdevkit/VOC<year>, or the folder above it) for detection/segmentation")
+    p.add_argument("--image-set", default="val", choices=["train", "trainval", "val", "test"],
+                   help="VOC split (a list under ImageSets/Main or ImageSets/Segmentation)")
+    p.add_argument("--classes", nargs="+", metavar="NAME",
+                   help="VOC detection: object names in the model's label order (default: the 20 VOC classes)")
     p.add_argument("--T", type=_positive_int, nargs="+", default=[1, 2, 4, 8], help="time steps to evaluate")
     p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None)
@@ -280,7 +448,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="also write the table as JSON here")
     p.set_defaults(func=cmd_eval)
 
-    p = sub.add_parser("bench", help="run benchmarks/bench_neurons.py (arguments passed through)")
+    p = sub.add_parser("train", help="quantization-aware training of a model on digits or an ImageFolder")
+    p.add_argument("model", help="a fastspike.models name (classifiers), e.g. digits_cnn or cifar_resnet18")
+    p.add_argument("--data", default="digits", help="'digits' or an ImageFolder path (one folder per class)")
+    p.add_argument("--out", required=True, help="checkpoint, rewritten after every epoch")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
+    p.add_argument("--preset", choices=["qcfs", "cs-qcfs", "fastsnn", "lsq"], default="qcfs")
+    p.add_argument("--levels", type=_positive_int, default=8, help="L, quantization levels")
+    p.add_argument("--threshold", type=float, default=8.0, help="initial clip value λ of every quantizer")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--image-size", type=_positive_int, default=32, help="image side for ImageFolder data")
+    _add_recipe_arguments(p, epochs=30, batch_size=64, optimizer="sgd", lr=0.05, weight_decay=5e-4)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="Fast-SNN layer-wise fine-tuning of a checkpoint's SNN")
+    p.add_argument("checkpoint", help="a quantized-ANN checkpoint (fastspike train, fastspike demo)")
+    p.add_argument("--out", required=True, help="where to write the fine-tuned checkpoint (with -T/--neuron)")
+    p.add_argument("--time-steps", "-T", type=_positive_int, required=True)
+    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="m, for the group kinds")
+    p.add_argument("--data", default="digits",
+                   help="tuning data: 'digits', an ImageFolder path, or 'scenes' (detection/segmentation)")
+    p.add_argument("--model", help="model name to build instead of the checkpoint's")
+    p.add_argument("--force", action="store_true", help="keep every layer's update even if the metric drops")
+    p.add_argument("--max-batches", type=_positive_int, default=None, help="batches per layer and epoch")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image side for folders and scenes")
+    p.add_argument("--num-images", type=_positive_int, default=128, help="synthetic scenes to tune on")
+    _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
+    p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("bench", help="run benchmarks/bench_neurons.py, or bench_models.py with --suite models "
+                       "(other arguments passed through)")
+    p.add_argument("--suite", choices=["neurons", "models"], default="neurons",
+                   help="neurons: the fused neuron operator (default); models: whole converted networks")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_bench)
 
@@ -289,21 +489,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_arguments(args: argparse.Namespace) -> None:
+    """Checks that span several options, before any work: a group neuron needs
+    --group-size >= 2 and the other kinds none; a quantizer's --threshold is > 0."""
+    from .convert import NEURON_KINDS
+
+    neuron = getattr(args, "neuron", None)
+    if neuron is not None:
+        group_size = getattr(args, "group_size", None)
+        if NEURON_KINDS[neuron][0] is None and (group_size is None or group_size < 2):
+            raise UsageError(f"--neuron {neuron} needs --group-size >= 2, got {group_size}")
+        if NEURON_KINDS[neuron][0] is not None and group_size not in (None, 1):
+            raise UsageError(f"--group-size applies to --neuron group or signed-group, not {neuron}")
+    threshold = getattr(args, "threshold", None)
+    if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
+        raise UsageError(f"--threshold: expected a finite value > 0, got {threshold}")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     from .checkpoint import CheckpointError
     from .convert import ConversionError
+    from .data import DatasetError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # parse_known_args: `fastspike bench --quick` passes --quick through (a REMAINDER
+    # positional alone does not take arguments that start with a dash)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "bench":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if unknown:
+        args.bench_args = unknown + list(args.bench_args)
     try:
+        _check_arguments(args)
         return args.func(args)
-    except (UsageError, FileNotFoundError, CheckpointError, ConversionError) as err:
-        print(f"fastspike {args.command}: error: {err}", file=sys.stderr)
+    # Mistakes a user can fix, each with its own type; anything else is a bug and keeps its traceback.
+    except (UsageError, FileNotFoundError, CheckpointError, ConversionError, DatasetError) as err:
+        message = " ".join(str(err).split())  # one line, even where a library's message has several
+        print(f"fastspike {args.command}: error: {message}", file=sys.stderr)
         return 2
-    except ValueError as err:  # e.g. an unknown model name in a checkpoint
-        if "unknown model" in str(err) or "must be" in str(err):
-            print(f"fastspike {args.command}: error: {err}", file=sys.stderr)
-            return 2
-        raise
 
 
 if __name__ == "__main__":

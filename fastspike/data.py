@@ -4,13 +4,17 @@
 * :class:`SyntheticScenes` -- procedurally generated detection / segmentation scenes
   (coloured circles, squares and triangles on a textured background), deterministic per index.
 * :func:`image_folder`, :func:`voc_detection`, :func:`voc_segmentation` -- thin wrappers
-  over torchvision datasets that are already on disk (never downloaded).
+  over torchvision datasets that are already on disk (never downloaded);
+  :class:`VOCBoxes` and :class:`VOCMasks` turn VOC samples into the ``(image, target)``
+  form of :class:`SyntheticScenes`, so the same models, metrics and
+  :func:`collate_scenes` apply to both.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
@@ -18,8 +22,22 @@ from torch.utils.data import Dataset, TensorDataset
 
 __all__ = [
     "digits", "SyntheticScenes", "collate_scenes",
-    "image_folder", "voc_detection", "voc_segmentation",
+    "image_folder", "voc_detection", "voc_segmentation", "find_voc", "VOCBoxes", "VOCMasks",
+    "VOC_CLASSES", "DatasetError",
 ]
+
+# PASCAL VOC's 20 object classes in the devkit's order (label c is VOC_CLASSES[c];
+# segmentation masks use c + 1, with 0 for background and 255 for "void").
+VOC_CLASSES: Tuple[str, ...] = (
+    "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
+    "diningtable", "dog", "horse", "motorbike", "person", "pottedplant", "sheep", "sofa", "train",
+    "tvmonitor",
+)
+
+
+class DatasetError(ValueError):
+    """Data on disk that cannot be used as asked (layout, class names, label values);
+    the message names the file or folder and the problem."""
 
 
 def digits(split: str = "train", test_fraction: float = 0.25, seed: int = 0) -> TensorDataset:
@@ -198,31 +216,168 @@ def image_folder(root: str, image_size: int, transform: Optional[Callable[..., A
     return datasets.ImageFolder(os.fspath(root), transform=transform)
 
 
-def _voc_root(root: str, year: str) -> str:
-    root = os.fspath(root)
+_VOC_YEAR = re.compile(r"VOC(\d{4})")
+
+
+def _voc_years(devkit: str) -> List[str]:
+    return sorted(m.group(1) for d in os.listdir(devkit)
+                  if (m := _VOC_YEAR.fullmatch(d)) and os.path.isdir(os.path.join(devkit, d)))
+
+
+def find_voc(root: str, year: Optional[str] = None) -> Tuple[str, str]:
+    """``(torchvision_root, year)`` for a PASCAL VOC copy on disk.
+
+    ``root`` may be the folder holding ``VOCdevkit``, the ``VOCdevkit`` folder, or a
+    ``VOCdevkit/VOC<year>`` folder itself (the one with ``JPEGImages``, ``Annotations``,
+    ``SegmentationClass``, ``ImageSets``). ``year`` is read from the folder name when not
+    given (an error when ``VOCdevkit`` holds several years). torchvision's VOC classes
+    want the folder above ``VOCdevkit`` and the year; that is what is returned.
+
+    Raises FileNotFoundError when nothing VOC-like is there, :class:`DatasetError` when
+    the layout is ambiguous or not the one torchvision reads.
+    """
+    root = os.path.abspath(os.fspath(root))
     _require_dir(root, "root")
-    # torchvision expects root/VOCdevkit/VOC<year>; check it here for a clearer message.
-    _require_dir(os.path.join(root, "VOCdevkit", f"VOC{year}"), f"VOC{year} directory under root")
-    return root
+    if year is not None:
+        year = str(year)
+    name, parent = os.path.basename(root), os.path.dirname(root)
+    m = _VOC_YEAR.fullmatch(name)
+    if m and os.path.basename(parent) == "VOCdevkit":
+        if year is not None and year != m.group(1):
+            raise DatasetError(f"root: {root!r} is the VOC{m.group(1)} folder, but year={year!r} was asked for")
+        return os.path.dirname(parent), m.group(1)
+    devkit = root if name == "VOCdevkit" else os.path.join(root, "VOCdevkit")
+    if os.path.isdir(devkit):
+        years = _voc_years(devkit)
+        if year is not None and year in years:
+            return os.path.dirname(devkit), year
+        if year is None and len(years) == 1:
+            return os.path.dirname(devkit), years[0]
+        if year is None and len(years) > 1:
+            raise DatasetError(f"root: {devkit!r} holds VOC{', VOC'.join(years)}; point at one of those "
+                               "folders (or pass year=)")
+    if os.path.isdir(os.path.join(root, "JPEGImages")):
+        raise DatasetError(f"root: {root!r} looks like a VOC folder, but torchvision reads VOC only as "
+                           "<root>/VOCdevkit/VOC<year>/ (e.g. VOCdevkit/VOC2012/JPEGImages): move or link it there")
+    wanted = f"VOC{year}" if year is not None else "VOC<year>, e.g. VOC2012"
+    raise FileNotFoundError(f"root: expected a PASCAL VOC copy at {root!r} (<root>/VOCdevkit/{wanted}/ with "
+                            "JPEGImages, Annotations, SegmentationClass and ImageSets, or that folder itself); "
+                            "nothing is downloaded")
 
 
-def voc_detection(root: str, year: str = "2012", image_set: str = "val", **kwargs: Any):
+def _torchvision_voc(kind: str, root: str, year: Optional[str], image_set: str, kwargs: Dict[str, Any]):
+    from torchvision import datasets
+
+    root, year = find_voc(root, year)
+    return getattr(datasets, kind)(root, year=year, image_set=image_set, download=False, **kwargs)
+
+
+def voc_detection(root: str, year: Optional[str] = None, image_set: str = "val", **kwargs: Any):
     """``torchvision.datasets.VOCDetection`` on an existing copy (``download=False``).
 
-    Extra keyword arguments (``transform``, ``target_transform``, ``transforms``) are passed on.
+    ``root`` and ``year`` are resolved by :func:`find_voc`. Extra keyword arguments
+    (``transform``, ``target_transform``, ``transforms``, e.g. :class:`VOCBoxes`) are
+    passed on.
     """
-    from torchvision import datasets
-
-    return datasets.VOCDetection(_voc_root(root, year), year=year, image_set=image_set,
-                                 download=False, **kwargs)
+    return _torchvision_voc("VOCDetection", root, year, image_set, kwargs)
 
 
-def voc_segmentation(root: str, year: str = "2012", image_set: str = "val", **kwargs: Any):
+def voc_segmentation(root: str, year: Optional[str] = None, image_set: str = "val", **kwargs: Any):
     """``torchvision.datasets.VOCSegmentation`` on an existing copy (``download=False``).
 
-    Extra keyword arguments (``transform``, ``target_transform``, ``transforms``) are passed on.
+    ``root`` and ``year`` are resolved by :func:`find_voc`. Extra keyword arguments
+    (``transform``, ``target_transform``, ``transforms``, e.g. :class:`VOCMasks`) are
+    passed on.
     """
-    from torchvision import datasets
+    return _torchvision_voc("VOCSegmentation", root, year, image_set, kwargs)
 
-    return datasets.VOCSegmentation(_voc_root(root, year), year=year, image_set=image_set,
-                                    download=False, **kwargs)
+
+def _resized_image(image: Any, image_size: int) -> torch.Tensor:
+    from torchvision.transforms import functional as TF
+
+    # A square input, as the models are evaluated on: the aspect ratio is not kept.
+    return TF.to_tensor(TF.resize(image.convert("RGB"), [image_size, image_size], antialias=True))
+
+
+class VOCBoxes:
+    """``transforms=`` for :func:`voc_detection`: a VOC sample as ``(image, target)``.
+
+    ``image`` is float32 ``[3, S, S]`` in ``[0, 1]`` (resized to ``image_size``, aspect
+    ratio not kept); ``target`` holds ``"boxes"`` float32 ``[K, 4]`` (pixel xyxy in the
+    resized image, x2/y2 exclusive: VOC's 1-based inclusive ``xmin..xmax`` becomes
+    ``xmin - 1 .. xmax``), ``"labels"`` int64 ``[K]`` (index of the object's name in
+    ``classes``) and ``"difficult"`` bool ``[K]``. An object name not in ``classes``
+    raises :class:`DatasetError` naming the image.
+    """
+
+    def __init__(self, image_size: int, classes: Sequence[str] = VOC_CLASSES) -> None:
+        if int(image_size) < 1:
+            raise ValueError(f"image_size: expected an int >= 1, got {image_size!r}")
+        if not classes or len(set(classes)) != len(classes):
+            raise ValueError(f"classes: expected distinct class names, got {list(classes)!r}")
+        self.image_size = int(image_size)
+        self.classes = tuple(classes)
+        self._index = {name: i for i, name in enumerate(self.classes)}
+
+    def __call__(self, image: Any, annotation: Dict[str, Any]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        ann = annotation["annotation"]
+        objects = ann.get("object", [])
+        objects = objects if isinstance(objects, list) else [objects]
+        width, height = image.size
+        sx, sy = self.image_size / width, self.image_size / height
+        boxes, labels, difficult = [], [], []
+        for obj in objects:
+            name = obj["name"].strip()
+            if name not in self._index:
+                raise DatasetError(f"{ann.get('filename', '?')}: object class {name!r} is not among the classes "
+                                   f"{list(self.classes)}")
+            b = obj["bndbox"]
+            boxes.append([(float(b["xmin"]) - 1) * sx, (float(b["ymin"]) - 1) * sy,
+                          float(b["xmax"]) * sx, float(b["ymax"]) * sy])
+            labels.append(self._index[name])
+            difficult.append(str(obj.get("difficult", "0")).strip() == "1")
+        target = {
+            "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+            "labels": torch.tensor(labels, dtype=torch.int64),
+            "difficult": torch.tensor(difficult, dtype=torch.bool),
+        }
+        return _resized_image(image, self.image_size), target
+
+
+class VOCMasks:
+    """``transforms=`` for :func:`voc_segmentation`: a VOC sample as ``(image, target)``.
+
+    ``image`` as in :class:`VOCBoxes`; ``target["mask"]`` is int64 ``[S, S]``, the palette
+    indices of the ``SegmentationClass`` PNG resized with nearest neighbours (0 background,
+    ``c + 1`` for class ``c``, 255 "void", which :class:`~fastspike.metrics.SegmentationMeter`
+    ignores). With ``num_classes`` given, any other value ``>= num_classes`` raises
+    :class:`DatasetError`.
+    """
+
+    def __init__(self, image_size: int, num_classes: Optional[int] = None, ignore_index: int = 255) -> None:
+        if int(image_size) < 1:
+            raise ValueError(f"image_size: expected an int >= 1, got {image_size!r}")
+        if num_classes is not None and int(num_classes) < 1:
+            raise ValueError(f"num_classes: expected an int >= 1 or None, got {num_classes!r}")
+        self.image_size = int(image_size)
+        self.num_classes = None if num_classes is None else int(num_classes)
+        self.ignore_index = int(ignore_index)
+
+    def __call__(self, image: Any, mask: Any) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        import numpy as np
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms import functional as TF
+
+        where = getattr(mask, "filename", "") or "a mask"  # PIL keeps the path of an opened file
+        if mask.mode not in ("P", "L"):
+            raise DatasetError(f"{where}: expected a palette (P) or grey (L) PNG of "
+                               f"class indices, got mode {mask.mode!r}")
+        mask = TF.resize(mask, [self.image_size, self.image_size], interpolation=InterpolationMode.NEAREST)
+        labels = torch.as_tensor(np.array(mask), dtype=torch.int64)
+        if self.num_classes is not None:
+            bad = (labels >= self.num_classes) & (labels != self.ignore_index)
+            if bool(bad.any()):
+                raise DatasetError(f"{where}: label values "
+                                   f"{sorted(set(labels[bad].tolist()))} do not fit a model with {self.num_classes} "
+                                   f"classes (0..{self.num_classes - 1}, {self.ignore_index} = ignored)")
+        return _resized_image(image, self.image_size), {"mask": labels}

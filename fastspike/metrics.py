@@ -69,12 +69,15 @@ def mean_average_precision(predictions: Sequence[Mapping[str, Any]], targets: Se
     """VOC-style mAP at ``iou_threshold`` with all-point interpolation.
 
     ``predictions``: one dict per image with ``boxes`` [N, 4] (xyxy), ``scores`` [N], ``labels`` [N].
-    ``targets``: one dict per image with ``boxes`` [M, 4] and ``labels`` [M].
+    ``targets``: one dict per image with ``boxes`` [M, 4] and ``labels`` [M], and optionally
+    ``difficult`` [M] (bool, as in VOC annotations; absent means none is).
 
     Per class, detections from all images are ranked by descending score; each one is a
     true positive when its highest-IoU ground truth of the same class in the same image has
     IoU >= ``iou_threshold`` and was not matched by a higher-scored detection (VOC rule:
-    a duplicate of a matched ground truth is a false positive). Returns
+    a duplicate of a matched ground truth is a false positive). As in the VOC devkit,
+    difficult objects do not count towards recall, and a detection whose best match is a
+    difficult object is ignored (neither true nor false positive). Returns
     ``{"map": float, "ap_per_class": list[float]}``; classes without ground truth get
     ``nan`` and are left out of the mean (``map`` is ``nan`` if no class has any).
     """
@@ -92,17 +95,20 @@ def mean_average_precision(predictions: Sequence[Mapping[str, Any]], targets: Se
         pl = _vector(p, "labels", len(pb), "predictions", i, torch.int64)
         tb = _boxes(t, "targets", i)
         tl = _vector(t, "labels", len(tb), "targets", i, torch.int64)
+        td = (_vector(t, "difficult", len(tb), "targets", i, torch.bool) if "difficult" in t
+              else torch.zeros(len(tb), dtype=torch.bool))
         for name, lab in (("predictions", pl), ("targets", tl)):
             if lab.numel() and (int(lab.min()) < 0 or int(lab.max()) >= num_classes):
                 raise ValueError(f"{name}[{i}]['labels']: expected values in 0..{num_classes - 1}, "
                                  f"got range {int(lab.min())}..{int(lab.max())}")
         preds.append((pb, ps, pl))
-        gts.append((tb, tl))
+        gts.append((tb, tl, td))
 
     ap_per_class: List[float] = []
     for c in range(num_classes):
-        gt_c = [tb[tl == c] for tb, tl in gts]
-        n_gt = sum(len(b) for b in gt_c)
+        gt_c = [tb[tl == c] for tb, tl, _ in gts]
+        difficult_c = [td[tl == c] for _, tl, td in gts]
+        n_gt = sum(int((~d).sum()) for d in difficult_c)
         if n_gt == 0:
             ap_per_class.append(math.nan)
             continue
@@ -121,15 +127,23 @@ def mean_average_precision(predictions: Sequence[Mapping[str, Any]], targets: Se
         order = torch.argsort(scores_t, descending=True, stable=True)
         matched = [torch.zeros(len(b), dtype=torch.bool) for b in gt_c]
         tp = torch.zeros(len(order), dtype=torch.float64)
+        counted = torch.ones(len(order), dtype=torch.bool)
         for rank, j in enumerate(order.tolist()):
             img = images[j]
             if len(gt_c[img]) == 0:
                 continue
             ious = box_iou(boxes_t[j:j + 1], gt_c[img])[0]
             best = int(ious.argmax())
-            if float(ious[best]) >= iou_threshold and not matched[img][best]:
-                matched[img][best] = True
-                tp[rank] = 1.0
+            if float(ious[best]) >= iou_threshold:
+                if difficult_c[img][best]:
+                    counted[rank] = False
+                elif not matched[img][best]:
+                    matched[img][best] = True
+                    tp[rank] = 1.0
+        tp = tp[counted]
+        if tp.numel() == 0:  # every detection landed on a difficult object
+            ap_per_class.append(0.0)
+            continue
         ctp = tp.cumsum(0)
         recall = ctp / n_gt
         precision = ctp / torch.arange(1, len(tp) + 1, dtype=torch.float64)
@@ -165,7 +179,8 @@ class DetectionMeter:
         for p in preds:
             self.predictions.append({k: torch.as_tensor(p[k]).detach().cpu() for k in ("boxes", "scores", "labels")})
         for t in targets:
-            self.targets.append({k: torch.as_tensor(t[k]).detach().cpu() for k in ("boxes", "labels")})
+            self.targets.append({k: torch.as_tensor(t[k]).detach().cpu() for k in ("boxes", "labels", "difficult")
+                                 if k in t})
 
     def compute(self) -> Dict[str, Any]:
         """``mean_average_precision`` over everything accumulated."""

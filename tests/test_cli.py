@@ -200,3 +200,110 @@ def test_malicious_truncated_and_mismatched_checkpoints_are_refused(tmp_path):
     not_torch.write_text("hello")
     with pytest.raises((CheckpointError, pickle.UnpicklingError)):
         load_checkpoint(str(not_torch))
+
+
+# ---------------------------------------------------------------------------
+# eval on PASCAL VOC folders; error types instead of message matching
+
+
+@torch.no_grad()
+def _direct_metric(task, model, loader, size):
+    """The metric computed here, without the CLI: the same models, batches and metrics."""
+    from fastspike.metrics import SegmentationMeter, mean_average_precision
+    from fastspike.models import DEFAULT_ANCHORS, decode_yolo
+
+    preds, targets, meter = [], [], SegmentationMeter(4)
+    for x, batch_targets in loader:
+        y = model(x)
+        if task == "detection":
+            preds += decode_yolo(y, DEFAULT_ANCHORS, 3, size)
+            targets += batch_targets
+        else:
+            meter.update(y.argmax(1), torch.stack([t["mask"] for t in batch_targets]))
+    return mean_average_precision(preds, targets, 3)["map"] if task == "detection" else meter.compute()["miou"]
+
+
+def test_eval_reads_a_voc_folder_and_matches_a_direct_computation(demo_dir, tmp_path):
+    from torch.utils.data import DataLoader
+
+    from fastspike.checkpoint import build_quantized
+    from fastspike.data import VOCBoxes, VOCMasks, collate_scenes, voc_detection, voc_segmentation
+    from test_data_metrics import SCENE_CLASSES, write_tiny_voc
+
+    out, _ = demo_dir
+    write_tiny_voc(tmp_path / "voc", num_images=6, image_size=40)
+    folder = tmp_path / "voc" / "VOCdevkit" / "VOC2012"  # the folder with JPEGImages, as a user would give it
+    size = DemoConfig.quick().scene_size  # the demo's models saw 32 px scenes: VOC images are resized to that
+    cases = [("detection", ["--classes", *SCENE_CLASSES], "mAP@0.5",
+              voc_detection(folder, transforms=VOCBoxes(size, SCENE_CLASSES))),
+             ("segmentation", [], "miou", voc_segmentation(folder, transforms=VOCMasks(size, 4)))]
+    for task, extra, metric, dataset in cases:
+        result = tmp_path / f"{task}.json"
+        assert main(["eval", str(out / f"{task}.pt"), "--data", str(folder), "--image-size", str(size),
+                     "--T", "2", "--batch-size", "4", "--out", str(result), *extra]) == 0
+        rows = json.loads(result.read_text())["rows"]
+        assert [r["T"] for r in rows] == [None, 2]
+        qnet = build_quantized(load_checkpoint(str(out / f"{task}.pt")))
+        loader = DataLoader(dataset, 4, collate_fn=collate_scenes)
+        for row, model in zip(rows, (qnet, fastspike.to_snn(qnet, 2, "signed"))):
+            expected = _direct_metric(task, model, loader, size)
+            print(f"{task} {row['model']} T={row['T']}: eval {row[metric]:.4f}, direct {expected:.4f}")
+            assert row[metric] == pytest.approx(expected, abs=1e-12)
+        assert 0.0 <= rows[0][metric] <= 1.0
+
+
+def test_eval_on_voc_mistakes_give_one_line(demo_dir, tmp_path, capsys):
+    from test_data_metrics import SCENE_CLASSES, write_tiny_voc
+
+    out, _ = demo_dir
+    samples = write_tiny_voc(tmp_path / "voc", num_images=2, image_size=32)
+    voc = str(tmp_path / "voc")
+    present = SCENE_CLASSES[int(samples[0][1]["labels"][0])]
+    others = [name if name != present else "oval" for name in SCENE_CLASSES]
+    cases = [
+        # 3 detector classes, 20 VOC names by default.
+        (["eval", str(out / "detection.pt"), "--data", voc, "--T", "1"], "the model detects 3 classes but the default"),
+        # A name in the annotations that --classes lacks: a DatasetError while reading.
+        (["eval", str(out / "detection.pt"), "--data", voc, "--T", "1", "--classes", *others],
+         f"object class {present!r} is not among the classes"),
+        (["eval", str(out / "segmentation.pt"), "--data", str(tmp_path / "no-voc")], "or a PASCAL VOC folder"),
+        (["eval", str(out / "segmentation.pt"), "--data", voc, "--image-set", "test"], "--image-set 'test'"),
+        (["eval", str(out / "segmentation.pt"), "--data", str(tmp_path)], "expected a PASCAL VOC copy"),
+        (["eval", str(out / "classification.pt"), "--neuron", "group"], "--neuron group needs --group-size >= 2"),
+        (["convert", str(out / "classification.pt"), "--out", str(tmp_path / "c.pt"), "-T", "2", "--group-size", "2"],
+         "--group-size applies to --neuron group or signed-group, not signed"),
+    ]
+    for args, expected in cases:
+        assert main(args) == 2, args
+        err = capsys.readouterr().err
+        assert expected in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "c.pt").exists()  # refused before anything was written
+
+
+def test_checkpoint_recipe_errors_are_checkpoint_errors(tmp_path, capsys):
+    cases = [(dict(model="resnet1000"), "names unknown model 'resnet1000'"),
+             (dict(model_kwargs={"width": -1}), "cannot be built with"),
+             (dict(model_kwargs={"no_such_argument": 1}), "cannot be built with"),
+             (dict(preset="nope"), "cannot quantize 'digits_cnn'"),
+             (dict(levels=0), "cannot quantize 'digits_cnn'"),
+             (dict(state_dict={"features.0.weight": torch.zeros(1)}), "does not match model 'digits_cnn'"),
+             (dict(snn={"time_steps": 2, "neuron": "group"}), "conversion settings"),
+             (dict(model_kwargs=[1, 2]), "model_kwargs must be a dict")]
+    for i, (change, expected) in enumerate(cases):
+        path = str(tmp_path / f"bad{i}.pt")
+        ckpt = _digits_checkpoint()
+        ckpt.update(change)
+        save_checkpoint(ckpt, path)
+        with pytest.raises(CheckpointError, match=expected) as info:
+            load_model(path)
+        assert path in str(info.value)
+        if "snn" not in change:  # (convert replaces the stored conversion settings by its own)
+            # The command line shows the same message as one line.
+            assert main(["convert", path, "--out", str(tmp_path / "o.pt"), "-T", "2"]) == 2
+            err = capsys.readouterr().err
+            assert expected in err and len(err.strip().splitlines()) == 1
+            # ... and writes nothing: the rebuild is checked before the save.
+            assert not (tmp_path / "o.pt").exists()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(str(tmp_path))

@@ -6,7 +6,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from fastspike.data import SyntheticScenes, collate_scenes, digits, image_folder, voc_detection
+from fastspike.data import (
+    VOC_CLASSES, DatasetError, SyntheticScenes, VOCBoxes, VOCMasks, collate_scenes, digits, find_voc,
+    image_folder, voc_detection, voc_segmentation,
+)
 from fastspike.metrics import (
     DetectionMeter, SegmentationMeter, accuracy, box_average_precision, mean_average_precision,
 )
@@ -282,3 +285,147 @@ def test_segmentation_meter_bad_arguments():
 def test_accuracy_helper():
     logits = torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 1.0]])
     assert accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
+
+
+# ----------------------------------------------------------------------------- VOC folders
+
+SCENE_CLASSES = ("circle", "square", "triangle")  # SyntheticScenes' labels 0, 1, 2
+
+
+def write_tiny_voc(root, num_images=5, image_size=48, seed=3, year="2012"):
+    """Writes synthetic scenes as a PASCAL VOC folder under ``root``: JPEG images,
+    XML annotations (1-based inclusive boxes, object 0 of image 0 marked difficult),
+    palette-PNG masks (row 0 of image 1 painted 255, VOC's "void") and ImageSets
+    listing every image for the "val" split. Returns the scenes' ``(image, target)``
+    pairs, with each target's ``mask`` and ``difficult`` as written."""
+    from PIL import Image
+
+    base = root / "VOCdevkit" / f"VOC{year}"
+    for sub in ("JPEGImages", "Annotations", "SegmentationClass", "ImageSets/Main", "ImageSets/Segmentation"):
+        (base / sub).mkdir(parents=True, exist_ok=True)
+    palette = [0, 0, 0, 128, 0, 0, 0, 128, 0, 128, 128, 0] + [0, 0, 0] * 251 + [224, 224, 192]
+    ds = SyntheticScenes(num_images, image_size, seed=seed)
+    names, samples = [], []
+    for i in range(num_images):
+        image, t = ds[i]
+        name = f"2012_{i:06d}"
+        pixels = (image.permute(1, 2, 0) * 255).round().to(torch.uint8).numpy()
+        Image.fromarray(pixels).save(base / "JPEGImages" / f"{name}.jpg", quality=95, subsampling=0)
+        mask = t["mask"].clone()
+        if i == 1:
+            mask[0] = 255
+        png = Image.fromarray(mask.to(torch.uint8).numpy(), mode="P")
+        png.putpalette(palette)
+        png.save(base / "SegmentationClass" / f"{name}.png")
+        difficult = torch.zeros(len(t["labels"]), dtype=torch.bool)
+        if i == 0:
+            difficult[0] = True
+        objects = "".join(
+            f"<object><name>{SCENE_CLASSES[int(c)]}</name><pose>Unspecified</pose><truncated>0</truncated>"
+            f"<difficult>{int(d)}</difficult><bndbox><xmin>{int(b[0]) + 1}</xmin><ymin>{int(b[1]) + 1}</ymin>"
+            f"<xmax>{int(b[2])}</xmax><ymax>{int(b[3])}</ymax></bndbox></object>"
+            for b, c, d in zip(t["boxes"].tolist(), t["labels"].tolist(), difficult.tolist()))
+        (base / "Annotations" / f"{name}.xml").write_text(
+            f"<annotation><folder>VOC{year}</folder><filename>{name}.jpg</filename><size><width>{image_size}"
+            f"</width><height>{image_size}</height><depth>3</depth></size><segmented>1</segmented>{objects}"
+            "</annotation>")
+        names.append(name)
+        samples.append((image, dict(t, mask=mask, difficult=difficult)))
+    for split in ("Main", "Segmentation"):
+        (base / "ImageSets" / split / "val.txt").write_text("\n".join(names) + "\n")
+    return samples
+
+
+def test_find_voc_accepts_the_three_usual_roots(tmp_path):
+    write_tiny_voc(tmp_path, num_images=1)
+    devkit = tmp_path / "VOCdevkit"
+    for root in (tmp_path, devkit, devkit / "VOC2012"):
+        assert find_voc(root) == (str(tmp_path), "2012")
+    assert find_voc(devkit / "VOC2012", year=2012) == (str(tmp_path), "2012")
+    with pytest.raises(DatasetError, match="year='2007'"):
+        find_voc(devkit / "VOC2012", year="2007")
+    (devkit / "VOC2007").mkdir()
+    with pytest.raises(DatasetError, match="VOC2007, VOC2012"):
+        find_voc(tmp_path)
+    assert find_voc(tmp_path, year="2007") == (str(tmp_path), "2007")
+    # A VOC-looking folder outside VOCdevkit/VOC<year>, and a folder with nothing VOC in it.
+    (tmp_path / "mine" / "JPEGImages").mkdir(parents=True)
+    with pytest.raises(DatasetError, match="VOCdevkit/VOC<year>"):
+        find_voc(tmp_path / "mine")
+    with pytest.raises(FileNotFoundError, match="VOC2012"):
+        find_voc(tmp_path / "mine" / "JPEGImages")
+
+
+def test_voc_folder_round_trip_boxes_masks_and_difficult(tmp_path):
+    samples = write_tiny_voc(tmp_path)
+    boxes_set = voc_detection(tmp_path, transforms=VOCBoxes(48, SCENE_CLASSES))
+    masks_set = voc_segmentation(tmp_path / "VOCdevkit", transforms=VOCMasks(48, num_classes=4))
+    assert len(boxes_set) == len(masks_set) == len(samples)
+    for i, (image, t) in enumerate(samples):
+        x, target = boxes_set[i]
+        assert x.shape == (3, 48, 48) and x.dtype == torch.float32
+        assert (x - image).abs().mean() < 0.03  # JPEG at quality 95, no chroma subsampling
+        # VOC's 1-based inclusive corners come back as the scenes' 0-based exclusive ones.
+        assert torch.equal(target["boxes"], t["boxes"])
+        assert torch.equal(target["labels"], t["labels"])
+        assert torch.equal(target["difficult"], t["difficult"])
+        x2, mask_target = masks_set[i]
+        assert torch.equal(x2, x)
+        assert torch.equal(mask_target["mask"], t["mask"])  # palette indices, 255 kept
+    assert int(samples[1][1]["mask"][0].unique().item()) == 255
+    # At half the size: boxes halve and masks take every second pixel (PIL's nearest
+    # neighbour samples the source pixel under each target pixel's centre: 2i + 1).
+    half = voc_detection(tmp_path, transforms=VOCBoxes(24, SCENE_CLASSES))[2][1]
+    assert torch.equal(half["boxes"], samples[2][1]["boxes"] / 2)
+    mask = voc_segmentation(tmp_path, transforms=VOCMasks(24))[2][1]["mask"]
+    assert torch.equal(mask, samples[2][1]["mask"][1::2, 1::2])
+
+
+def test_voc_transforms_scale_each_axis_and_name_bad_labels():
+    from PIL import Image
+
+    image = Image.new("RGB", (40, 20), (10, 20, 30))  # width 40, height 20
+    annotation = {"annotation": {"filename": "a.jpg", "object": {
+        "name": "dog", "difficult": "1", "bndbox": {"xmin": "5", "ymin": "3", "xmax": "24", "ymax": "12"}}}}
+    x, t = VOCBoxes(10)(image, annotation)
+    assert x.shape == (3, 10, 10)
+    assert torch.allclose(x[:, 0, 0], torch.tensor([10, 20, 30]) / 255)
+    # x scaled by 10/40, y by 10/20; one object given as a dict, not a list.
+    assert t["boxes"].tolist() == [[1.0, 1.0, 6.0, 6.0]]
+    assert t["labels"].tolist() == [VOC_CLASSES.index("dog")] and t["difficult"].tolist() == [True]
+    empty = VOCBoxes(10)(image, {"annotation": {"filename": "b.jpg"}})[1]
+    assert empty["boxes"].shape == (0, 4) and empty["labels"].dtype == torch.int64
+    with pytest.raises(DatasetError, match="a.jpg: object class 'dog'"):
+        VOCBoxes(10, ("cat", "bird"))(image, annotation)
+    mask = Image.fromarray(torch.tensor([[0, 5], [255, 1]], dtype=torch.uint8).numpy(), mode="P")
+    assert VOCMasks(2, num_classes=6)(image, mask)[1]["mask"].tolist() == [[0, 5], [255, 1]]
+    with pytest.raises(DatasetError, match=r"label values \[5\] do not fit a model with 4 classes"):
+        VOCMasks(2, num_classes=4)(image, mask)
+    with pytest.raises(DatasetError, match="mode 'RGB'"):
+        VOCMasks(2)(image, image)
+    with pytest.raises(ValueError, match="classes"):
+        VOCBoxes(10, ("cat", "cat"))
+
+
+def test_map_difficult_objects_are_neither_counted_nor_penalised():
+    # Image 0: GT A (class 0) and a difficult GT D; image 1: GT B. Detections by score:
+    #   0.9 on D   -> ignored (neither TP nor FP)
+    #   0.8 on A   -> TP    precision 1/1, recall 1/2
+    #   0.7 empty  -> FP    precision 1/2, recall 1/2
+    #   0.6 on B   -> TP    precision 2/3, recall 2/2
+    # AP = 0.5 * 1 + 0.5 * 2/3; without the difficult flag D counts: 0.9 is a TP and recall
+    # has three objects: precisions 1, 1, 2/3, 3/4 at recalls 1/3, 2/3, 2/3, 1 -> AP = 2/3 + 1/3 * 3/4.
+    a, d, b = [0, 0, 10, 10], [20, 20, 30, 30], [10, 10, 20, 20]
+    targets = [dict(_gt([a, d], [0, 0]), difficult=torch.tensor([False, True])), _gt([b], [0])]
+    preds = [_pred([d, a, [40, 40, 50, 50]], [0.9, 0.8, 0.7], [0, 0, 0]), _pred([b], [0.6], [0])]
+    assert mean_average_precision(preds, targets, 1)["map"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    plain = [{k: v for k, v in t.items() if k != "difficult"} for t in targets]
+    assert mean_average_precision(preds, plain, 1)["map"] == pytest.approx(2 / 3 + 1 / 3 * 3 / 4)
+    meter = DetectionMeter(1)
+    meter.update(preds, targets)
+    assert meter.compute()["map"] == pytest.approx(0.5 + 0.5 * 2 / 3)
+    # Only difficult objects of a class: the class has no ground truth to count (nan, left out).
+    only = [dict(_gt([d], [0]), difficult=torch.tensor([True]))]
+    assert math.isnan(mean_average_precision([_pred([d], [0.9], [0])], only, 1)["map"])
+    with pytest.raises(ValueError, match="difficult"):
+        mean_average_precision(preds, [dict(targets[0], difficult=torch.tensor([True])), targets[1]], 1)
