@@ -66,7 +66,7 @@ PY
   echo "sanitize: compiling $(wc -w <<<"$SOURCES") sources with $SAN_FLAGS"
   local objects=()
   for src in $SOURCES; do objects+=("$SANITIZE_DIR/$(basename "${src%.cpp}").o"); done
-  # shellcheck disable=SC2086  # word splitting of the flag strings is intended
+  # shellcheck disable=SC2086,SC2016  # word splitting intended; $1.. expand in the inner sh
   printf '%s\n' $SOURCES | xargs -P "$MAX_JOBS" -I{} sh -c \
     'g++ -c "$1" -o "$2/$(basename "${1%.cpp}").o" $3' _ {} "$SANITIZE_DIR" "$CXXFLAGS $SAN_FLAGS"
   # shellcheck disable=SC2086
@@ -80,8 +80,12 @@ run_cpu() {
   build_sanitized
   local built=$((SECONDS - start))
   # Instrumented, not merely linked: the compiler inserted ASan checks and UBSan handlers.
-  nm -D "$LIB" | grep -q "__asan_report_load" || { echo "sanitize: $LIB has no ASan checks" >&2; exit 1; }
-  nm -D "$LIB" | grep -q "__ubsan_handle" || { echo "sanitize: $LIB has no UBSan checks" >&2; exit 1; }
+  # (The symbol list is read whole first: `nm | grep -q` under pipefail fails
+  # whenever grep exits early and nm dies of SIGPIPE.)
+  local symbols
+  symbols=$(nm -D "$LIB")
+  grep -q "__asan_report_load" <<<"$symbols" || { echo "sanitize: $LIB has no ASan checks" >&2; exit 1; }
+  grep -q "__ubsan_handle" <<<"$symbols" || { echo "sanitize: $LIB has no UBSan checks" >&2; exit 1; }
   local asan_rt cxx_rt
   asan_rt=$(gcc -print-file-name=libasan.so)
   cxx_rt=$(gcc -print-file-name=libstdc++.so)

@@ -171,10 +171,13 @@ FASTSPIKE_HD int negative_count(acc_t v, acc_t unit, acc_t neg_margin, int group
   return n;
 }
 
-// a + b modulo 2^32: int32 overflow is undefined behaviour in C++, and a
+// a ± b modulo 2^32: int32 overflow is undefined behaviour in C++, and a
 // count_init near 2^31 must not make the kernel's result depend on the compiler.
 FASTSPIKE_HD int32_t wrapping_add(int32_t a, int32_t b) {
   return static_cast<int32_t>(static_cast<uint32_t>(a) + static_cast<uint32_t>(b));
+}
+FASTSPIKE_HD int32_t wrapping_sub(int32_t a, int32_t b) {
+  return static_cast<int32_t>(static_cast<uint32_t>(a) - static_cast<uint32_t>(b));
 }
 
 // ---------------------------------------------------------------------------
@@ -201,7 +204,7 @@ FASTSPIKE_HD acc_t neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_
     negative_open = n_neg < c;
     k_neg = negative_open ? n_neg : c;  // min(c, n⁻): never more than fired
     v_new = add_rn(v_new, mul_rn(acc_t(k_neg), unit));
-    c = wrapping_add(c, -k_neg);
+    c = wrapping_sub(c, k_neg);
   }
   v = v_new;
   count = c;
