@@ -362,6 +362,7 @@ def _train(model, train_set, config, loss_fn, val_set, collate_fn, device, rank,
             net.train()
             # loss sum, correct, samples: kept on the device so that steps need no sync.
             totals = torch.zeros(3, dtype=torch.float64, device=device)
+            classify = False  # accuracy is shown and recorded only for classifiers
             for step, (x, target) in enumerate(loader):
                 x, target = _to_device(x, device), _to_device(target, device)
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp):
@@ -376,16 +377,17 @@ def _train(model, train_set, config, loss_fn, val_set, collate_fn, device, rank,
                 totals[0] += loss.detach().double() * n
                 totals[2] += n
                 if _is_classification(out, target):
+                    classify = True
                     totals[1] += (out.detach().argmax(1) == target).sum()
                 bar.update()
                 if show and (step % 10 == 0 or step == len(loader) - 1):
-                    bar.set_postfix(epoch=epoch + 1, loss=f"{(totals[0] / totals[2]).item():.3f}",
-                                    acc=f"{(totals[1] / totals[2]).item():.3f}")
+                    shown = {"acc": f"{(totals[1] / totals[2]).item():.3f}"} if classify else {}
+                    bar.set_postfix(epoch=epoch + 1, loss=f"{(totals[0] / totals[2]).item():.3f}", **shown)
             if world > 1:
                 dist.all_reduce(totals)
             record = {"epoch": epoch + 1, "loss": (totals[0] / totals[2]).item(),
                       "lr": optimizer.param_groups[0]["lr"]}
-            if totals[1] > 0:
+            if classify:
                 record["accuracy"] = (totals[1] / totals[2]).item()
             if val_set is not None:
                 record["val_accuracy"] = classification_accuracy(model, val_set, device=device, rank=rank,
