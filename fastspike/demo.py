@@ -29,7 +29,7 @@ from tqdm import tqdm
 from .checkpoint import make_checkpoint, save_checkpoint
 from .convert import calibrate, quantize, to_snn
 from .ops import backend_info, use_reference
-from .train import TrainConfig, train_model
+from .train import TrainConfig, classification_accuracy, train_model
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -147,12 +147,7 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, loader: DataLoader) -> float:
-    device = next(model.parameters()).device
-    correct = total = 0
-    for x, y in loader:
-        correct += (model(x.to(device)).argmax(1).cpu() == y).sum().item()
-        total += y.numel()
-    return correct / total
+    return classification_accuracy(model, loader.dataset, loader.batch_size)
 
 
 def _classification(cfg: DemoConfig) -> _Task:

@@ -88,11 +88,11 @@ class SpikingNeuron(nn.Module):
         super().__init__()
         if layout not in ("merged", "sequence"):
             raise ValueError(f"layout must be 'merged' or 'sequence', got {layout!r}")
-        if (constant_input or constant_residual) and (
-                isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1):
+        has_time_steps = isinstance(time_steps, int) and not isinstance(time_steps, bool) and time_steps >= 1
+        if (constant_input or constant_residual) and not has_time_steps:
             raise ValueError(f"constant_input/constant_residual need time_steps (an integer >= 1), "
                              f"got {time_steps!r}")
-        if layout == "merged" and (isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1):
+        if layout == "merged" and not has_time_steps:
             raise ValueError(f"time_steps must be an integer >= 1 for the merged layout, got {time_steps!r}")
         self.register_buffer("threshold", torch.as_tensor(threshold, dtype=torch.float32).detach().clone())
         self.time_steps = time_steps

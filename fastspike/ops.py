@@ -212,11 +212,15 @@ def _use_reference(x_seq: torch.Tensor) -> bool:
     global _warned_cuda_fallback
     if _STATE.name != "extension" or _forced_reference:
         return True
+    if not x_seq.is_cuda:
+        return False
     # The same kernel source compiled at run time by CuPy/NVRTC serves the
     # CUDA key when the library has no CUDA kernels (FASTSPIKE_CUPY=0: never).
-    if x_seq.is_cuda and cupy_backend.ensure_registered(_backend.has_cuda_kernels()):
+    # One dispatcher query per call: this runs on every CUDA neuron call.
+    has_cuda_kernels = _backend.has_cuda_kernels()
+    if cupy_backend.ensure_registered(has_cuda_kernels):
         return False
-    if x_seq.is_cuda and not _backend.has_cuda_kernels():
+    if not has_cuda_kernels:
         if not _warned_cuda_fallback:
             warnings.warn(
                 "fastspike: the operator library was built without CUDA kernels; CUDA tensors "

@@ -194,6 +194,7 @@ def _is_classification(out: Any, target: Any) -> bool:
 
 
 @torch.no_grad()
+@torch.no_grad()  # scoring only: no autograd graph for the validation passes
 def classification_accuracy(model: nn.Module, dataset: Dataset, batch_size: int = 256,
                             device: Optional[torch.device] = None, rank: int = 0, world: int = 1) -> float:
     """Top-1 accuracy of ``model`` (eval mode) on ``dataset`` of (input, class) pairs; under DDP
