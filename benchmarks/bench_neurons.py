@@ -488,6 +488,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             "directions": args.directions, "contenders": args.contenders, "rounds": args.rounds,
             "min_time": args.min_time, "threads": args.threads, "max_seconds_per_call": args.max_seconds_per_call,
             "threshold": THRESHOLD, "input": f"torch.randn(T, N, generator seeded {SEED}) * 0.5",
+            # PyTorch's switch for backing large CPU tensors with transparent huge
+            # pages: it decides what a fresh output's page faults cost (README).
+            "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
         },
         "bytes_model": BYTES_MODEL,
         "results": [],

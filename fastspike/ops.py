@@ -28,6 +28,7 @@ backend.
 from __future__ import annotations
 
 import contextlib
+import platform
 import warnings
 from typing import Any, Dict, Iterator, Optional
 
@@ -161,13 +162,23 @@ if _STATE.name == "extension":
     )
 
 
+def _cpu_kernels() -> str:
+    """The path the CPU forward takes, by the rule of use_avx2() in
+    csrc/neuron/cpu/neuron_kernel.cpp: AVX2 on x86-64 unless ATen's CPU
+    capability (ATEN_CPU_CAPABILITY) says DEFAULT."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return "baseline"
+    return "baseline" if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else "avx2"
+
+
 def backend_info() -> Dict[str, Any]:
     """Which implementation runs the neuron operators, and why.
 
     Keys: ``backend`` ("extension" or "reference"), ``source`` ("prebuilt",
     "jit", "library" (``FASTSPIKE_LIBRARY``) or None), ``reason``, ``library`` (path of the loaded library),
     ``cuda_kernels`` (the library has CUDA implementations),
-    ``cuda_available`` (torch sees a GPU), ``cupy`` (whether the CuPy/NVRTC
+    ``cuda_available`` (torch sees a GPU), ``cpu_kernels`` ("avx2" or
+    "baseline": the instruction set of the CPU forward), ``cupy`` (whether the CuPy/NVRTC
     kernels serve CUDA tensors, and why; see :mod:`fastspike.cupy_backend`),
     ``torch`` (version).
     """
@@ -178,6 +189,7 @@ def backend_info() -> Dict[str, Any]:
         "library": _STATE.library,
         "cuda_kernels": _backend.has_cuda_kernels(),
         "cuda_available": torch.cuda.is_available(),
+        "cpu_kernels": _cpu_kernels(),
         "cupy": cupy_backend.status(),
         "torch": torch.__version__,
     }

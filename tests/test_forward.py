@@ -1,5 +1,10 @@
 """The fused forward equals the reference loop bit for bit (DESIGN §2)."""
 
+import os
+import platform
+import subprocess
+import sys
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -181,3 +186,43 @@ def test_emulated_grid_uses_vector_path_when_aligned():
         emulated = torch.ops.fastspike._emulate_cuda_forward(
             t, torch.tensor(0.5), None, None, 1, True, 0.5, 1e-3, "none", 2, 8, 0)
         assert_same_result(expected, emulated[:3])
+
+
+# The CPU forward has two builds of the same lane loop: AVX2 (8 float lanes) and
+# the baseline instruction set (SSE2 on x86-64), picked at run time. The suite
+# runs the AVX2 one where the CPU has it; this script checks the other one in a
+# process where ATen's capability is forced down to DEFAULT.
+_BASELINE_SCRIPT = r"""
+import torch, fastspike
+from fastspike.reference import neuron_reference
+assert fastspike.backend_info()["cpu_kernels"] == "baseline", fastspike.backend_info()
+gen = torch.Generator().manual_seed(0)
+checked = 0
+for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
+    for group_size, signed in ((1, False), (1, True), (4, False), (3, True), (7, True)):
+        x = (torch.randn(6, 3, 5, 67, generator=gen) * 0.8).to(dtype)
+        r = (torch.randn(6, 3, 5, 67, generator=gen) * 0.3).to(dtype)
+        theta = torch.rand(5, generator=gen) + 0.3
+        for kwargs in ({}, {"residual": r}):
+            e = neuron_reference(x, theta, group_size=group_size, signed=signed, grad="none", **kwargs)
+            with torch.no_grad():
+                a = fastspike.neuron(x, theta, group_size=group_size, signed=signed, **kwargs)
+            for ee, aa in zip(e, a):
+                assert torch.equal(ee, aa), (dtype, group_size, signed, kwargs.keys())
+            checked += 1
+print("checked", checked)
+"""
+
+
+def test_cpu_forward_baseline_instruction_set_matches_reference():
+    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
+    result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "checked 40" in result.stdout
+
+
+def test_cpu_forward_uses_avx2_where_the_cpu_has_it():
+    if platform.machine() != "x86_64" or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
+        pytest.skip("no AVX2 on this CPU (or ATEN_CPU_CAPABILITY=default)")
+    assert fastspike.backend_info()["cpu_kernels"] == "avx2"

@@ -146,10 +146,13 @@ FASTSPIKE_HD int positive_count(acc_t h, acc_t unit, int group_size) {
   if (kGroup == 1) return (h >= unit) ? 1 : 0;
   const int m = kGroup > 0 ? kGroup : group_size;
   int k = clamp_count(div_rn(h, unit), m);
-  // & rather than &&: both sides are cheap, and no branch keeps loops vectorisable.
-  k += static_cast<int>((k < m) & (h >= mul_rn(acc_t(k + 1), unit)));
-  k -= static_cast<int>((k > 0) & (h < mul_rn(acc_t(k), unit)));
-  return k;
+  // Each fixup is a comparison added as 0/1 and clamped after, never a test
+  // of two conditions: GCC 12 cannot vectorise a select between two masks,
+  // and (k < m) & (h ≥ …) made the whole lane loop of a group neuron scalar.
+  k += static_cast<int>(h >= mul_rn(acc_t(k + 1), unit));
+  k = k < m ? k : m;
+  k -= static_cast<int>(h < mul_rn(acc_t(k), unit));
+  return k > 0 ? k : 0;
 }
 
 template <typename acc_t>
@@ -165,10 +168,12 @@ FASTSPIKE_HD int negative_count(acc_t v, acc_t unit, acc_t neg_margin, int group
   // which the second fixup takes back.
   int n = clamp_count(div_rn(sub_rn(-neg_margin, v), unit), m) + 1;
   n = n < m ? n : m;
-  n += static_cast<int>((n < m) & (v <= negative_level(n + 1, unit, neg_margin)));
+  // Fixups as in positive_count: add the comparison, clamp after.
+  n += static_cast<int>(v <= negative_level(n + 1, unit, neg_margin));
+  n = n < m ? n : m;
   // !(v <= L) rather than v > L: a NaN membrane must end with no negative spikes.
-  n -= static_cast<int>((n > 0) & !(v <= negative_level(n, unit, neg_margin)));
-  return n;
+  n -= static_cast<int>(!(v <= negative_level(n, unit, neg_margin)));
+  return n > 0 ? n : 0;
 }
 
 // a ± b modulo 2^32: int32 overflow is undefined behaviour in C++, and a
