@@ -1,4 +1,4 @@
-"""The ``fastspike`` command: demo, convert, eval, train, finetune, bench, info.
+"""The ``fastspike`` command: demo, convert, eval, train, finetune, train-snn, bench, info.
 
 Every subcommand has ``--help``. Mistakes a user can fix (a missing file, an
 unknown model, T <= 0) end with one line on stderr and exit status 2, not a
@@ -263,7 +263,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------------
-# train / finetune
+# train / finetune / train-snn
 
 
 def _training_set(data: str, task: str, image_size: int, num_images: int):
@@ -305,6 +305,11 @@ def _train_config(args: argparse.Namespace):
     return config
 
 
+def _print_history(history: Sequence[Dict[str, Any]]) -> None:
+    for record in history:
+        print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from .convert import quantize
     from .models import available_models, get_model
@@ -337,31 +342,51 @@ def cmd_train(args: argparse.Namespace) -> int:
     except ResumeError as err:
         raise UsageError(str(err)) from None
     if int(os.environ.get("RANK", "0")) == 0:
-        for record in history:
-            print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+        _print_history(history)
         print(f"trained {args.model} ({args.preset}, L={args.levels}) -> {args.out}")
     return 0
 
 
-def cmd_finetune(args: argparse.Namespace) -> int:
-    from .checkpoint import build_quantized, make_checkpoint, save_checkpoint
+def _snn_settings(args: argparse.Namespace) -> Dict[str, Any]:
+    """The conversion settings (-T, --neuron, --group-size) as a checkpoint stores them."""
+    return {"time_steps": args.time_steps, "neuron": args.neuron, "group_size": args.group_size}
+
+
+def _converted(args: argparse.Namespace, ckpt: Dict[str, Any]):
+    """(quantized ANN, its SNN with -T/--neuron/--group-size, device) of the checkpoint, on --device."""
+    from .checkpoint import build_quantized
     from .convert import to_snn
-    from .finetune import finetune_layerwise, write_back
+
+    device = torch.device(args.device)
+    qnet = build_quantized(ckpt, args.checkpoint).to(device)
+    snn = to_snn(qnet, args.time_steps, args.neuron, group_size=args.group_size).to(device)
+    return qnet, snn, device
+
+
+def _save_tuned(args: argparse.Namespace, ckpt: Dict[str, Any], qnet: torch.nn.Module,
+                snn: torch.nn.Module) -> None:
+    """Writes the tuned SNN to --out as its quantized ANN plus the conversion settings (the
+    format of every fastspike checkpoint), so that load_model and fastspike eval rebuild it."""
+    from .checkpoint import make_checkpoint, save_checkpoint
+    from .finetune import write_back
+
+    write_back(snn, qnet)
+    save_checkpoint(make_checkpoint(ckpt["model"], ckpt["num_classes"], ckpt["levels"], ckpt["preset"], qnet,
+                                    ckpt.get("model_kwargs"), snn=_snn_settings(args)), args.out)
+
+
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from .finetune import finetune_layerwise
 
     ckpt = _load(args)
     task = _task_of(ckpt["model"])
     dataset, _, _, collate = _training_set(args.data, task, args.image_size, args.num_images)
-    device = torch.device(args.device)
-    qnet = build_quantized(ckpt, args.checkpoint).to(device)
-    snn = to_snn(qnet, args.time_steps, args.neuron, group_size=args.group_size).to(device)
+    qnet, snn, device = _converted(args, ckpt)
     # Classifiers are judged by their accuracy on the tuning data, other models by each layer's loss.
     report = finetune_layerwise(snn, qnet, dataset, _train_config(args), force=args.force, collate_fn=collate,
                                 val_set=dataset if task == "classification" else None,
                                 max_batches=args.max_batches, device=device, progress=not args.no_progress)
-    write_back(snn, qnet)
-    settings = {"time_steps": args.time_steps, "neuron": args.neuron, "group_size": args.group_size}
-    save_checkpoint(make_checkpoint(ckpt["model"], ckpt["num_classes"], ckpt["levels"], ckpt["preset"], qnet,
-                                    ckpt.get("model_kwargs"), snn=settings), args.out)
+    _save_tuned(args, ckpt, qnet, snn)
     metric = "train accuracy" if task == "classification" else "-layer MSE"
     print(f"{'layer':16s} {'params':>8s} {'MSE first':>10s} {'MSE last':>10s} {metric + ' before':>22s} "
           f"{'after':>8s}  kept")
@@ -369,6 +394,100 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         print(f"{r['layer']:16s} {r['parameters']:8d} {r['loss_first_epoch']:10.4g} {r['loss_last_epoch']:10.4g} "
               f"{r['metric_before']:22.4f} {r['metric_after']:8.4f}  {'yes' if r['kept'] else 'no'}")
     print(f"fine-tuned {ckpt['model']} (T={args.time_steps}, {args.neuron}) -> {args.out}")
+    return 0
+
+
+def _state_path(out: str) -> str:
+    """Where train-snn keeps the run's state (the SNN's weights, optimizer, schedule, RNG, history)
+    while it trains: next to --out, removed once --out is written."""
+    return out + ".state"
+
+
+def _sha256(path: str) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _classification_sets(args: argparse.Namespace, num_classes: int):
+    """(training set, validation set, name of the validation set) for --data/--val-data, each
+    checked to have the checkpoint's number of classes."""
+    dataset, found, _, _ = _training_set(args.data, "classification", args.image_size, 0)
+    if found != num_classes:
+        raise UsageError(f"--data {args.data!r} has {found} classes, the checkpoint's classifier {num_classes}")
+    if args.val_data is not None:
+        if args.val_data == "digits":
+            raise UsageError("--val-data is an ImageFolder path (with --data digits the test split is used)")
+        val, found, _, _ = _training_set(args.val_data, "classification", args.image_size, 0)
+        if found != num_classes:
+            raise UsageError(f"--val-data {args.val_data!r} has {found} classes, the checkpoint's classifier "
+                             f"{num_classes}")
+        return dataset, val, args.val_data
+    if args.data == "digits":
+        from .data import digits
+
+        return dataset, digits("test"), "digits test split"
+    return dataset, dataset, f"{args.data} (the training images: no --val-data)"
+
+
+def _check_resumable(state_path: str, run: Dict[str, Any]) -> None:
+    """Refuses --resume when there is no interrupted run or it was started with another
+    checkpoint, conversion or surrogate (the optimizer recipe is checked by train_model)."""
+    from .checkpoint import load_checkpoint
+
+    if not os.path.isfile(state_path):
+        raise UsageError(f"--resume: no interrupted run to continue, {state_path!r} does not exist "
+                         "(a finished run removes it)")
+    saved = load_checkpoint(state_path).get("bptt") or {}
+    names = {"model": "--model", "time_steps": "--time-steps", "neuron": "--neuron", "group_size": "--group-size",
+             "surrogate": "--surrogate", "alpha": "--alpha"}
+    changed = [f"{names[k]} {saved.get(k)!r} -> {v!r}" for k, v in run.items()
+               if k in names and saved.get(k) != v]
+    if saved.get("source_sha256") != run["source_sha256"]:
+        changed.append("CHECKPOINT (another file: its sha256 differs)")
+    if changed:
+        raise UsageError(f"--resume needs the run's settings; {state_path!r} differs in {', '.join(changed)}")
+
+
+def cmd_train_snn(args: argparse.Namespace) -> int:
+    from .finetune import train_snn
+    from .train import ResumeError, classification_accuracy
+
+    ckpt = _load(args)
+    task = _task_of(ckpt["model"])
+    if task != "classification":
+        raise UsageError(f"CHECKPOINT {args.checkpoint!r} holds the {task} model {ckpt['model']!r}: fastspike "
+                         "train-snn trains classifiers (cross-entropy); for other models call "
+                         "fastspike.finetune.train_snn with their loss_fn (e.g. fastspike.models.yolo_loss)")
+    dataset, val, val_name = _classification_sets(args, ckpt["num_classes"])
+    config = _train_config(args)
+    state_path = _state_path(args.out)
+    # What the saved state must share with this run, beyond the optimizer recipe.
+    run = {"source_sha256": _sha256(args.checkpoint), "model": ckpt["model"], **_snn_settings(args),
+           "surrogate": args.surrogate, "alpha": args.alpha}
+    if args.resume:
+        _check_resumable(state_path, run)
+    qnet, snn, device = _converted(args, ckpt)
+    before = classification_accuracy(snn, val, device=device)
+    meta = {"model": ckpt["model"], "num_classes": ckpt["num_classes"], "model_kwargs": ckpt.get("model_kwargs"),
+            "levels": ckpt["levels"], "preset": ckpt["preset"], "snn": _snn_settings(args), "bptt": run}
+    try:
+        history = train_snn(snn, dataset, config, surrogate=args.surrogate, alpha=args.alpha, val_set=val,
+                            device=device, checkpoint=state_path, resume=args.resume, checkpoint_meta=meta,
+                            progress=not args.no_progress, desc=f"train-snn {ckpt['model']} T={args.time_steps}")
+    except ResumeError as err:
+        raise UsageError(str(err)) from None
+    if int(os.environ.get("RANK", "0")) == 0:
+        _save_tuned(args, ckpt, qnet, snn)
+        os.remove(state_path)  # --out now holds the result; the state only served an interrupted run
+        _print_history(history)
+        print(f"accuracy on {val_name}: before {before:.4f}, after {history[-1]['val_accuracy']:.4f}")
+        print(f"trained SNN {ckpt['model']} (T={args.time_steps}, {args.neuron}, {args.surrogate} surrogate) "
+              f"-> {args.out}")
     return 0
 
 
@@ -391,7 +510,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _add_recipe_arguments(p: argparse.ArgumentParser, **defaults: Any) -> None:
-    """The optimizer knobs shared by train and finetune (fastspike.train.TrainConfig)."""
+    """The optimizer knobs shared by train, finetune and train-snn (fastspike.train.TrainConfig)."""
     p.add_argument("--epochs", type=_positive_int, default=defaults["epochs"])
     p.add_argument("--batch-size", type=_positive_int, default=defaults["batch_size"],
                    help="global batch (divided among torchrun processes)")
@@ -405,6 +524,19 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, **defaults: Any) -> None:
     p.add_argument("--workers", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _add_tuning_arguments(p: argparse.ArgumentParser, done: str, data_help: str) -> None:
+    """The checkpoint, conversion and data arguments shared by finetune and train-snn."""
+    p.add_argument("checkpoint", metavar="CHECKPOINT",
+                   help="a quantized-ANN checkpoint (fastspike train, fastspike demo)")
+    p.add_argument("--out", required=True, help=f"where to write the {done} checkpoint (with -T/--neuron)")
+    p.add_argument("--time-steps", "-T", type=_positive_int, required=True)
+    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    p.add_argument("--group-size", type=_positive_int, default=None, help="m, for the group kinds")
+    p.add_argument("--data", default="digits", help=data_help)
+    p.add_argument("--model", help="model name to build instead of the checkpoint's")
+    p.add_argument("--image-size", type=_positive_int, default=64, help="image side for folders and scenes")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -462,20 +594,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="Fast-SNN layer-wise fine-tuning of a checkpoint's SNN")
-    p.add_argument("checkpoint", help="a quantized-ANN checkpoint (fastspike train, fastspike demo)")
-    p.add_argument("--out", required=True, help="where to write the fine-tuned checkpoint (with -T/--neuron)")
-    p.add_argument("--time-steps", "-T", type=_positive_int, required=True)
-    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
-    p.add_argument("--group-size", type=_positive_int, default=None, help="m, for the group kinds")
-    p.add_argument("--data", default="digits",
-                   help="tuning data: 'digits', an ImageFolder path, or 'scenes' (detection/segmentation)")
-    p.add_argument("--model", help="model name to build instead of the checkpoint's")
+    _add_tuning_arguments(p, "fine-tuned", "tuning data: 'digits', an ImageFolder path, or 'scenes' "
+                          "(detection/segmentation)")
     p.add_argument("--force", action="store_true", help="keep every layer's update even if the metric drops")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="batches per layer and epoch")
-    p.add_argument("--image-size", type=_positive_int, default=64, help="image side for folders and scenes")
     p.add_argument("--num-images", type=_positive_int, default=128, help="synthetic scenes to tune on")
     _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
     p.set_defaults(func=cmd_finetune)
+
+    p = sub.add_parser("train-snn", help="surrogate-gradient (BPTT) training of a classifier checkpoint's SNN, "
+                       "end to end")
+    _add_tuning_arguments(p, "trained", "training data: 'digits' or an ImageFolder path (one folder per class)")
+    p.add_argument("--val-data", help="ImageFolder scored before and after (default: the digits test split for "
+                   "--data digits, else the --data folder itself)")
+    p.add_argument("--surrogate", choices=["sigmoid", "atan"], default="sigmoid", help="surrogate gradient shape")
+    p.add_argument("--alpha", type=float, default=None,
+                   help="surrogate sharpness (default 4 for sigmoid, 2 for atan)")
+    p.add_argument("--resume", action="store_true",
+                   help=f"continue the interrupted run saved in {_state_path('OUT')}")
+    _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-4, weight_decay=0.0)
+    p.set_defaults(func=cmd_train_snn)
 
     p = sub.add_parser("bench", help="run benchmarks/bench_neurons.py, or bench_models.py with --suite models "
                        "(other arguments passed through)")
@@ -501,6 +639,9 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--neuron {neuron} needs --group-size >= 2, got {group_size}")
         if NEURON_KINDS[neuron][0] is not None and group_size not in (None, 1):
             raise UsageError(f"--group-size applies to --neuron group or signed-group, not {neuron}")
+    alpha = getattr(args, "alpha", None)
+    if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
+        raise UsageError(f"--alpha: expected a finite surrogate sharpness > 0, got {alpha}")
     threshold = getattr(args, "threshold", None)
     if threshold is not None and not (math.isfinite(threshold) and threshold > 0):
         raise UsageError(f"--threshold: expected a finite value > 0, got {threshold}")
