@@ -19,6 +19,7 @@ typedef unsigned int uint32_t;
 #else
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #endif
 
 #if defined(__CUDACC__) || defined(__CUDACC_RTC__)
@@ -88,11 +89,35 @@ FASTSPIKE_HD double div_rn(double a, double b) {
 #endif
 }
 
+// e^a for the surrogate gradients. On the device expf. On the host a
+// Cephes-style range reduction and polynomial (a few ulp in float), plain
+// arithmetic that the compiler can vectorise where std::exp would be one scalar
+// library call per lane. Arguments outside [−87, 88] are clamped (the sigmoid
+// surrogate only needs "tiny" or "huge" there); NaN stays NaN.
 FASTSPIKE_HD float exp_acc(float a) {
 #ifdef __CUDA_ARCH__
   return expf(a);
 #else
-  return std::exp(a);
+  float x = a < 88.0f ? a : 88.0f;
+  x = x > -87.0f ? x : -87.0f;
+  // n = round(x / ln 2), by truncation after adding ±0.5 (no floor call).
+  const float t = x * 1.44269504088896341f;
+  const int n = static_cast<int>(t + (t >= 0.0f ? 0.5f : -0.5f));
+  const float fn = static_cast<float>(n);
+  const float r = (x - fn * 0.693359375f) - fn * -2.12194440e-4f;  // x − n·ln 2 in two parts
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  // 2^n built from its exponent bits; n ∈ [−126, 127] after the clamp.
+  const int32_t bits = (n + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  // std::isnan, not a != a: GCC 12 vectorises only the former here.
+  return std::isnan(a) ? a : y * scale;
 #endif
 }
 FASTSPIKE_HD double exp_acc(double a) {
@@ -221,9 +246,9 @@ FASTSPIKE_HD acc_t neuron_step(acc_t x, acc_t unit, acc_t neg_margin, int group_
 // spike output carries a factor u that cancels the 1/u of the chain rule.
 enum SurrogateKind : int { kSurrogateSigmoid = 0, kSurrogateAtan = 1 };
 
-template <typename acc_t>
-FASTSPIKE_HD acc_t surrogate_grad(acc_t z, int kind, acc_t alpha) {
-  if (kind == kSurrogateAtan) {
+template <typename acc_t, int kKind>
+FASTSPIKE_HD acc_t surrogate_grad(acc_t z, acc_t alpha) {
+  if (kKind == kSurrogateAtan) {
     // d/dz [atan(π/2·α·z)/π + 1/2]
     const acc_t w = acc_t(1.5707963267948966) * alpha * z;
     return alpha / (acc_t(2) * (acc_t(1) + w * w));
@@ -233,27 +258,20 @@ FASTSPIKE_HD acc_t surrogate_grad(acc_t z, int kind, acc_t alpha) {
   return alpha * s * (acc_t(1) - s);
 }
 
-// d s_t / d h_t for one step with the reset path detached: positive members
-// contribute φ'((h − j·u)/u); when the negative side was open, the negative
-// members contribute φ'((L_j − v')/u), L_j = −ε − (j−1)·u, v' = h − k⁺·u.
-template <typename acc_t, bool kSigned, int kGroup>
-FASTSPIKE_HD acc_t spike_derivative(acc_t h, bool negative_open, acc_t unit,
-                                    acc_t inv_unit, acc_t neg_margin, int group_size,
-                                    int kind, acc_t alpha) {
-  const int m = kGroup > 0 ? kGroup : group_size;
-  acc_t d = 0;
-  for (int j = 1; j <= m; ++j) {
-    d += surrogate_grad<acc_t>((h - mul_rn(acc_t(j), unit)) * inv_unit, kind, alpha);
-  }
-  if (kSigned && negative_open) {
-    const int k_pos = positive_count<acc_t, kGroup>(h, unit, m);
-    const acc_t v_after = sub_rn(h, mul_rn(acc_t(k_pos), unit));
-    for (int j = 1; j <= m; ++j) {
-      d += surrogate_grad<acc_t>((negative_level(j, unit, neg_margin) - v_after) * inv_unit, kind,
-                                 alpha);
-    }
-  }
-  return d;
+// d s_t / d h_t for one step with the reset path detached is a sum of terms:
+// positive members j = 1..m contribute φ'((h − j·u)/u); when the negative side
+// was open, negative members contribute φ'((L_j − v')/u), L_j = −ε − (j−1)·u,
+// v' = h − k⁺·u. The backward sums them in that order (see backward_steps).
+template <typename acc_t, int kKind>
+FASTSPIKE_HD acc_t positive_term(acc_t h, int j, acc_t unit, acc_t inv_unit, acc_t alpha) {
+  return surrogate_grad<acc_t, kKind>((h - mul_rn(acc_t(j), unit)) * inv_unit, alpha);
+}
+
+template <typename acc_t, int kKind>
+FASTSPIKE_HD acc_t negative_term(acc_t v_after, int j, acc_t unit, acc_t inv_unit,
+                                 acc_t neg_margin, acc_t alpha) {
+  return surrogate_grad<acc_t, kKind>((negative_level(j, unit, neg_margin) - v_after) * inv_unit,
+                                      alpha);
 }
 
 // ---------------------------------------------------------------------------
@@ -467,27 +485,77 @@ struct SurrogateBackwardArgs {
   acc_t alpha;
 };
 
-// Backpropagation through time for one neuron, reverse order in one pass:
-// h_t = v_{t−1} + x_t, so dL/dx_t = dL/dh_t and dL/dv_{t−1} = dL/dh_t, with
-// dL/dh_t = g_t · ds_t/dh_t + dL/dv_t (reset detached: dv_t/dh_t = 1).
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup>
-FASTSPIKE_HD void surrogate_backward_element(int64_t n,
-                                             const SurrogateBackwardArgs<scalar_t, acc_t>& a) {
+// Backpropagation through time for kVec neurons starting at n0, reverse order
+// in one pass: h_t = v_{t−1} + x_t, so dL/dx_t = dL/dh_t and dL/dv_{t−1} =
+// dL/dh_t, with dL/dh_t = g_t · ds_t/dh_t + dL/dv_t (reset detached:
+// dv_t/dh_t = 1). The member loop is outside the lane loop so that the lanes
+// (independent neurons) vectorise on the host; on CUDA kVec is 1.
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec, int kKind>
+FASTSPIKE_HD void backward_steps(int64_t n0, const SurrogateBackwardArgs<scalar_t, acc_t>& a,
+                                 const acc_t* unit, const acc_t* inv_unit, acc_t* grad_v) {
   const int m = kGroup > 0 ? kGroup : a.group_size;
-  const acc_t unit =
-      neuron_unit(a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)], m);
-  const acc_t inv_unit = acc_t(1) / unit;
-  acc_t grad_v = a.grad_v_final ? a.grad_v_final[n] : acc_t(0);
+  const acc_t alpha = a.alpha;
+  const acc_t neg_margin = a.neg_margin;
   for (int64_t t = a.time_steps - 1; t >= 0; --t) {
-    const int64_t offset = t * a.neurons + n;
-    const bool negative_open = kSigned && a.negative_open_seq[offset];
-    const acc_t ds_dh = spike_derivative<acc_t, kSigned, kGroup>(
-        a.membrane_seq[offset], negative_open, unit, inv_unit, a.neg_margin, m, a.surrogate,
-        a.alpha);
-    grad_v = static_cast<acc_t>(a.grad_spikes[offset]) * ds_dh + grad_v;
-    a.grad_x[offset] = static_cast<scalar_t>(grad_v);
+    const int64_t offset = t * a.neurons + n0;
+    const acc_t* h = a.membrane_seq + offset;
+    acc_t d[kVec];
+    for (int l = 0; l < kVec; ++l) d[l] = 0;
+    for (int j = 1; j <= m; ++j) {
+      for (int l = 0; l < kVec; ++l) {
+        d[l] += positive_term<acc_t, kKind>(h[l], j, unit[l], inv_unit[l], alpha);
+      }
+    }
+    if (kSigned) {
+      // The 1-byte flags as acc_t first, read as bytes: GCC vectorises neither
+      // a float select on a 1-byte mask nor a conversion from bool.
+      const unsigned char* open_flags =
+          reinterpret_cast<const unsigned char*>(a.negative_open_seq + offset);
+      acc_t open[kVec], v_after[kVec];
+      for (int l = 0; l < kVec; ++l) open[l] = static_cast<acc_t>(open_flags[l]);
+      for (int l = 0; l < kVec; ++l) {
+        v_after[l] = sub_rn(h[l], mul_rn(acc_t(positive_count<acc_t, kGroup>(h[l], unit[l], m)),
+                                         unit[l]));
+      }
+      for (int j = 1; j <= m; ++j) {
+        for (int l = 0; l < kVec; ++l) {
+          const acc_t term =
+              negative_term<acc_t, kKind>(v_after[l], j, unit[l], inv_unit[l], neg_margin, alpha);
+          d[l] += open[l] != acc_t(0) ? term : acc_t(0);
+        }
+      }
+    }
+    const scalar_t* g = a.grad_spikes + offset;
+    scalar_t* grad_x = a.grad_x + offset;
+    for (int l = 0; l < kVec; ++l) {
+      grad_v[l] = static_cast<acc_t>(g[l]) * d[l] + grad_v[l];
+      grad_x[l] = static_cast<scalar_t>(grad_v[l]);
+    }
   }
-  a.grad_v_init[n] = grad_v;
+}
+
+// Neurons [index·kVec, index·kVec + kVec) of the surrogate backward (one
+// neuron per CUDA thread, a block of lanes per CPU task).
+template <typename scalar_t, typename acc_t, bool kSigned, int kGroup, int kVec = 1>
+FASTSPIKE_HD void surrogate_backward_element(int64_t index,
+                                             const SurrogateBackwardArgs<scalar_t, acc_t>& a) {
+  const int64_t n0 = index * kVec;
+  const int m = kGroup > 0 ? kGroup : a.group_size;
+  acc_t unit[kVec], inv_unit[kVec], grad_v[kVec];
+  for (int l = 0; l < kVec; ++l) {
+    const int64_t n = n0 + l;
+    unit[l] = neuron_unit(a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)], m);
+    inv_unit[l] = acc_t(1) / unit[l];
+    grad_v[l] = a.grad_v_final ? a.grad_v_final[n] : acc_t(0);
+  }
+  if (a.surrogate == kSurrogateAtan) {
+    backward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, kSurrogateAtan>(n0, a, unit, inv_unit,
+                                                                           grad_v);
+  } else {
+    backward_steps<scalar_t, acc_t, kSigned, kGroup, kVec, kSurrogateSigmoid>(n0, a, unit,
+                                                                              inv_unit, grad_v);
+  }
+  for (int l = 0; l < kVec; ++l) a.grad_v_init[n0 + l] = grad_v[l];
 }
 
 template <typename scalar_t, typename acc_t>

@@ -1,8 +1,8 @@
-// CPU implementations of the neuron operators. The forward runs blocks of
-// kCpuBlock consecutive neurons through all T steps with at::parallel_for over
-// blocks: the same forward_element the CUDA kernel runs, with the block as its
-// vector width, so the lane loop over neurons is the vectorisable inner loop
-// and the T loop stays inside.
+// CPU implementations of the neuron operators. The forward and the surrogate
+// backward run blocks of kCpuBlock consecutive neurons through all T steps with
+// at::parallel_for over blocks: the same element functions the CUDA kernels
+// run, with the block as their lane count, so the lane loop over neurons is the
+// vectorisable inner loop and the T loop stays inside.
 #include "../neuron_dispatch.h"
 
 #include <ATen/Parallel.h>
@@ -22,31 +22,20 @@ int64_t grain_for(int64_t time_steps, int64_t unit) {
   return std::max<int64_t>(1, (32768 / steps + unit - 1) / unit);
 }
 
-// Blocks [begin, end) of the forward, compiled for the baseline instruction
-// set of the build.
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup>
-void forward_blocks(int64_t begin, int64_t end, const ForwardArgs<scalar_t, acc_t>& args) {
-  for (int64_t b = begin; b < end; ++b) {
-    forward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(b, args);
-  }
-}
-
 #if defined(__GNUC__) && defined(__x86_64__)
 #define FASTSPIKE_HAVE_AVX2_PATH 1
-// The same blocks compiled for AVX2 (8 float lanes instead of SSE2's 4):
-// flatten inlines the whole neuron math into this one function, so all of it
-// is compiled for AVX2. No FMA is enabled, so every result stays bit-identical
-// to the baseline path and to the reference; only the vector width changes.
-template <typename scalar_t, typename acc_t, bool kSigned, int kGroup>
-__attribute__((target("avx2"), flatten)) void forward_blocks_avx2(
-    int64_t begin, int64_t end, const ForwardArgs<scalar_t, acc_t>& args) {
-  for (int64_t b = begin; b < end; ++b) {
-    forward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(b, args);
-  }
+// `blocks(begin, end)` compiled for AVX2 (8 float lanes instead of SSE2's 4):
+// flatten inlines the lambda and the whole neuron math under it into this one
+// function, so all of it is compiled for AVX2. No FMA is enabled, so every
+// result stays bit-identical to the baseline path; only the vector width changes.
+template <typename Blocks>
+__attribute__((target("avx2"), flatten)) void run_blocks_avx2(const Blocks& blocks, int64_t begin,
+                                                              int64_t end) {
+  blocks(begin, end);
 }
 #endif
 
-// Whether the forward uses its AVX2 path: the CPU has AVX2 and ATen's own
+// Whether the lane loops use their AVX2 build: the CPU has AVX2 and ATen's own
 // choice (ATEN_CPU_CAPABILITY=default turns it off, e.g. to test the baseline
 // path on an AVX2 machine) allows it.
 bool use_avx2() {
@@ -60,25 +49,37 @@ bool use_avx2() {
 #endif
 }
 
+// Runs blocks(begin, end) over [0, count) in parallel, in its AVX2 build where
+// use_avx2() says so.
+template <typename Blocks>
+void parallel_blocks(int64_t count, int64_t grain, const Blocks& blocks) {
+  const bool avx2 = use_avx2();
+  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+#ifdef FASTSPIKE_HAVE_AVX2_PATH
+    if (avx2) {
+      run_blocks_avx2(blocks, begin, end);
+      return;
+    }
+#endif
+    (void)avx2;
+    blocks(begin, end);
+  });
+}
+
 void run_forward_cpu(const ForwardPlan& plan, const ForwardOutputs& out, int64_t group_size,
                      bool is_signed, double init_fraction, double neg_margin) {
-  const bool avx2 = use_avx2();
   FASTSPIKE_DISPATCH_FLOATS(plan.x.scalar_type(), "neuron_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args =
         make_forward_args<scalar_t, acc_t>(plan, out, group_size, init_fraction, neg_margin);
     FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
       const int64_t full_blocks = plan.neurons / kCpuBlock;
-      at::parallel_for(0, full_blocks, grain_for(plan.time_steps, kCpuBlock),
-                       [&](int64_t begin, int64_t end) {
-#ifdef FASTSPIKE_HAVE_AVX2_PATH
-                         if (avx2) {
-                           forward_blocks_avx2<scalar_t, acc_t, kSigned, kGroup>(begin, end, args);
-                           return;
-                         }
-#endif
-                         forward_blocks<scalar_t, acc_t, kSigned, kGroup>(begin, end, args);
-                       });
+      parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t b = begin; b < end; ++b) {
+                          forward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(b, args);
+                        }
+                      });
       // The neurons that do not fill a block, one at a time.
       for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
         forward_element<scalar_t, acc_t, kSigned, kGroup, 1>(n, args);
@@ -95,12 +96,18 @@ void run_backward_surrogate_cpu(const SurrogateBackwardPlan& plan, const at::Ten
     const auto args = make_surrogate_backward_args<scalar_t, acc_t>(plan, grad_x, grad_v_init,
                                                                     group_size, neg_margin, alpha);
     FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
-      at::parallel_for(0, plan.neurons, grain_for(plan.time_steps, 1),
-                       [&](int64_t begin, int64_t end) {
-                         for (int64_t n = begin; n < end; ++n) {
-                           surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup>(n, args);
-                         }
-                       });
+      // Blocks of lanes as in the forward, so the surrogate terms vectorise.
+      const int64_t full_blocks = plan.neurons / kCpuBlock;
+      parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
+                      [&](int64_t begin, int64_t end) {
+                        for (int64_t b = begin; b < end; ++b) {
+                          surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(
+                              b, args);
+                        }
+                      });
+      for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
+        surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup, 1>(n, args);
+      }
     });
   });
 }
