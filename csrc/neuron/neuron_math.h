@@ -571,19 +571,28 @@ struct RateBackwardArgs {
 };
 
 // Straight-through on the time average (Fast-SNN fine-tuning): every x_t gets
-// (1/T)·Σ_τ g_τ where 0 < x̄ < θ, else 0.
-template <typename scalar_t, typename acc_t>
-FASTSPIKE_HD void rate_backward_element(int64_t n, const RateBackwardArgs<scalar_t, acc_t>& a) {
-  const acc_t theta = a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)];
-  const acc_t mean = a.input_mean[n];
-  acc_t total = 0;
+// (1/T)·Σ_τ g_τ where 0 < x̄ < θ, else 0. Neurons [index·kVec, index·kVec + kVec):
+// one per CUDA thread, a block of lanes per CPU task (the lane loops vectorise).
+template <typename scalar_t, typename acc_t, int kVec = 1>
+FASTSPIKE_HD void rate_backward_element(int64_t index, const RateBackwardArgs<scalar_t, acc_t>& a) {
+  const int64_t n0 = index * kVec;
+  acc_t total[kVec];
+  for (int l = 0; l < kVec; ++l) total[l] = 0;
   for (int64_t t = 0; t < a.time_steps; ++t) {
-    total += static_cast<acc_t>(a.grad_spikes[t * a.neurons + n]);
+    const scalar_t* g = a.grad_spikes + t * a.neurons + n0;
+    for (int l = 0; l < kVec; ++l) total[l] += static_cast<acc_t>(g[l]);
   }
-  const bool pass = acc_t(0) < mean && mean < theta;
-  const scalar_t g = static_cast<scalar_t>(pass ? total / acc_t(a.time_steps) : acc_t(0));
+  scalar_t grad[kVec];
+  for (int l = 0; l < kVec; ++l) {
+    const int64_t n = n0 + l;
+    const acc_t theta = a.threshold[threshold_index(n, a.threshold_inner, a.threshold_size)];
+    const acc_t mean = a.input_mean[n];
+    const bool pass = acc_t(0) < mean && mean < theta;
+    grad[l] = static_cast<scalar_t>(pass ? total[l] / acc_t(a.time_steps) : acc_t(0));
+  }
   for (int64_t t = 0; t < a.time_steps; ++t) {
-    a.grad_x[t * a.neurons + n] = g;
+    scalar_t* grad_x = a.grad_x + t * a.neurons + n0;
+    for (int l = 0; l < kVec; ++l) grad_x[l] = grad[l];
   }
 }
 

@@ -1,5 +1,5 @@
-// CPU implementations of the neuron operators. The forward and the surrogate
-// backward run blocks of kCpuBlock consecutive neurons through all T steps with
+// CPU implementations of the neuron operators. The forward and both backwards
+// run blocks of kCpuBlock consecutive neurons through all T steps with
 // at::parallel_for over blocks: the same element functions the CUDA kernels
 // run, with the block as their lane count, so the lane loop over neurons is the
 // vectorisable inner loop and the T loop stays inside.
@@ -116,12 +116,16 @@ void run_backward_rate_cpu(const RateBackwardPlan& plan, const at::Tensor& grad_
   FASTSPIKE_DISPATCH_FLOATS(plan.grad_spikes.scalar_type(), "neuron_backward_rate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = make_rate_backward_args<scalar_t, acc_t>(plan, grad_x);
-    at::parallel_for(0, plan.neurons, grain_for(plan.time_steps, 1),
-                     [&](int64_t begin, int64_t end) {
-                       for (int64_t n = begin; n < end; ++n) {
-                         rate_backward_element<scalar_t, acc_t>(n, args);
-                       }
-                     });
+    const int64_t full_blocks = plan.neurons / kCpuBlock;
+    parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
+                    [&](int64_t begin, int64_t end) {
+                      for (int64_t b = begin; b < end; ++b) {
+                        rate_backward_element<scalar_t, acc_t, kCpuBlock>(b, args);
+                      }
+                    });
+    for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
+      rate_backward_element<scalar_t, acc_t, 1>(n, args);
+    }
   });
 }
 
