@@ -52,6 +52,7 @@ rewritten after every configuration) plus a PNG of time per image against T (--n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as _dt
 import gc
 import inspect
@@ -299,6 +300,33 @@ def spike_statistics(snn: fx.GraphModule, macs: Dict[str, int], x: torch.Tensor,
 # ----------------------------------------------------------------------------- memory
 
 
+# Lines kineto (torch.profiler's C++ side) writes to the native stderr on every profiling session,
+# at any KINETO_LOG_LEVEL that still shows errors; its WARNING and ERROR lines pass through.
+_PROFILER_NOISE = ("USDT:", "STAGE:")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise() -> Any:
+    """Sends file descriptor 2 (where C++ std::cerr writes) to a temporary file for the block,
+    then writes every line of it except kineto's noise lines to sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not line.startswith(_PROFILER_NOISE))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
 class PeakMemory:
     """Peak memory a call adds. ``peak_bytes``: the high-water mark of tensor memory allocated
     during the call (CUDA: max_memory_allocated; CPU: the running "Total Allocated" of
@@ -337,13 +365,14 @@ class PeakMemory:
     def _profiled_peak(call: Callable[[], Any]) -> Optional[int]:
         from torch.profiler import ProfilerActivity, profile
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            result = call()
-            del result  # freed while profiling, so the profiler's running total sees it
         fd, path = tempfile.mkstemp(suffix=".json")
         os.close(fd)
         try:
-            prof.export_chrome_trace(path)
+            with _without_profiler_noise():  # kineto logs at start, stop and export
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    result = call()
+                    del result  # freed while profiling, so the profiler's running total sees it
+                prof.export_chrome_trace(path)
             with open(path, encoding="utf-8") as handle:
                 events = json.load(handle)["traceEvents"]
         finally:

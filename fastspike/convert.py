@@ -62,6 +62,7 @@ __all__ = [
     "fuse_residual_adds",
     "fold_spike_scales",
     "RepeatOverTime",
+    "ShapeOverTime",
     "ReadoutOverTime",
     "NEURON_KINDS",
 ]
@@ -457,6 +458,19 @@ class RepeatOverTime(nn.Module):
             (self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
 
 
+class ShapeOverTime(nn.Module):
+    """[B, ...] -> the torch.Size of the [T·B, ...] tensor RepeatOverTime would
+    make, without making it (a module, so a saved network reloads: fx re-traces
+    with every module kept as one call)."""
+
+    def __init__(self, time_steps: int):
+        super().__init__()
+        self.time_steps = time_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Size:
+        return torch.Size((self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
+
+
 class ReadoutOverTime(nn.Module):
     """[T·B, ...] -> the mean or sum over T ([B, ...]) or the sequence [T, B, ...],
     applied to every tensor of a (possibly nested) output."""
@@ -545,6 +559,9 @@ def fuse_residual_adds(gm: fx.GraphModule) -> fx.GraphModule:
 # Pass: the time axis
 
 _SIZE_METHODS = {"size", "numel", "nelement"}
+# Reads that give the same value on the [B, ...] and the [T·B, ...] tensor.
+_BATCH_FREE_ATTRS = {"ndim", "dtype", "device", "is_cuda", "layout"}
+_BATCH_FREE_METHODS = {"dim", "ndimension", "get_device", "is_floating_point", "is_complex"}
 
 
 def _reads_batch_size(node: fx.Node) -> bool:
@@ -552,7 +569,66 @@ def _reads_batch_size(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _SIZE_METHODS
     return node.op == "call_function" and (
-        node.target is len or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"))
+        node.target in (len, torch.numel)
+        or (node.target is getattr and len(node.args) > 1 and node.args[1] == "shape"))
+
+
+def _size_dims(node: fx.Node) -> List[Any]:
+    """The dim arguments of an ``x.size(...)`` call (none for the whole shape)."""
+    return list(node.args[1:]) + list(node.kwargs.values())
+
+
+def _reads_full_shape(node: fx.Node) -> bool:
+    """``x.shape`` or ``x.size()``: the whole torch.Size."""
+    return ((node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+            or (node.op == "call_method" and node.target == "size" and not _size_dims(node)))
+
+
+def _skips_batch_dim(index: Any) -> bool:
+    """``shape[index]`` never selects dim 0, whatever the rank: an int >= 1 or
+    a forward slice starting at >= 1 (a negative index may reach dim 0)."""
+    def positive(i: Any) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and i >= 1
+    if isinstance(index, slice):
+        return positive(index.start) and (index.step is None or positive(index.step))
+    return positive(index)
+
+
+def _reads_batch_free(node: fx.Node, sizes: set) -> bool:
+    """Metadata reads whose value is the same on [B, ...] and [T·B, ...]:
+    rank, dtype, device, ``x.size(d)`` and ``shape[d]`` for d >= 1 (``sizes``:
+    the nodes holding a whole shape)."""
+    if node.op == "call_function" and node.target is getattr:
+        return len(node.args) == 2 and node.args[1] in _BATCH_FREE_ATTRS
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and node.args[0] in sizes and _skips_batch_dim(node.args[1])
+    if node.op != "call_method":
+        return False
+    if node.target == "size":
+        dims = _size_dims(node)
+        return len(dims) == 1 and _skips_batch_dim(dims[0])
+    return node.target in _BATCH_FREE_METHODS
+
+
+def _read_size_over_time(gm: fx.GraphModule, node: fx.Node) -> Tuple[fx.Node, fx.Node]:
+    """Replaces a size read off a [B, ...] value (``x.shape``, ``x.size(d)``,
+    ``numel``, ``len``) by the same read off :class:`ShapeOverTime`, so the
+    value is the unoptimised network's (T·B rows) and ``x`` is not repeated.
+    Returns (the new shape node, the node now standing for ``node``)."""
+    graph = gm.graph
+    with graph.inserting_before(node):
+        shape = graph.call_module("shape_over_time", (node.args[0],))
+        if _reads_full_shape(node):
+            read = shape
+        elif node.op == "call_method" and node.target == "size":
+            read = graph.call_function(operator.getitem, (shape, _size_dims(node)[0]))
+        elif node.target is len:
+            read = graph.call_function(operator.getitem, (shape, 0))
+        else:  # numel, nelement, torch.numel
+            read = graph.call_method("numel", (shape,))
+    node.replace_all_uses_with(read)
+    graph.erase_node(node)
+    return shape, read
 
 
 def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
@@ -562,15 +638,23 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
     With ``constant_input_once``, the nodes computed from the inputs with no
     neuron among their ancestors (the constant part) run once on [B, ...]:
     a neuron reading such a value takes it as a time broadcast (never copied),
-    and the value is repeated over T only where it meets a time-varying one,
-    feeds a size query, or reaches the output (so the outputs are the same as
-    repeating the inputs)."""
+    and the value is repeated over T only where it meets a time-varying one
+    or reaches the output (so the outputs are the same as repeating the
+    inputs). Reading its size needs no repeat: rank, dtype and sizes past
+    dim 0 are those of the [B, ...] value, and a read that may include dim 0
+    (``x.shape``, ``x.size(0)``, ``shape[-2:]``, ``numel``, ``len``) is taken
+    off the [T·B, ...] shape computed from it (:class:`ShapeOverTime`); such
+    a read counts as time-varying, so a constant tensor that it meets is
+    repeated (a view to ``x.size(0)`` rows needs the T·B rows)."""
     gm.add_submodule("repeat_over_time", RepeatOverTime(time_steps))
     gm.add_submodule("readout_over_time", ReadoutOverTime(time_steps, readout))
+    if constant_input_once:
+        gm.add_submodule("shape_over_time", ShapeOverTime(time_steps))
     # constant: computed from the inputs, no neuron upstream, [B, ...];
-    # varying: [T·B, ...] (or a size read off such a tensor); anything else
-    # (parameters, literals) is used as it is.
-    constant, varying, repeated = set(), set(), {}
+    # varying: [T·B, ...] (or a size that may count T·B rows); anything else
+    # (parameters, literals, batch-free metadata reads) is used as it is.
+    # sizes: nodes holding a whole shape, whose items past dim 0 are batch-free.
+    constant, varying, repeated, sizes = set(), set(), {}, set()
 
     def repeat(value: fx.Node) -> fx.Node:
         if value not in repeated:
@@ -604,12 +688,21 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
             layer.constant_input = node.args[0] in constant
             layer.constant_residual = len(node.args) > 1 and node.args[1] in constant
             varying.add(node)
+        elif _reads_batch_free(node, sizes) and any(v in constant or v in varying for v in node.all_input_nodes):
+            continue  # the same on [B, ...] and [T·B, ...]: used as it is, never repeated
+        elif _reads_batch_size(node) and [v for v in node.all_input_nodes if v in constant] == list(node.args[:1]):
+            shape, read = _read_size_over_time(gm, node)
+            sizes.add(shape)
+            varying.update((shape, read))
         elif (_is_neuron(gm, node) or any(v in varying for v in node.all_input_nodes)
               or (_reads_batch_size(node) and any(v in constant for v in node.all_input_nodes))):
-            # Where a constant meets a time-varying value, or a size is read
-            # off it, it must have the T·B rows the unoptimised network had.
+            # Where a constant meets a time-varying value (or a size is read
+            # off it in a way not handled above), it must have the T·B rows
+            # the unoptimised network had.
             repeat_constant_inputs(node)
             varying.add(node)
+            if _reads_full_shape(node):
+                sizes.add(node)
         elif any(v in constant for v in node.all_input_nodes):
             constant.add(node)
     gm.graph.lint()

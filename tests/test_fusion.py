@@ -4,6 +4,7 @@ networks. Every new path is checked against the reference loop (bit for bit in
 the forward) or against the conversion without the option."""
 
 import copy
+import io
 import math
 import operator
 
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 import fastspike
-from fastspike.convert import fold_spike_scales
+from fastspike.convert import RepeatOverTime, fold_spike_scales
 from fastspike.models import get_model
 from fastspike.nn import SpikingNeuron, record_spike_trains
 from fastspike.reference import neuron_reference
@@ -282,6 +283,12 @@ def repeats(snet):
     return sum(n.op == "call_module" and n.target == "repeat_over_time" for n in snet.graph.nodes)
 
 
+def repeated_values(snet):
+    """The names of the nodes a RepeatOverTime call takes, in graph order."""
+    return [n.args[0].name for n in snet.graph.nodes
+            if n.op == "call_module" and isinstance(snet.get_submodule(n.target), RepeatOverTime)]
+
+
 OFF = dict(fuse_residual=False, constant_input_once=False, compact_spikes=False)
 
 RESNETS = [  # name, kwargs, input shape, residual joins
@@ -335,11 +342,11 @@ def test_every_add_spelling_and_the_cases_that_must_not_fuse():
     assert torch.equal(both(x), unfused(x))
 
 
-CONSTANT_INPUT_MODELS = [  # name, kwargs, input shape, repeats left (deeplab reads the input's size)
+CONSTANT_INPUT_MODELS = [  # name, kwargs, input shape, repeats left
     ("cifar_resnet18", dict(base_width=4), (2, 3, 8, 8), 0),
     ("cifar_vgg16", dict(width=1 / 16, hidden=16, dropout=0.0), (2, 3, 32, 32), 0),
     ("tiny_yolov2", dict(num_classes=3, width=0.125), (2, 3, 32, 32), 0),
-    ("small_deeplab", dict(num_classes=4, width=4), (2, 3, 16, 16), 1),
+    ("small_deeplab", dict(num_classes=4, width=4), (2, 3, 16, 16), 0),  # reads x.shape[-2:] only
 ]
 
 
@@ -377,10 +384,69 @@ def test_constant_values_are_repeated_where_they_meet_time_varying_ones():
     qnet = quantized(InputSkips, x)
     before = fastspike.to_snn(qnet, 4, "signed", **OFF)
     once = fastspike.to_snn(qnet, 4, "signed", **dict(OFF, constant_input_once=True, fuse_residual=True))
-    # s meets relu1's spikes, x.size(0) is read, the mean reaches the output
-    assert repeats(once) == 3
+    # s meets relu1's spikes, the mean reaches the output; x.size(0) is read off T·B rows, no repeat
+    assert repeated_values(once) == ["skip", "mean"]
     for a, b in zip(once(x), before(x)):
         assert torch.equal(a, b)
+
+
+fx.wrap("len")  # lets ShapeReads' len(x) be traced (as a call node)
+
+
+class ShapeReads(nn.Module):
+    """Reads the input's size every way: batch-free reads (rank, dtype, shape[1],
+    shape[2:]) used with the constant part, and reads that may count the batch
+    (shape[-2:] as in DeepLab, size(0), numel, len) used with time-varying
+    values. ``early_negative``: shape[-2:] also meets a constant value."""
+
+    def __init__(self, early_negative=False):
+        super().__init__()
+        self.early_negative = early_negative
+        self.down = nn.Conv2d(3, 4, 3, stride=2, padding=1)
+        self.c1, self.c2 = nn.Conv2d(4, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.relu1, self.relu2 = nn.ReLU(), nn.ReLU()
+
+    def forward(self, x):
+        size = x.shape[-2:] if self.early_negative else x.shape[2:]
+        a = F.interpolate(self.down(x), size=size, mode="bilinear", align_corners=False)
+        a = a * (x.shape[1] / x.ndim) + x.size(dim=1) / x.dim() + torch.ones((), dtype=x.dtype)
+        y = self.relu2(self.c2(self.relu1(self.c1(a))))
+        up = F.interpolate(y, size=x.shape[-2:], mode="bilinear", align_corners=False)
+        return up.reshape(x.size(0), -1) * (torch.numel(x) / x.nelement() / len(x)), x.size()
+
+
+@pytest.mark.parametrize("early_negative,left", [(False, []), (True, ["down"])])
+@torch.no_grad()
+def test_size_reads_of_the_input_need_no_repeat(early_negative, left):
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(0)
+    qnet = fastspike.quantize(ShapeReads(early_negative).eval(), levels=4)
+    fastspike.calibrate(qnet, [x])
+    before = fastspike.to_snn(qnet, 3, "signed", **OFF)
+    once = fastspike.to_snn(qnet, 3, "signed", **dict(OFF, constant_input_once=True))
+    # shape[-2:] may include dim 0 (a 2-D tensor): where it meets the constant
+    # part, that part is repeated (the input itself still is not).
+    assert repeated_values(once) == left
+    assert once.get_submodule(neuron_nodes(once)[0].target).constant_input is not early_negative
+    (y_once, size_once), (y_before, size_before) = once(x), before(x)
+    assert torch.equal(y_once, y_before)
+    assert size_once == size_before == (3 * 2, 3, 6, 6)  # the unoptimised network's T·B rows
+    saved = io.BytesIO()
+    torch.save(once, saved)  # reloading re-traces the graph, keeping ShapeOverTime as one call
+    saved.seek(0)
+    assert torch.equal(torch.load(saved, weights_only=False)(x)[0], y_before)
+
+
+@torch.no_grad()
+def test_torchvision_deeplab_reads_the_input_size_without_repeats():
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    qnet = fastspike.quantize(get_model("deeplabv3_resnet50", num_classes=2).eval(), levels=4,
+                              example_input=x)
+    before = fastspike.to_snn(qnet, 2, "if", **OFF)
+    once = fastspike.to_snn(qnet, 2, "if", **dict(OFF, constant_input_once=True))
+    assert repeated_values(before) == ["x"] and repeated_values(once) == []
+    assert torch.equal(once(x)["out"], before(x)["out"])
 
 
 @pytest.mark.parametrize("grad", ["surrogate", "rate"])
