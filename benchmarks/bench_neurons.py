@@ -15,7 +15,7 @@ reported, since shared machines are noisy); each sample repeats the call until i
 ``--min-time`` seconds and records the time per call:
 
 * ``fused``     fastspike.neuron (the compiled operator; one call for all T steps)
-* ``fused_out`` fastspike.neuron(..., out=buf) into a preallocated buffer (forward only)
+* ``fused_out`` fastspike.neuron(..., out=(spikes, v, count)) into preallocated buffers (forward only)
 * ``reference`` fastspike.reference.neuron_reference, the eager PyTorch time loop
 * ``compiled``  torch.compile of a function calling neuron_reference (grad "none" forward,
                 "surrogate" forward+backward), compiled once per configuration (dynamic=False,
@@ -235,8 +235,9 @@ def make_calls(
         if name == "fused":
             return lambda: fastspike.neuron(x, THRESHOLD, **kw)
         if name == "fused_out":
-            buf = torch.empty_like(x)
-            return lambda: fastspike.neuron(x, THRESHOLD, out=buf, **kw)
+            # every output preallocated, as an inference loop that reuses its buffers has it
+            bufs = tuple(fastspike.neuron(x, THRESHOLD, **kw))
+            return lambda: fastspike.neuron(x, THRESHOLD, out=bufs, **kw)
         if name == "reference":
             return lambda: neuron_reference(x, THRESHOLD, grad="none", **kw)
         if name == "compiled":

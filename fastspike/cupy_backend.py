@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import _build
-from .reference import _FLOATS, accumulation_dtype, broadcast_threshold, check_state
+from .reference import _FLOATS, accumulation_dtype, broadcast_threshold, check_out_overlaps, check_state
 
 __all__ = [
     "NVRTC_OPTIONS",
@@ -406,7 +406,7 @@ def _time_stream(seq: torch.Tensor) -> Tuple[torch.Tensor, bool]:
 
 
 def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
-                 neg_margin, grad_mode, spikes_out, residual=None, compact=False):
+                 neg_margin, grad_mode, out_buffers, residual=None, compact=False):
     _check_x(x_seq, "x_seq")
     _check_params(group_size, neg_margin)
     if not np.isfinite(init_fraction):
@@ -431,12 +431,13 @@ def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_
     v_init = v_init.contiguous() if v_init is not None else None
     count_init = count_init.contiguous() if count_init is not None else None
     seq_shape, state_shape = x_seq.shape, x_seq.shape[1:]
-    if spikes_out is not None:
-        spikes = spikes_out
+    if out_buffers is not None:
+        spikes, v_final, count_final = out_buffers
+        check_out_overlaps(out_buffers, x, v_init, count_init)
     else:
         spikes = x.new_empty(seq_shape, dtype=torch.int8 if compact else x.dtype)
-    v_final = x.new_empty(state_shape, dtype=acc)
-    count_final = x.new_empty(state_shape, dtype=torch.int32)
+        v_final = x.new_empty(state_shape, dtype=acc)
+        count_final = x.new_empty(state_shape, dtype=torch.int32)
     surrogate_mode = grad_mode == "surrogate"
     membrane = x.new_empty(seq_shape, dtype=acc) if surrogate_mode else x.new_empty((0,), dtype=acc)
     negative_open = (x.new_empty(seq_shape, dtype=torch.bool) if surrogate_mode and signed
@@ -485,15 +486,15 @@ def neuron_forward(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Optiona
 
 def neuron_forward_out(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Optional[torch.Tensor],
                        count_init: Optional[torch.Tensor], group_size: int, signed: bool,
-                       init_fraction: float, neg_margin: float,
-                       spikes: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """CUDA implementation of ``fastspike::neuron_forward_out`` (spikes written in place)."""
-    from .ops import _check_out  # the same checks as the Python path (ops imports this module)
+                       init_fraction: float, neg_margin: float, spikes: torch.Tensor,
+                       v_final: torch.Tensor, count_final: torch.Tensor) -> None:
+    """CUDA implementation of ``fastspike::neuron_forward_out`` (spikes and final state
+    written into the caller's buffers)."""
+    from .ops import _out_buffers  # the same checks as the Python path (ops imports this module)
     _check_x(x_seq, "x_seq")
-    _check_out(spikes, x_seq, needs_grad=False)
-    _, v, count, _, _, _ = _run_forward(x_seq, threshold, v_init, count_init, group_size, signed,
-                                        init_fraction, neg_margin, "none", spikes)
-    return v, count
+    buffers = _out_buffers((spikes, v_final, count_final), x_seq, needs_grad=False)
+    _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
+                 neg_margin, "none", buffers)
 
 
 def neuron_backward_surrogate(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor],

@@ -13,7 +13,13 @@ compact=False)``
     int8 counts k⁺ − k⁻ (inference only). x_seq and residual may be time
     broadcasts (stride 0 along dim 0), read at every step without a copy.
 
-``fastspike::neuron_forward_out(..., Tensor(a!) spikes)`` -> (v_final, count_final)
+``fastspike::neuron_forward_out(x_seq, threshold, v_init, count_init, group_size,
+signed, init_fraction, neg_margin, Tensor(a!) spikes, Tensor(b!) v_final,
+Tensor(c!) count_final)`` -> ()
+
+    Inference form writing into the caller's buffers: spikes may be x_seq
+    itself, v_final / count_final may be v_init / count_init themselves (a loop
+    over chunks of time that reuses its buffers allocates nothing).
 
 ``fastspike::neuron_backward_surrogate(grad_spikes, grad_v_final, membrane_seq,
 negative_open_seq, threshold, group_size, signed, neg_margin, surrogate, alpha)``
@@ -30,7 +36,7 @@ from __future__ import annotations
 import contextlib
 import platform
 import warnings
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -96,15 +102,11 @@ if _STATE.name == "extension":
 
     @torch.library.register_fake("fastspike::neuron_forward_out")
     def _neuron_forward_out_fake(
-        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, spikes
+        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, spikes,
+        v_final, count_final,
     ):
         _check_fake_inputs(x_seq, threshold, v_init, count_init)
-        acc = accumulation_dtype(x_seq.dtype)
-        state_shape = x_seq.shape[1:]
-        return (
-            x_seq.new_empty(state_shape, dtype=acc),
-            x_seq.new_empty(state_shape, dtype=torch.int32),
-        )
+        return None
 
     @torch.library.register_fake("fastspike::neuron_backward_surrogate")
     def _neuron_backward_surrogate_fake(
@@ -195,6 +197,9 @@ def backend_info() -> Dict[str, Any]:
     }
 
 
+OutBuffers = Union[torch.Tensor, Sequence[torch.Tensor]]
+
+
 def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None:
     if needs_grad:
         raise ValueError("out= is for inference and does not record a backward; "
@@ -202,6 +207,36 @@ def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None
     check_like_x(out, x_seq, "spikes (the out= tensor)")
     if not out.is_contiguous():
         raise ValueError("spikes (the out= tensor) must be contiguous")
+
+
+def _check_state_out(buffer: Any, x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if not isinstance(buffer, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(buffer).__name__}")
+    check_state(buffer, x_seq, dtype, name)
+    if not buffer.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def _out_buffers(out: OutBuffers, x_seq: torch.Tensor,
+                 needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spikes, v, count) buffers for out=: a tensor is the spikes buffer (v and count
+    are then allocated); a sequence of three (e.g. an earlier NeuronResult) gives all."""
+    if isinstance(out, torch.Tensor):
+        spikes = out
+        acc = accumulation_dtype(x_seq.dtype)
+        v = x_seq.new_empty(x_seq.shape[1:], dtype=acc)
+        count = x_seq.new_empty(x_seq.shape[1:], dtype=torch.int32)
+    elif isinstance(out, (tuple, list)) and len(out) == 3:
+        spikes, v, count = out
+        if not isinstance(spikes, torch.Tensor):
+            raise TypeError(f"out[0] (the spikes buffer) must be a tensor, got {type(spikes).__name__}")
+        _check_state_out(v, x_seq, accumulation_dtype(x_seq.dtype), "v (the out= state)")
+        _check_state_out(count, x_seq, torch.int32, "count (the out= state)")
+    else:
+        raise TypeError("out must be a spikes tensor or a (spikes, v, count) sequence, got "
+                        f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    _check_out(spikes, x_seq, needs_grad)
+    return spikes, v, count
 
 
 _forced_reference = 0  # depth of nested use_reference() blocks
@@ -260,7 +295,7 @@ def neuron(
     grad: str = "surrogate",
     surrogate: str = "sigmoid",
     alpha: Optional[float] = None,
-    out: Optional[torch.Tensor] = None,
+    out: Optional[OutBuffers] = None,
     residual: Optional[torch.Tensor] = None,
     compact: bool = False,
 ) -> NeuronResult:
@@ -287,9 +322,13 @@ def neuron(
             time average, as Fast-SNN's fine-tuning). "none" forbids backward.
         surrogate, alpha: surrogate shape, "sigmoid" (α = 4 by default) or
             "atan" (α = 2).
-        out: optional preallocated [T, ...] tensor (x_seq's dtype, contiguous)
-            to receive the spikes, for inference loops that reuse buffers; may
-            be x_seq itself. Not differentiable.
+        out: preallocated buffers for inference loops that reuse them (not
+            differentiable): a [T, ...] tensor (x_seq's dtype, contiguous) for
+            the spikes, which may be x_seq itself; or a sequence (spikes, v,
+            count), e.g. the NeuronResult of an earlier call, to receive the
+            final state too (contiguous, the dtypes of v_init/count_init), so
+            nothing is allocated; v and count may be v_init and count_init
+            themselves (the state is updated in place).
         residual: optional second operand, x_seq's shape and dtype (strides
             free): the neurons are charged with x_seq + residual, rounded in
             x_seq's dtype exactly as ``neuron(x_seq + residual)`` would, but
@@ -325,7 +364,7 @@ def neuron(
         if residual is not None or compact:
             raise ValueError("out= takes the plain spikes of x_seq only; call without out= to use "
                              "residual= or compact=")
-        _check_out(out, x_seq, needs_grad)
+        out = _out_buffers(out, x_seq, needs_grad)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,
@@ -334,15 +373,16 @@ def neuron(
             residual=residual, compact=compact,
         )
         if out is not None:
-            out.copy_(result.spikes)
-            return NeuronResult(out, result.v, result.count)
+            for buffer, value in zip(out, result):
+                buffer.copy_(value)
+            return NeuronResult(*out)
         return result
     if out is not None:
-        v, count = torch.ops.fastspike.neuron_forward_out(
+        torch.ops.fastspike.neuron_forward_out(
             x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-            float(neg_margin), out,
+            float(neg_margin), *out,
         )
-        return NeuronResult(out, v, count)
+        return NeuronResult(*out)
     spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
         x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
         float(neg_margin), grad if needs_grad else "none", surrogate, alpha, residual, bool(compact),

@@ -27,7 +27,7 @@ grad x_t = (1/T)·Σ_τ g_τ·[0 < x̄ < θ]. The threshold receives no gradient
 from __future__ import annotations
 
 import math
-from typing import NamedTuple, Optional, Tuple, Union
+from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -152,6 +152,41 @@ def check_state(state: Optional[torch.Tensor], x_seq: torch.Tensor, dtype: torch
             f"{name} must have the shape of one time step of x_seq, {list(x_seq.shape[1:])}, "
             f"got {list(state.shape)}"
         )
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last) bytes a tensor's elements can touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    return (t.data_ptr(), t.data_ptr() + extent * t.element_size())
+
+
+def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
+                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
+    """The overlap rules of the out= form, as check_forward_out in
+    csrc/neuron/neuron.cpp: the (spikes, v, count) buffers may coincide exactly
+    with what they replace element for element (x, v_init, count_init), and
+    overlap nothing else the kernel reads or writes. x, v_init and count_init are
+    the tensors the kernel reads (contiguous)."""
+    spikes, v, count = buffers
+    names = {id(spikes): "spikes (the out= tensor)", id(v): "v (the out= state)",
+             id(count): "count (the out= state)", id(x): "x_seq", id(v_init): "v_init",
+             id(count_init): "count_init"}
+    pairs = [(spikes, x, True), (v, x, False), (v, spikes, False), (v, v_init, True),
+             (v, count_init, False), (count, x, False), (count, spikes, False), (count, v, False),
+             (count, count_init, True), (count, v_init, False)]
+    for buffer, other, allowed_full in pairs:
+        if other is None or buffer.numel() == 0 or other.numel() == 0:
+            continue
+        (a0, a1), (b0, b1) = _byte_span(buffer), _byte_span(other)
+        if a1 <= b0 or b1 <= a0:
+            continue
+        if allowed_full and (a0, a1) == (b0, b1) and buffer.stride() == other.stride():
+            continue
+        raise ValueError(f"{names[id(buffer)]} overlaps {names[id(other)]} in memory"
+                         + (" other than element for element" if allowed_full else "")
+                         + "; pass separate buffers" + (" (or exactly the same tensor)" if allowed_full else ""))
 
 
 # int8 holds the signed counts |k⁺ − k⁻| ≤ m only up to m = 127.

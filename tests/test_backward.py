@@ -116,7 +116,10 @@ def opcheck_cases():
     rate = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "rate", "atan", 2.0)
     cases.append(("neuron_backward_surrogate", (torch.randn_like(x), torch.randn(2, 3, 5), fwd[3], fwd[4], thr, 2, True, 1e-3, "atan", 2.0)))
     cases.append(("neuron_backward_rate", (torch.randn_like(x), rate[5], thr)))
-    cases.append(("neuron_forward_out", (x, thr, None, None, 1, True, 0.5, 1e-3, torch.empty_like(x))))
+    state = (torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))
+    cases.append(("neuron_forward_out", (x, thr, None, None, 1, True, 0.5, 1e-3, torch.empty_like(x), *state)))
+    cases.append(("neuron_forward_out", (x, thr, v0.clone(), c0.clone(), 2, True, 0.5, 1e-3, torch.empty_like(x),
+                                         torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))))
     return cases
 
 

@@ -210,7 +210,8 @@ def test_input_errors_name_the_argument():
         cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "surrogate", "sigmoid",
                                     4.0, None, True)
     with pytest.raises(ValueError, match="spikes \\(the out= tensor\\) must have x_seq's shape"):
-        cupy_backend.neuron_forward_out(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, torch.zeros(3))
+        cupy_backend.neuron_forward_out(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, torch.zeros(3),
+                                        torch.zeros(x.shape[1:]), torch.zeros(x.shape[1:], dtype=torch.int32))
 
 
 def test_threshold_layout_matches_the_header_rule():
@@ -244,7 +245,9 @@ def test_cupy_kernels_match_the_reference_bit_for_bit(dtype, group_size, signed)
     # vector width 4 (N % 4 == 0) and the in-place out= form
     x4 = x[..., :36].contiguous()
     out = torch.empty_like(x4)
-    v4, c4 = cupy_backend.neuron_forward_out(x4, threshold, None, None, group_size, signed, 0.5, 1e-3, out)
+    v4 = x4.new_empty(x4.shape[1:], dtype=ref.v.dtype)
+    c4 = x4.new_empty(x4.shape[1:], dtype=torch.int32)
+    cupy_backend.neuron_forward_out(x4, threshold, None, None, group_size, signed, 0.5, 1e-3, out, v4, c4)
     ref4 = neuron_reference(x4, threshold, group_size=group_size, signed=signed, grad="none")
     assert torch.equal(out, ref4.spikes) and torch.equal(v4, ref4.v) and torch.equal(c4, ref4.count)
 

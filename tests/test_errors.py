@@ -100,6 +100,46 @@ def test_out_buffer_errors(out, pattern):
         fastspike.neuron(X, 1.0, out=out)
 
 
+STATE = (torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))
+
+
+@pytest.mark.parametrize(
+    "out,error,pattern",
+    [
+        ((torch.empty_like(X), torch.empty(2, 3), STATE[1]), ValueError,
+         r"v \(the out= state\) must have the shape of one time step of x_seq, \[2, 3, 5\]"),
+        ((torch.empty_like(X), STATE[0].double(), STATE[1]), TypeError,
+         r"v \(the out= state\) must have dtype torch.float32"),
+        ((torch.empty_like(X), STATE[0], STATE[1].long()), TypeError,
+         r"count \(the out= state\) must have dtype torch.int32"),
+        ((torch.empty_like(X), torch.empty(2, 5, 3).transpose(1, 2), STATE[1]), ValueError,
+         r"v \(the out= state\) must be contiguous"),
+        ((torch.empty_like(X), STATE[0], None), TypeError, r"count \(the out= state\) must be a tensor"),
+        ((torch.empty_like(X), STATE[0]), TypeError, r"out must be a spikes tensor or a \(spikes, v, count\)"),
+        ("buffer", TypeError, r"out must be a spikes tensor"),
+    ],
+)
+def test_out_state_buffer_errors(out, error, pattern):
+    with torch.no_grad(), pytest.raises(error, match=pattern):
+        fastspike.neuron(X, 1.0, out=out)
+
+
+@needs_extension()
+def test_out_buffers_must_not_overlap_partially():
+    x = torch.randn(4, 2, 3, 5)
+    storage = torch.empty(2 * 30 + 1)
+    v_init = storage[:30].view(2, 3, 5)
+    shifted = storage[1:31].view(2, 3, 5)  # one element off v_init: a race between neurons
+    count = torch.empty(2, 3, 5, dtype=torch.int32)
+    with torch.no_grad():
+        with pytest.raises(RuntimeError, match=r"v \(the out= state\) overlaps v_init in memory other than "
+                                               r"element for element"):
+            fastspike.neuron(x, 1.0, v_init=v_init, out=(torch.empty_like(x), shifted, count))
+        with pytest.raises(RuntimeError, match=r"v \(the out= state\) overlaps spikes \(the out= tensor\)"):
+            spikes = torch.empty(4 * 30 + 30)
+            fastspike.neuron(x, 1.0, out=(spikes[:120].view_as(x), spikes[110:140].view(2, 3, 5), count))
+
+
 def test_out_buffer_refuses_autograd():
     with pytest.raises(ValueError, match="out= is for inference"):
         fastspike.neuron(X.clone().requires_grad_(), 1.0, out=torch.empty_like(X))

@@ -115,6 +115,31 @@ def test_out_buffer_including_in_place(device):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+def test_out_buffers_with_state_in_place_over_chunks_of_time(device, group_size, signed):
+    """out=(spikes, v, count) fills the caller's buffers and nothing else; with
+    v/count being v_init/count_init themselves, chunks of time carry the state
+    in place and together equal one call over all steps."""
+    gen = torch.Generator().manual_seed(group_size)
+    x = (torch.randn(12, 3, 5, 67, generator=gen) * 0.8).to(device)
+    threshold = (torch.rand(5, generator=gen) + 0.4).to(device)
+    kw = dict(group_size=group_size, signed=signed)
+    expected = neuron_reference(x, threshold, grad="none", **kw)
+    spikes = torch.empty(4, *x.shape[1:], device=device)
+    v = torch.empty(x.shape[1:], device=device)
+    count = torch.empty(x.shape[1:], dtype=torch.int32, device=device)
+    chunks = []
+    with torch.no_grad():
+        for i, chunk in enumerate(x.split(4)):
+            state = dict(v_init=v, count_init=count) if i else {}
+            result = fastspike.neuron(chunk, threshold, out=(spikes, v, count), **state, **kw)
+            assert result.spikes is spikes and result.v is v and result.count is count
+            chunks.append(spikes.clone())
+    assert torch.equal(torch.cat(chunks), expected.spikes)
+    assert torch.equal(v, expected.v) and torch.equal(count, expected.count)
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 def test_extreme_parameters(device):
     x = torch.randn(6, 50, device=device) * 3
     for kwargs in [

@@ -4,6 +4,7 @@
 #include "neuron.h"
 
 #include <ATen/Dispatch.h>
+#include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
 #include <torch/library.h>
@@ -182,31 +183,71 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
   return plan;
 }
 
-void check_spikes_out(const at::Tensor& spikes_out, const at::Tensor& x_seq) {
-  check_same_device(spikes_out, x_seq, "spikes (the out= tensor)");
-  TORCH_CHECK(spikes_out.scalar_type() == x_seq.scalar_type(),
-              "spikes (the out= tensor) must have x_seq's dtype ", x_seq.scalar_type(), ", got ",
-              spikes_out.scalar_type());
-  TORCH_CHECK(spikes_out.sizes() == x_seq.sizes(),
-              "spikes (the out= tensor) must have x_seq's shape ", shape_str(x_seq.sizes()),
-              ", got ", shape_str(spikes_out.sizes()));
-  TORCH_CHECK(spikes_out.is_contiguous(), "spikes (the out= tensor) must be contiguous");
+namespace {
+
+void check_out_buffer(const at::Tensor& buffer, const at::Tensor& x_seq, at::IntArrayRef sizes,
+                      at::ScalarType dtype, const char* name) {
+  check_same_device(buffer, x_seq, name);
+  TORCH_CHECK(buffer.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
+              x_seq.scalar_type(), ", got ", buffer.scalar_type());
+  TORCH_CHECK(buffer.sizes() == sizes, name, " must have shape ", shape_str(sizes), ", got ",
+              shape_str(buffer.sizes()));
+  TORCH_CHECK(buffer.is_contiguous(), name, " must be contiguous");
+}
+
+// `allowed_full`: the one tensor `buffer` may coincide with exactly.
+void check_no_overlap(const at::Tensor& buffer, const char* name, const at::Tensor& other,
+                      const char* other_name, bool allowed_full) {
+  if (!other.defined() || other.numel() == 0 || buffer.numel() == 0) return;
+  const auto status = at::get_overlap_status(buffer, other);
+  if (status == at::MemOverlapStatus::No) return;
+  if (allowed_full && status == at::MemOverlapStatus::Full) return;
+  TORCH_CHECK(false, name, " overlaps ", other_name, " in memory",
+              allowed_full ? " other than element for element" : "",
+              "; pass separate buffers", allowed_full ? " (or exactly the same tensor)" : "");
+}
+
+}  // namespace
+
+void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq,
+                       const ForwardPlan& plan) {
+  const char* spikes_name = "spikes (the out= tensor)";
+  const char* v_name = "v (the out= state)";
+  const char* count_name = "count (the out= state)";
+  check_out_buffer(buffers.spikes, x_seq, x_seq.sizes(), x_seq.scalar_type(), spikes_name);
+  check_out_buffer(buffers.v_final, x_seq, x_seq.sizes().slice(1), plan.acc_dtype, v_name);
+  check_out_buffer(buffers.count_final, x_seq, x_seq.sizes().slice(1), at::kInt, count_name);
+  const at::Tensor v_init = plan.v_init.value_or(at::Tensor());
+  const at::Tensor count_init = plan.count_init.value_or(at::Tensor());
+  check_no_overlap(buffers.spikes, spikes_name, plan.x, "x_seq", /*allowed_full=*/true);
+  check_no_overlap(buffers.v_final, v_name, plan.x, "x_seq", false);
+  check_no_overlap(buffers.v_final, v_name, buffers.spikes, spikes_name, false);
+  check_no_overlap(buffers.v_final, v_name, v_init, "v_init", true);
+  check_no_overlap(buffers.v_final, v_name, count_init, "count_init", false);
+  check_no_overlap(buffers.count_final, count_name, plan.x, "x_seq", false);
+  check_no_overlap(buffers.count_final, count_name, buffers.spikes, spikes_name, false);
+  check_no_overlap(buffers.count_final, count_name, buffers.v_final, v_name, false);
+  check_no_overlap(buffers.count_final, count_name, count_init, "count_init", true);
+  check_no_overlap(buffers.count_final, count_name, v_init, "v_init", false);
 }
 
 ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
-                                        const c10::optional<at::Tensor>& spikes_out) {
+                                        const ForwardOutBuffers* buffers) {
   const at::Tensor& x = plan.x;
   const at::IntArrayRef seq_sizes(plan.seq_sizes);
   const auto state_sizes = seq_sizes.slice(1);
   const auto acc_options = x.options().dtype(plan.acc_dtype);
   const auto nothing = [&](at::ScalarType dtype) { return at::empty({0}, x.options().dtype(dtype)); };
   ForwardOutputs out;
-  out.spikes = spikes_out.has_value()
-                   ? *spikes_out
-                   : at::empty(seq_sizes, x.options().dtype(plan.compact ? at::kChar
-                                                                         : x.scalar_type()));
-  out.v_final = at::empty(state_sizes, acc_options);
-  out.count_final = at::empty(state_sizes, x.options().dtype(at::kInt));
+  if (buffers != nullptr) {
+    out.spikes = buffers->spikes;
+    out.v_final = buffers->v_final;
+    out.count_final = buffers->count_final;
+  } else {
+    out.spikes = at::empty(seq_sizes, x.options().dtype(plan.compact ? at::kChar : x.scalar_type()));
+    out.v_final = at::empty(state_sizes, acc_options);
+    out.count_final = at::empty(state_sizes, x.options().dtype(at::kInt));
+  }
   const bool surrogate = plan.grad_mode == GradMode::kSurrogate;
   out.membrane_seq = surrogate ? at::empty(seq_sizes, acc_options) : nothing(plan.acc_dtype);
   out.negative_open_seq =
@@ -283,12 +324,13 @@ TORCH_LIBRARY(fastspike, m) {
       "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
       "str surrogate, float alpha, Tensor? residual=None, bool compact=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Inference form writing the spikes into a preallocated tensor (which may be
-  // x_seq itself); returns (v_final, count_final).
+  // Inference form writing into the caller's buffers: the spikes (which may be
+  // x_seq itself) and the final state (which may be v_init / count_init
+  // themselves), so a loop that reuses them allocates nothing.
   m.def(
       "neuron_forward_out(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
-      "int group_size, bool signed, float init_fraction, float neg_margin, Tensor(a!) spikes) "
-      "-> (Tensor, Tensor)");
+      "int group_size, bool signed, float init_fraction, float neg_margin, Tensor(a!) spikes, "
+      "Tensor(b!) v_final, Tensor(c!) count_final) -> ()");
   // Reverse-time pass of the surrogate gradient; returns (grad_x, grad_v_init).
   m.def(
       "neuron_backward_surrogate(Tensor grad_spikes, Tensor? grad_v_final, Tensor membrane_seq, "

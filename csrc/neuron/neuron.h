@@ -69,12 +69,25 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& residual = c10::nullopt,
                          bool compact = false);
 
-// spikes_out, when given, has been checked by check_spikes_out and is used as
-// the spike output instead of a fresh tensor.
-ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
-                                        const c10::optional<at::Tensor>& spikes_out);
+// The caller's buffers of the out= form (neuron_forward_out): spikes and the
+// final state, written in place.
+struct ForwardOutBuffers {
+  at::Tensor spikes;       // x_seq's shape and dtype, contiguous; may be x_seq itself
+  at::Tensor v_final;      // x_seq.shape[1:], acc dtype, contiguous; may be v_init itself
+  at::Tensor count_final;  // x_seq.shape[1:], int32, contiguous; may be count_init itself
+};
 
-void check_spikes_out(const at::Tensor& spikes_out, const at::Tensor& x_seq);
+// buffers, when given, have passed check_forward_out and are used instead of
+// fresh tensors.
+ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
+                                        const ForwardOutBuffers* buffers);
+
+// Shapes, dtypes, devices and layout of the out= buffers, and that none of
+// them overlaps what the kernel reads except element for element (spikes over
+// x_seq, v_final over v_init, count_final over count_init: each neuron reads
+// its own element before it writes it).
+void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq,
+                       const ForwardPlan& plan);
 
 // Resolves a threshold tensor (scalar, per channel along dim 2, or per neuron)
 // against x_seq, checking its shape and, where it costs no device sync, its values.

@@ -172,24 +172,24 @@ ForwardResult neuron_forward_op(const at::Tensor& x_seq, const at::Tensor& thres
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         is_signed, init_fraction, neg_margin, grad_mode,
                                         surrogate, alpha, residual, compact);
-  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, c10::nullopt);
+  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, nullptr);
   if (plan.neurons > 0) run(plan, out, group_size, is_signed, init_fraction, neg_margin);
   return out.as_tuple();
 }
 
 template <ForwardRunner run>
-std::tuple<at::Tensor, at::Tensor> neuron_forward_out_op(
-    const at::Tensor& x_seq, const at::Tensor& threshold,
-    const c10::optional<at::Tensor>& v_init, const c10::optional<at::Tensor>& count_init,
-    int64_t group_size, bool is_signed, double init_fraction, double neg_margin,
-    at::Tensor& spikes) {
-  check_spikes_out(spikes, x_seq);
+void neuron_forward_out_op(const at::Tensor& x_seq, const at::Tensor& threshold,
+                           const c10::optional<at::Tensor>& v_init,
+                           const c10::optional<at::Tensor>& count_init, int64_t group_size,
+                           bool is_signed, double init_fraction, double neg_margin,
+                           at::Tensor& spikes, at::Tensor& v_final, at::Tensor& count_final) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         is_signed, init_fraction, neg_margin, "none", "sigmoid",
                                         1.0);
-  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, spikes);
+  const ForwardOutBuffers buffers{spikes, v_final, count_final};
+  check_forward_out(buffers, x_seq, plan);
+  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, &buffers);
   if (plan.neurons > 0) run(plan, out, group_size, is_signed, init_fraction, neg_margin);
-  return {out.v_final, out.count_final};
 }
 
 template <SurrogateBackwardRunner run>

@@ -35,7 +35,7 @@ ForwardResult emulate_cuda_forward(const at::Tensor& x_seq, const at::Tensor& th
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         is_signed, init_fraction, neg_margin, grad_mode,
                                         "sigmoid", 1.0, residual, compact);
-  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, c10::nullopt);
+  const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, nullptr);
   if (plan.neurons == 0) return out.as_tuple();
   FASTSPIKE_DISPATCH_FLOATS(plan.x.scalar_type(), "emulate_cuda_forward", [&] {
     using acc_t = at::opmath_type<scalar_t>;
