@@ -28,6 +28,32 @@ def grads(fn, x, v0, weights, weight_v, **kwargs):
     return result, x.grad, None if v0 is None else v0.grad
 
 
+@pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
+def test_sigmoid_surrogate_across_the_whole_exponent_range(group_size, signed):
+    """The CPU backward's e^x is a polynomial on [-87, 88] and clamps outside:
+    membranes from 1e-3 to 1e3 thresholds (sharp α = 10 takes the argument to
+    ±10^4) must still give the reference's gradient, and a NaN input only NaN."""
+    magnitudes = torch.logspace(-3, 3, 61)
+    x = torch.cat([magnitudes, -magnitudes, torch.tensor([0.0, 0.5, 1.0])]).repeat(5, 1)
+    x = x * torch.linspace(0.5, 1.5, 5)[:, None]
+    weights = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    kwargs = dict(threshold=0.9, group_size=group_size, signed=signed, grad="surrogate",
+                  surrogate="sigmoid", alpha=10.0)
+    expected = grads(neuron_reference, x, None, weights, torch.zeros(x.shape[1:], dtype=torch.float64), **dict(kwargs))
+    actual = grads(fastspike.neuron, x, None, weights, torch.zeros(x.shape[1:], dtype=torch.float64), **dict(kwargs))
+    assert torch.isfinite(actual[1]).all()
+    torch.testing.assert_close(actual[1].double(), expected[1].double(), **TOLERANCE[torch.float32])
+    x_nan = x.clone()
+    x_nan[2, 7] = float("nan")
+    grad_nan = grads(fastspike.neuron, x_nan, None, weights, torch.zeros(x.shape[1:], dtype=torch.float64),
+                     **dict(kwargs))[1]
+    assert grad_nan[:, 7].isnan().any()
+    others = torch.ones(x.shape[1], dtype=torch.bool)
+    others[7] = False
+    torch.testing.assert_close(grad_nan[:, others].double(), expected[1][:, others].double(),
+                               **TOLERANCE[torch.float32])
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
