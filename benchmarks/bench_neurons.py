@@ -457,6 +457,30 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def cpu_compute_scaling(threads: int, rounds: int = 7) -> Dict[str, float]:
+    """How much faster a compute-bound op (torch.sin of 2^20 floats, cache
+    resident) runs on `threads` threads than on one, interleaved, medians. On a
+    shared VM whose vCPUs may share physical cores this is the ceiling of any
+    thread scaling in the run; it is recorded so results can be read against it."""
+    previous = torch.get_num_threads()
+    x = torch.rand(1 << 20)
+    out = torch.empty_like(x)
+    times: Dict[int, List[float]] = {1: [], threads: []}
+    try:
+        for _ in range(rounds):
+            for n in times:
+                torch.set_num_threads(n)
+                torch.sin(x, out=out)
+                start = time.perf_counter()
+                for _ in range(5):
+                    torch.sin(x, out=out)
+                times[n].append((time.perf_counter() - start) / 5)
+    finally:
+        torch.set_num_threads(previous)
+    one, many = statistics.median(times[1]), statistics.median(times[threads])
+    return {"threads": threads, "one_thread_s": one, "all_threads_s": many, "speedup": one / many}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -496,6 +520,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "bytes_model": BYTES_MODEL,
         "results": [],
     }
+    if device.type == "cpu":
+        payload["cpu_compute_scaling"] = cpu_compute_scaling(torch.get_num_threads())
     configs = [
         (T, N, dt, kind, direction)
         for direction in args.directions
@@ -505,8 +531,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         for N in args.N
     ]
     timer = Timer(device)
-    print(f"# {name} ({device.type}), torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"backend {payload['backend']['backend']}; {len(configs)} configurations -> {out_path}")
+    scaling = payload.get("cpu_compute_scaling")
+    scaling_note = f" (compute scales {scaling['speedup']:.2f}x on them now)" if scaling else ""
+    print(f"# {name} ({device.type}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+          f"{scaling_note}, backend {payload['backend']['backend']}; {len(configs)} configurations -> {out_path}")
     print(table_header(args.contenders), flush=True)
     started = time.perf_counter()
     for config in configs:

@@ -21,6 +21,7 @@ BENCH = os.path.join(ROOT, "benchmarks")
 sys.path.insert(0, BENCH)
 
 import bench_models  # noqa: E402
+import bench_neurons  # noqa: E402
 import profile_kernels  # noqa: E402
 
 needs_extension = pytest.mark.skipif(fastspike.backend_info()["backend"] != "extension",
@@ -223,3 +224,25 @@ def test_cpu_peak_memory_is_the_tensor_high_water_mark_of_one_call():
     peaks = [memory.measure(lambda: torch.cat([x * 2, x + 1])) for _ in range(2)]
     assert [p["peak_bytes"] for p in peaks] == [16_000_000, 16_000_000]
     assert all(p["rss_peak_delta_bytes"] is None or p["rss_peak_delta_bytes"] >= 0 for p in peaks)
+
+
+@needs_extension
+def test_bench_neurons_json_has_the_contenders_ratios_and_thread_scaling(tmp_path):
+    out = tmp_path / "neurons.json"
+    threads = torch.get_num_threads()
+    assert bench_neurons.main(["--T", "2", "--N", "12", "--kinds", "signed", "--dtypes", "float32",
+                               "--directions", "forward", "--contenders", "fused", "fused_out", "reference", "copy", "copy_out",
+                               "--rounds", "1", "--min-time", "0", "--out", str(out)]) == 0
+    assert torch.get_num_threads() == threads  # the scaling probe restores the thread count
+    payload = json.loads(out.read_text())
+    scaling = payload["cpu_compute_scaling"]
+    assert scaling["threads"] == threads and scaling["one_thread_s"] > 0 and scaling["all_threads_s"] > 0
+    assert abs(scaling["speedup"] - scaling["one_thread_s"] / scaling["all_threads_s"]) < 1e-12
+    (result,) = payload["results"]
+    assert (result["T"], result["N"], result["kind"]) == (2, 4096, "signed")
+    assert set(result["contenders"]) == {"fused", "fused_out", "reference", "copy", "copy_out"}
+    for timing in result["contenders"].values():
+        assert timing["median_s"] > 0 and timing["gbps"] > 0
+    fused_out, copy_out = result["contenders"]["fused_out"], result["contenders"]["copy_out"]
+    assert result["ratios"]["fused_out_bw_fraction_of_copy_out"] == pytest.approx(
+        fused_out["gbps"] / copy_out["gbps"])
