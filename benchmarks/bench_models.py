@@ -53,7 +53,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as _dt
 import gc
 import inspect
 import json
@@ -74,7 +73,7 @@ import fastspike  # noqa: E402
 from fastspike.models import get_model  # noqa: E402
 from fastspike.nn import SpikingNeuron  # noqa: E402
 
-from bench_neurons import Timer, default_device, device_name, slug, write_json  # noqa: E402
+from bench_neurons import Timer, default_device, device_name, run_header, slug, write_json  # noqa: E402
 
 PJ_PER_SOP = 0.9  # 45 nm accumulate
 PJ_PER_MAC = 4.6  # 45 nm multiply-accumulate
@@ -649,10 +648,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_path = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)), "results",
                                         f"models-{device.type}-{slug(dname)}.json")
     payload: Dict[str, Any] = {
-        "device": dname, "device_type": device.type, "torch": torch.__version__,
-        "backend": fastspike.backend_info(), "threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        **run_header(device, argv),
         "settings": {"models": args.models, "T": args.T, "contenders": args.contenders, "batch": args.batch,
                      "levels": args.levels, "neuron": args.neuron, "rounds": args.rounds, "min_time": args.min_time,
                      "to_snn_options_present": available_options(), "seed": SEED},

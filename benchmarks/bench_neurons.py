@@ -457,6 +457,20 @@ def write_json(path: str, payload: Dict[str, Any]) -> None:
 # ----------------------------------------------------------------------------- main
 
 
+def run_header(device: torch.device, argv: Optional[Sequence[str]]) -> Dict[str, Any]:
+    """What every benchmark JSON starts with: the device, versions, backend,
+    threads, date and the command-line arguments of the run."""
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "backend": fastspike.backend_info(),
+        "threads": torch.get_num_threads(),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "argv": list(sys.argv[1:] if argv is None else argv),
+    }
+
+
 def cpu_compute_scaling(threads: int, rounds: int = 7) -> Dict[str, float]:
     """How much faster a compute-bound op (torch.sin of 2^20 floats, cache
     resident) runs on `threads` threads than on one, interleaved, medians. On a
@@ -501,13 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         torch._logging.set_logs(dynamo=logging.ERROR)
 
     payload: Dict[str, Any] = {
-        "device": name,
-        "device_type": device.type,
-        "torch": torch.__version__,
-        "backend": fastspike.backend_info(),
-        "threads": torch.get_num_threads(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "argv": list(sys.argv[1:] if argv is None else argv),
+        **run_header(device, argv),
         "settings": {
             "T": args.T, "N": args.N, "dtypes": args.dtypes, "kinds": args.kinds,
             "directions": args.directions, "contenders": args.contenders, "rounds": args.rounds,

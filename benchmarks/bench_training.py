@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime as _dt
 import os
 import statistics
 import sys
@@ -42,7 +41,7 @@ from fastspike.finetune import neuron_grad
 from fastspike.models import get_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_neurons import default_device, device_name, slug, write_json  # noqa: E402  (shared helpers)
+from bench_neurons import default_device, device_name, run_header, slug, write_json  # noqa: E402  (shared helpers)
 
 CONTENDERS = ("fused", "reference")
 
@@ -158,9 +157,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                                    f"training-{'cpu' if device.type == 'cpu' else slug(name)}.json")
     payload: Dict[str, Any] = {
         "benchmark": "training step of a converted CIFAR ResNet-18 (forward + BPTT backward + SGD step)",
-        "device": name, "device_type": device.type, "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "fastspike": fastspike.__version__, "backend": fastspike.backend_info(),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **run_header(device, argv), "fastspike": fastspike.__version__,
         "rounds": args.rounds, "quick": args.quick, "results": [],
     }
     print(f"{name}: cifar_resnet18 width {args.width}, batch {args.batch}, {args.image_size} px, "

@@ -9,6 +9,8 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 namespace fastspike {
 namespace {
 
@@ -49,12 +51,19 @@ bool use_avx2() {
 #endif
 }
 
-// Runs blocks(begin, end) over [0, count) in parallel, in its AVX2 build where
-// use_avx2() says so.
-template <typename Blocks>
-void parallel_blocks(int64_t count, int64_t grain, const Blocks& blocks) {
+// Runs element(lanes, index) over all neurons: the full blocks of kCpuBlock
+// lanes in parallel (in their AVX2 build where use_avx2() says so), then the
+// neurons that do not fill a block one at a time. `lanes` is a
+// std::integral_constant, so each call site picks its element function's
+// lane count at compile time.
+template <typename Element>
+void for_each_block(int64_t neurons, int64_t time_steps, const Element& element) {
+  const int64_t full_blocks = neurons / kCpuBlock;
+  const auto blocks = [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) element(std::integral_constant<int, kCpuBlock>(), b);
+  };
   const bool avx2 = use_avx2();
-  at::parallel_for(0, count, grain, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, full_blocks, grain_for(time_steps, kCpuBlock), [&](int64_t begin, int64_t end) {
 #ifdef FASTSPIKE_HAVE_AVX2_PATH
     if (avx2) {
       run_blocks_avx2(blocks, begin, end);
@@ -64,6 +73,9 @@ void parallel_blocks(int64_t count, int64_t grain, const Blocks& blocks) {
     (void)avx2;
     blocks(begin, end);
   });
+  for (int64_t n = full_blocks * kCpuBlock; n < neurons; ++n) {
+    element(std::integral_constant<int, 1>(), n);
+  }
 }
 
 void run_forward_cpu(const ForwardPlan& plan, const ForwardOutputs& out, int64_t group_size,
@@ -73,17 +85,9 @@ void run_forward_cpu(const ForwardPlan& plan, const ForwardOutputs& out, int64_t
     const auto args =
         make_forward_args<scalar_t, acc_t>(plan, out, group_size, init_fraction, neg_margin);
     FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
-      const int64_t full_blocks = plan.neurons / kCpuBlock;
-      parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t b = begin; b < end; ++b) {
-                          forward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(b, args);
-                        }
-                      });
-      // The neurons that do not fill a block, one at a time.
-      for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
-        forward_element<scalar_t, acc_t, kSigned, kGroup, 1>(n, args);
-      }
+      for_each_block(plan.neurons, plan.time_steps, [&](auto lanes, int64_t index) {
+        forward_element<scalar_t, acc_t, kSigned, kGroup, decltype(lanes)::value>(index, args);
+      });
     });
   });
 }
@@ -96,18 +100,10 @@ void run_backward_surrogate_cpu(const SurrogateBackwardPlan& plan, const at::Ten
     const auto args = make_surrogate_backward_args<scalar_t, acc_t>(plan, grad_x, grad_v_init,
                                                                     group_size, neg_margin, alpha);
     FASTSPIKE_DISPATCH_NEURON(is_signed, group_size, [&] {
-      // Blocks of lanes as in the forward, so the surrogate terms vectorise.
-      const int64_t full_blocks = plan.neurons / kCpuBlock;
-      parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
-                      [&](int64_t begin, int64_t end) {
-                        for (int64_t b = begin; b < end; ++b) {
-                          surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup, kCpuBlock>(
-                              b, args);
-                        }
-                      });
-      for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
-        surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup, 1>(n, args);
-      }
+      for_each_block(plan.neurons, plan.time_steps, [&](auto lanes, int64_t index) {
+        surrogate_backward_element<scalar_t, acc_t, kSigned, kGroup, decltype(lanes)::value>(
+            index, args);
+      });
     });
   });
 }
@@ -116,16 +112,9 @@ void run_backward_rate_cpu(const RateBackwardPlan& plan, const at::Tensor& grad_
   FASTSPIKE_DISPATCH_FLOATS(plan.grad_spikes.scalar_type(), "neuron_backward_rate_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto args = make_rate_backward_args<scalar_t, acc_t>(plan, grad_x);
-    const int64_t full_blocks = plan.neurons / kCpuBlock;
-    parallel_blocks(full_blocks, grain_for(plan.time_steps, kCpuBlock),
-                    [&](int64_t begin, int64_t end) {
-                      for (int64_t b = begin; b < end; ++b) {
-                        rate_backward_element<scalar_t, acc_t, kCpuBlock>(b, args);
-                      }
-                    });
-    for (int64_t n = full_blocks * kCpuBlock; n < plan.neurons; ++n) {
-      rate_backward_element<scalar_t, acc_t, 1>(n, args);
-    }
+    for_each_block(plan.neurons, plan.time_steps, [&](auto lanes, int64_t index) {
+      rate_backward_element<scalar_t, acc_t, decltype(lanes)::value>(index, args);
+    });
   });
 }
 
