@@ -114,6 +114,30 @@ def test_out_buffer_including_in_place(device):
     assert_same_result(expected, result)
 
 
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+def test_cpu_forward_streams_large_outputs_exactly(dtype):
+    """A spike output of 16 MB or more (kStreamingBytes in csrc/neuron/cpu/neuron_kernel.cpp)
+    is written with non-temporal stores when its rows are 16-byte multiples; one whose rows
+    are not takes the plain stores. Both, fresh, into out= and in place, equal the reference."""
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+    time_steps = 2
+    streamed = (16 << 20) // (time_steps * itemsize)  # exactly the threshold
+    gen = torch.Generator().manual_seed(3)
+    for neurons in (streamed, streamed + 1):
+        x = (torch.randn(time_steps, neurons, generator=gen) * 0.8).to(dtype)
+        expected = neuron_reference(x, 0.9, signed=True, group_size=2, grad="none")
+        with torch.no_grad():
+            assert_same_result(expected, fastspike.neuron(x, 0.9, signed=True, group_size=2))
+            if neurons == streamed:
+                buffers = (torch.full_like(x, float("nan")), torch.empty_like(expected.v),
+                           torch.empty_like(expected.count))
+                result = fastspike.neuron(x, 0.9, signed=True, group_size=2, out=buffers)
+                assert_same_result(expected, result)
+                in_place = fastspike.neuron(x, 0.9, signed=True, group_size=2, out=x)
+                assert in_place.spikes is x
+                assert_same_result(expected, in_place)
+
+
 @pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
 def test_out_buffers_with_state_in_place_over_chunks_of_time(device, group_size, signed):

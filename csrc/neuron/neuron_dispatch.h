@@ -90,6 +90,7 @@ ForwardArgs<scalar_t, acc_t> make_forward_args(const ForwardPlan& plan, const Fo
   a.residual = data_or_null<scalar_t>(plan.residual);
   a.x_constant = plan.x_constant;
   a.residual_constant = plan.residual_constant;
+  a.stream_spikes = false;  // the CPU launcher decides (see stream_spikes in cpu/)
   a.threshold = plan.threshold.values.data_ptr<acc_t>();
   a.threshold_inner = plan.threshold.inner;
   a.threshold_size = plan.threshold.size;
