@@ -345,6 +345,21 @@ inline void stream_row(void* dst, const void* row, int64_t bytes) {
 #endif
   std::memcpy(dst, row, static_cast<size_t>(bytes));
 }
+
+// Asks for the row segment kPrefetchBlocks blocks ahead of `row` (bytes long)
+// to be fetched into the caches. A block walks T rows at once, one stream per
+// row; from T of about 16 up that is more streams than the hardware
+// prefetchers follow (measured on the development EPYC, float32 IF, N = 2^20:
+// 1.2-2x faster at T = 16 and 32, no change at T = 8). Prefetches never fault, so reading
+// past the end of x is harmless; the address is formed as an integer.
+constexpr int kPrefetchBlocks = 4;
+
+inline void prefetch_ahead(const void* row, int64_t bytes) {
+  const uintptr_t ahead = reinterpret_cast<uintptr_t>(row) + kPrefetchBlocks * bytes;
+  for (int64_t i = 0; i < bytes; i += 64) {
+    __builtin_prefetch(reinterpret_cast<const void*>(ahead + i));
+  }
+}
 #endif
 
 // The charging current: x, or x + residual rounded in x's dtype first, as
@@ -429,6 +444,7 @@ FASTSPIKE_HD void forward_steps(int64_t n0, const ForwardArgs<scalar_t, acc_t>& 
     // row is built in `row` and stored after the lane loop.
     const scalar_t* x = a.x + x_offset;
     const scalar_t* r = kResidual ? a.residual + r_offset : x;
+    if (kVec > 1) prefetch_ahead(x, kVec * sizeof(scalar_t));
     alignas(16) scalar_t row[kVec];
     scalar_t* s = a.stream_spikes ? row : a.spikes + offset;
     int8_t* c = a.spike_counts + offset;
