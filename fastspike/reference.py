@@ -104,7 +104,8 @@ def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
         raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
     if not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be finite and > 0 everywhere, got {threshold}")
-    return torch.tensor(float(threshold), dtype=accumulation_dtype(x_seq.dtype), device=x_seq.device)
+    # scalar_tensor: half the cost of torch.tensor here, and a fill (no host copy) on CUDA.
+    return torch.scalar_tensor(float(threshold), dtype=accumulation_dtype(x_seq.dtype), device=x_seq.device)
 
 
 def broadcast_threshold(threshold: torch.Tensor, x_seq: torch.Tensor) -> torch.Tensor:
