@@ -55,6 +55,7 @@ import argparse
 import contextlib
 import gc
 import inspect
+import itertools
 import json
 import math
 import os
@@ -328,10 +329,11 @@ def _without_profiler_noise() -> Any:
 
 class PeakMemory:
     """Peak memory a call adds. ``peak_bytes``: the high-water mark of tensor memory allocated
-    during the call (CUDA: max_memory_allocated; CPU: the running "Total Allocated" of
-    torch.profiler's memory events). ``rss_peak_delta_bytes`` (CPU): the process's resident-set
-    high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident set before the
-    call; glibc keeps freed pages, so this undercounts a call that reuses them (often 0)."""
+    during the call (CUDA: max_memory_allocated; CPU: the running sum of the allocations and
+    frees in torch.profiler's memory events). ``rss_peak_delta_bytes`` (CPU): the process's
+    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident
+    set before the call; glibc keeps freed pages, so this undercounts a call that reuses them
+    (often 0)."""
 
     def __init__(self, device: torch.device) -> None:
         self.cuda = device.type == "cuda"
@@ -380,10 +382,10 @@ class PeakMemory:
                   if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
         if not memory:
             return 0
-        # "Total Allocated" is a process-wide running total that earlier sessions leave
-        # non-zero: the peak is counted from its value before this call's first event.
-        start = memory[0]["Total Allocated"] - memory[0]["Bytes"]
-        return max(a["Total Allocated"] for a in memory) - start
+        # Each event's "Bytes" is one allocation (+) or free (-). Their running sum is the
+        # tensor memory this call holds; "Total Allocated" is not used because every
+        # allocator reports its own total (fastspike's huge-page outputs have their own).
+        return max(0, max(itertools.accumulate(a["Bytes"] for a in memory)))
 
     def measure(self, call: Callable[[], Any]) -> Dict[str, Optional[int]]:
         gc.collect()

@@ -541,6 +541,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     timer = Timer(device)
     scaling = payload.get("cpu_compute_scaling")
     scaling_note = f" (compute scales {scaling['speedup']:.2f}x on them now)" if scaling else ""
+    if device.type == "cpu":
+        scaling_note += f", huge-page outputs {payload['backend']['cpu_huge_page_outputs']}"
     print(f"# {name} ({device.type}), torch {torch.__version__}, {torch.get_num_threads()} threads"
           f"{scaling_note}, backend {payload['backend']['backend']}; {len(configs)} configurations -> {out_path}")
     print(table_header(args.contenders), flush=True)

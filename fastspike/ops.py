@@ -34,7 +34,9 @@ backend.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
+import sys
 import warnings
 from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 
@@ -173,6 +175,23 @@ def _cpu_kernels() -> str:
     return "baseline" if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else "avx2"
 
 
+def _cpu_huge_page_outputs() -> str:
+    """Whether large CPU outputs are huge-page backed, by the rule of
+    huge_page_outputs_enabled() in csrc/neuron/cpu/huge_page_allocator.cpp (Linux,
+    unless FASTSPIKE_HUGE_PAGES=0), with the kernel's THP mode, which decides
+    whether the advice is taken ("always"/"madvise" yes, "never" no)."""
+    if not sys.platform.startswith("linux"):
+        return "off (not Linux)"
+    if os.environ.get("FASTSPIKE_HUGE_PAGES") == "0":
+        return "off (FASTSPIKE_HUGE_PAGES=0)"
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled", encoding="ascii") as f:
+            mode = f.read().split("[", 1)[1].split("]", 1)[0]
+    except (OSError, IndexError):
+        mode = "unknown"
+    return f"on (THP {mode})"
+
+
 def backend_info() -> Dict[str, Any]:
     """Which implementation runs the neuron operators, and why.
 
@@ -180,7 +199,9 @@ def backend_info() -> Dict[str, Any]:
     "jit", "library" (``FASTSPIKE_LIBRARY``) or None), ``reason``, ``library`` (path of the loaded library),
     ``cuda_kernels`` (the library has CUDA implementations),
     ``cuda_available`` (torch sees a GPU), ``cpu_kernels`` ("avx2" or
-    "baseline": the instruction set of the CPU forward), ``cupy`` (whether the CuPy/NVRTC
+    "baseline": the instruction set of the CPU forward), ``cpu_huge_page_outputs``
+    (whether operator outputs of 4 MB or more are advised for transparent huge pages, and
+    the kernel's THP mode: "on (THP madvise)", "off (FASTSPIKE_HUGE_PAGES=0)", ...), ``cupy`` (whether the CuPy/NVRTC
     kernels serve CUDA tensors, and why; see :mod:`fastspike.cupy_backend`),
     ``torch`` (version).
     """
@@ -192,6 +213,7 @@ def backend_info() -> Dict[str, Any]:
         "cuda_kernels": _backend.has_cuda_kernels(),
         "cuda_available": torch.cuda.is_available(),
         "cpu_kernels": _cpu_kernels(),
+        "cpu_huge_page_outputs": _cpu_huge_page_outputs(),
         "cupy": cupy_backend.status(),
         "torch": torch.__version__,
     }

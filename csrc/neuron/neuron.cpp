@@ -3,6 +3,8 @@
 // documented for users in README.md ("Operators").
 #include "neuron.h"
 
+#include "cpu/huge_page_allocator.h"
+
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
@@ -244,16 +246,16 @@ ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
     out.v_final = buffers->v_final;
     out.count_final = buffers->count_final;
   } else {
-    out.spikes = at::empty(seq_sizes, x.options().dtype(plan.compact ? at::kChar : x.scalar_type()));
-    out.v_final = at::empty(state_sizes, acc_options);
-    out.count_final = at::empty(state_sizes, x.options().dtype(at::kInt));
+    out.spikes = empty_output(seq_sizes, x.options().dtype(plan.compact ? at::kChar : x.scalar_type()));
+    out.v_final = empty_output(state_sizes, acc_options);
+    out.count_final = empty_output(state_sizes, x.options().dtype(at::kInt));
   }
   const bool surrogate = plan.grad_mode == GradMode::kSurrogate;
-  out.membrane_seq = surrogate ? at::empty(seq_sizes, acc_options) : nothing(plan.acc_dtype);
+  out.membrane_seq = surrogate ? empty_output(seq_sizes, acc_options) : nothing(plan.acc_dtype);
   out.negative_open_seq =
-      surrogate && is_signed ? at::empty(seq_sizes, x.options().dtype(at::kBool)) : nothing(at::kBool);
+      surrogate && is_signed ? empty_output(seq_sizes, x.options().dtype(at::kBool)) : nothing(at::kBool);
   out.input_mean =
-      plan.grad_mode == GradMode::kRate ? at::empty(state_sizes, acc_options) : nothing(plan.acc_dtype);
+      plan.grad_mode == GradMode::kRate ? empty_output(state_sizes, acc_options) : nothing(plan.acc_dtype);
   return out;
 }
 

@@ -3,6 +3,7 @@
 // the launch rules, and filling the kernel argument structs from tensors.
 #pragma once
 
+#include "cpu/huge_page_allocator.h"
 #include "neuron.h"
 #include "neuron_math.h"
 
@@ -202,9 +203,9 @@ std::tuple<at::Tensor, at::Tensor> neuron_backward_surrogate_op(
   const SurrogateBackwardPlan plan =
       plan_surrogate_backward(grad_spikes, grad_v_final, membrane_seq, negative_open_seq,
                               threshold, group_size, is_signed, neg_margin, surrogate, alpha);
-  at::Tensor grad_x = at::empty_like(plan.grad_spikes);
+  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
   at::Tensor grad_v_init =
-      at::empty(plan.grad_spikes.sizes().slice(1), plan.membrane_seq.options());
+      empty_output(plan.grad_spikes.sizes().slice(1), plan.membrane_seq.options());
   if (plan.neurons > 0) run(plan, grad_x, grad_v_init, group_size, is_signed, neg_margin, alpha);
   return {grad_x, grad_v_init};
 }
@@ -213,7 +214,7 @@ template <RateBackwardRunner run>
 at::Tensor neuron_backward_rate_op(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
                                    const at::Tensor& threshold) {
   const RateBackwardPlan plan = plan_rate_backward(grad_spikes, input_mean, threshold);
-  at::Tensor grad_x = at::empty_like(plan.grad_spikes);
+  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
   if (plan.neurons > 0) run(plan, grad_x);
   return grad_x;
 }
