@@ -179,7 +179,8 @@ def _cpu_huge_page_outputs() -> str:
     """Whether large CPU outputs are huge-page backed, by the rule of
     huge_page_outputs_enabled() in csrc/neuron/cpu/huge_page_allocator.cpp (Linux,
     unless FASTSPIKE_HUGE_PAGES=0), with the kernel's THP mode, which decides
-    whether the advice is taken ("always"/"madvise" yes, "never" no)."""
+    whether the advice is taken ("always"/"madvise" yes, "never" no), and the
+    reuse cache's size (FASTSPIKE_OUTPUT_CACHE_MB, default 64)."""
     if not sys.platform.startswith("linux"):
         return "off (not Linux)"
     if os.environ.get("FASTSPIKE_HUGE_PAGES") == "0":
@@ -189,7 +190,8 @@ def _cpu_huge_page_outputs() -> str:
             mode = f.read().split("[", 1)[1].split("]", 1)[0]
     except (OSError, IndexError):
         mode = "unknown"
-    return f"on (THP {mode})"
+    cache_mb = os.environ.get("FASTSPIKE_OUTPUT_CACHE_MB") or "64"
+    return f"on (THP {mode}), reuse cache {cache_mb} MB"
 
 
 def backend_info() -> Dict[str, Any]:
@@ -200,8 +202,9 @@ def backend_info() -> Dict[str, Any]:
     ``cuda_kernels`` (the library has CUDA implementations),
     ``cuda_available`` (torch sees a GPU), ``cpu_kernels`` ("avx2" or
     "baseline": the instruction set of the CPU forward), ``cpu_huge_page_outputs``
-    (whether operator outputs of 4 MB or more are advised for transparent huge pages, and
-    the kernel's THP mode: "on (THP madvise)", "off (FASTSPIKE_HUGE_PAGES=0)", ...), ``cupy`` (whether the CuPy/NVRTC
+    (whether operator outputs of 4 MB or more are advised for transparent huge pages, the
+    kernel's THP mode and the size of the cache that keeps freed ones for reuse:
+    "on (THP madvise), reuse cache 64 MB", "off (FASTSPIKE_HUGE_PAGES=0)", ...), ``cupy`` (whether the CuPy/NVRTC
     kernels serve CUDA tensors, and why; see :mod:`fastspike.cupy_backend`),
     ``torch`` (version).
     """

@@ -2,6 +2,7 @@
 pages (csrc/neuron/cpu/huge_page_allocator.cpp): the values, the tensors' behaviour
 and torch.profiler's view of them are those of ordinary tensors."""
 
+import json
 import os
 import subprocess
 import sys
@@ -43,6 +44,64 @@ def test_large_outputs_are_huge_page_aligned_and_exact():
     assert result.spikes.data_ptr() % HUGE_PAGE == 0
     assert_same_result(neuron_reference(x, 0.9, signed=True, group_size=2, grad="none"), result)
     assert_same_result(neuron_reference(x[:, :1000], 0.9, grad="none"), small)
+
+
+@pytest.mark.skipif(os.environ.get("FASTSPIKE_HUGE_PAGES") == "0", reason="switched off")
+def test_freed_outputs_are_reused_within_the_cache_limit():
+    """A freed output's block serves the next output of the same size (no new
+    memory, no page faults); the cache keeps at most FASTSPIKE_OUTPUT_CACHE_MB
+    (64 MB) of freed blocks, which torch.profiler reports as reserved."""
+    x = large_input(6)  # spikes: 4 MB + 80 bytes -> one 6 MB block
+    with torch.no_grad():
+        first = fastspike.neuron(x, 0.9).spikes
+        address = first.data_ptr()
+        del first
+        again = fastspike.neuron(x, 0.9).spikes
+    assert again.data_ptr() == address
+    assert_same_result(neuron_reference(x, 0.9, grad="none"),
+                       fastspike.neuron(x, 0.9))  # reused memory, fresh values
+    del again
+
+# Run in a fresh process: the cache is process-wide, and blocks that other tests
+# freed would share its 64 MB.
+CACHE_BOUND_SCRIPT = """
+import json, os, sys, tempfile
+import torch, fastspike
+from torch.profiler import ProfilerActivity, profile
+x = torch.randn(%d, %d)
+count = 12  # 12 blocks of 6 MB: more than the 64 MB cache holds
+with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    outputs = [fastspike.neuron(x, 0.9).spikes for _ in range(count)]
+    nbytes = outputs[0].untyped_storage().nbytes()
+    del outputs
+path = os.path.join(tempfile.mkdtemp(), "trace.json")
+prof.export_chrome_trace(path)
+events = json.load(open(path))["traceEvents"]
+frees = [e["args"]["Total Reserved"] for e in sorted(events, key=lambda e: e.get("ts", 0))
+         if e.get("name") == "[memory]" and e["args"]["Bytes"] == -nbytes]
+print(json.dumps(frees))
+""" % (TIME_STEPS, NEURONS)
+
+
+@pytest.mark.skipif(os.environ.get("FASTSPIKE_HUGE_PAGES") == "0", reason="switched off")
+def test_the_reuse_cache_is_bounded():
+    """Freeing twelve 6 MB outputs keeps ten of them (60 MB of the 64 MB default),
+    as torch.profiler's reserved total shows at each free; 0 turns the cache off."""
+    nbytes, block = TIME_STEPS * NEURONS * 4, 6 << 20
+    for limit_mb, kept in ((None, 10), ("0", 0), ("13", 2)):
+        env = dict(os.environ)
+        env.pop("FASTSPIKE_OUTPUT_CACHE_MB", None)
+        if limit_mb is not None:
+            env["FASTSPIKE_OUTPUT_CACHE_MB"] = limit_mb
+        out = subprocess.run([sys.executable, "-c", CACHE_BOUND_SCRIPT], env=env,
+                             capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr
+        reserved = json.loads(out.stdout.strip().splitlines()[-1])
+        assert len(reserved) == 12
+        # Live outputs (their bytes) shrink by one per free, the cache (whole
+        # blocks) grows until full.
+        expected = [(12 - i - 1) * nbytes + min(i + 1, kept) * block for i in range(12)]
+        assert reserved == expected, (limit_mb, reserved)
 
 
 def test_large_gradients_equal_the_reference():
@@ -104,3 +163,12 @@ def test_switched_off_by_environment():
                          timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "off (FASTSPIKE_HUGE_PAGES=0)"
+
+
+def test_bad_cache_size_is_refused_by_name():
+    code = "import torch, fastspike; fastspike.neuron(torch.zeros(4, 1 << 20), 1.0)"
+    env = dict(os.environ, FASTSPIKE_OUTPUT_CACHE_MB="lots")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode != 0
+    assert "FASTSPIKE_OUTPUT_CACHE_MB must be a whole number of megabytes >= 0, got 'lots'" in out.stderr

@@ -7,6 +7,9 @@
 // transparent huge pages faults once per 2 MB instead. PyTorch does the same
 // for every CPU tensor under THP_MEM_ALLOC_ENABLE=1; this applies it to
 // fastspike's own large outputs only, so callers get it without a global switch.
+// Freed blocks of up to FASTSPIKE_OUTPUT_CACHE_MB (default 64) in all are kept
+// for the next output of the same size: an inference loop frees each layer's
+// output and allocates the same size again, and reused memory does not fault.
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
@@ -16,6 +19,10 @@ namespace fastspike {
 // Outputs at least this large are huge-page backed; smaller ones come from
 // PyTorch's CPU allocator (a huge page would be mostly padding).
 constexpr std::size_t kHugePageOutputMinBytes = std::size_t{4} << 20;
+
+// Freed huge-page blocks kept for reuse unless FASTSPIKE_OUTPUT_CACHE_MB says
+// otherwise (0 turns the cache off).
+constexpr std::size_t kDefaultOutputCacheBytes = std::size_t{64} << 20;
 
 // An empty contiguous tensor for an operator output. CPU outputs of
 // kHugePageOutputMinBytes or more use memory advised for transparent huge pages
