@@ -167,12 +167,16 @@ if _STATE.name == "extension":
 
 
 def _cpu_kernels() -> str:
-    """The path the CPU forward takes, by the rule of use_avx2() in
-    csrc/neuron/cpu/neuron_kernel.cpp: AVX2 on x86-64 unless ATen's CPU
-    capability (ATEN_CPU_CAPABILITY) says DEFAULT."""
+    """The build of the CPU lane loops that runs, by the rule of lane_build() in
+    csrc/neuron/cpu/neuron_kernel.cpp: on x86-64 the widest of AVX-512 and AVX2
+    that ATen's CPU capability (ATEN_CPU_CAPABILITY) allows, else the baseline.
+    ATen's AVX512 capability already requires AVX-512 F, BW, VL and DQ."""
     if platform.machine() not in ("x86_64", "AMD64"):
         return "baseline"
-    return "baseline" if torch.backends.cpu.get_cpu_capability() == "DEFAULT" else "avx2"
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability == "AVX512":
+        return "avx512"
+    return "baseline" if capability == "DEFAULT" else "avx2"
 
 
 def _cpu_huge_page_outputs() -> str:
@@ -200,8 +204,8 @@ def backend_info() -> Dict[str, Any]:
     Keys: ``backend`` ("extension" or "reference"), ``source`` ("prebuilt",
     "jit", "library" (``FASTSPIKE_LIBRARY``) or None), ``reason``, ``library`` (path of the loaded library),
     ``cuda_kernels`` (the library has CUDA implementations),
-    ``cuda_available`` (torch sees a GPU), ``cpu_kernels`` ("avx2" or
-    "baseline": the instruction set of the CPU forward), ``cpu_huge_page_outputs``
+    ``cuda_available`` (torch sees a GPU), ``cpu_kernels`` ("avx512",
+    "avx2" or "baseline": the instruction set of the CPU lane loops), ``cpu_huge_page_outputs``
     (whether operator outputs of 4 MB or more are advised for transparent huge pages, the
     kernel's THP mode and the size of the cache that keeps freed ones for reuse:
     "on (THP madvise), reuse cache 64 MB", "off (FASTSPIKE_HUGE_PAGES=0)", ...), ``cupy`` (whether the CuPy/NVRTC

@@ -237,14 +237,16 @@ def test_emulated_grid_uses_vector_path_when_aligned():
         assert_same_result(expected, emulated[:3])
 
 
-# The CPU forward has two builds of the same lane loop: AVX2 (8 float lanes) and
+# The CPU lane loops have three builds: AVX-512 (16 float lanes), AVX2 (8) and
 # the baseline instruction set (SSE2 on x86-64), picked at run time. The suite
-# runs the AVX2 one where the CPU has it; this script checks the other one in a
-# process where ATen's capability is forced down to DEFAULT.
-_BASELINE_SCRIPT = r"""
+# runs the widest one the CPU has; this script checks a narrower one in a process
+# where ATen's capability is capped (ATEN_CPU_CAPABILITY): the forward bit for
+# bit, the surrogate backward to the tolerance of its polynomial e^x.
+_CAPPED_BUILD_SCRIPT = r"""
+import sys
 import torch, fastspike
 from fastspike.reference import neuron_reference
-assert fastspike.backend_info()["cpu_kernels"] == "baseline", fastspike.backend_info()
+assert fastspike.backend_info()["cpu_kernels"] == sys.argv[1], fastspike.backend_info()
 gen = torch.Generator().manual_seed(0)
 checked = 0
 for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
@@ -259,19 +261,36 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
             for ee, aa in zip(e, a):
                 assert torch.equal(ee, aa), (dtype, group_size, signed, kwargs.keys())
             checked += 1
+        if dtype == torch.float32:
+            weights = torch.randn(x.shape, generator=gen)
+            grads = []
+            for fn in (neuron_reference, fastspike.neuron):
+                leaf = x.clone().requires_grad_(True)
+                (fn(leaf, theta, group_size=group_size, signed=signed).spikes * weights).sum().backward()
+                grads.append(leaf.grad)
+            torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-5)
 print("checked", checked)
 """
 
+# ATEN_CPU_CAPABILITY value that caps the lane loops at each narrower build.
+_CAPABILITY_FOR_BUILD = {"baseline": "default", "avx2": "avx2"}
+_BUILDS = ["baseline", "avx2", "avx512"]  # narrowest first
 
-def test_cpu_forward_baseline_instruction_set_matches_reference():
-    env = dict(os.environ, ATEN_CPU_CAPABILITY="default")
-    result = subprocess.run([sys.executable, "-c", _BASELINE_SCRIPT], env=env,
+
+@pytest.mark.parametrize("build", ["baseline", "avx2"])
+def test_cpu_narrower_builds_match_reference(build):
+    widest = fastspike.backend_info()["cpu_kernels"]
+    if _BUILDS.index(build) >= _BUILDS.index(widest):
+        pytest.skip(f"the suite itself runs the {widest} build on this CPU")
+    env = dict(os.environ, ATEN_CPU_CAPABILITY=_CAPABILITY_FOR_BUILD[build])
+    result = subprocess.run([sys.executable, "-c", _CAPPED_BUILD_SCRIPT, build], env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "checked 40" in result.stdout
 
 
-def test_cpu_forward_uses_avx2_where_the_cpu_has_it():
+def test_cpu_lane_loops_use_the_widest_build_the_cpu_has():
     if platform.machine() != "x86_64" or torch.backends.cpu.get_cpu_capability() == "DEFAULT":
         pytest.skip("no AVX2 on this CPU (or ATEN_CPU_CAPABILITY=default)")
-    assert fastspike.backend_info()["cpu_kernels"] == "avx2"
+    expected = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
+    assert fastspike.backend_info()["cpu_kernels"] == expected

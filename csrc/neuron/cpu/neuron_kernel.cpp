@@ -9,6 +9,7 @@
 #include <ATen/Version.h>
 #include <torch/library.h>
 
+#include <string>
 #include <type_traits>
 
 namespace fastspike {
@@ -25,29 +26,48 @@ int64_t grain_for(int64_t time_steps, int64_t unit) {
 }
 
 #if defined(__GNUC__) && defined(__x86_64__)
-#define FASTSPIKE_HAVE_AVX2_PATH 1
-// `blocks(begin, end)` compiled for AVX2 (8 float lanes instead of SSE2's 4):
-// flatten inlines the lambda and the whole neuron math under it into this one
-// function, so all of it is compiled for AVX2. No FMA is enabled, so every
-// result stays bit-identical to the baseline path; only the vector width changes.
+#define FASTSPIKE_HAVE_X86_PATHS 1
+// `blocks(begin, end)` compiled for AVX2 (8 float lanes instead of SSE2's 4)
+// and for AVX-512 (16 lanes; 512-bit vectors preferred, as GCC's generic
+// tuning would otherwise keep to 256): flatten inlines the lambda and the whole
+// neuron math under it into one function, so all of it is compiled for that
+// instruction set. No FMA is used (-ffp-contract=off keeps a*b+c two roundings
+// even where the instruction set has FMA), so every result stays bit-identical
+// to the baseline path; only the vector width changes.
 template <typename Blocks>
 __attribute__((target("avx2"), flatten)) void run_blocks_avx2(const Blocks& blocks, int64_t begin,
                                                               int64_t end) {
   blocks(begin, end);
 }
+
+template <typename Blocks>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,prefer-vector-width=512"), flatten))
+void run_blocks_avx512(const Blocks& blocks, int64_t begin, int64_t end) {
+  blocks(begin, end);
+}
 #endif
 
-// Whether the lane loops use their AVX2 build: the CPU has AVX2 and ATen's own
-// choice (ATEN_CPU_CAPABILITY=default turns it off, e.g. to test the baseline
-// path on an AVX2 machine) allows it.
-bool use_avx2() {
-#ifdef FASTSPIKE_HAVE_AVX2_PATH
+// Which build of the lane loops runs: the widest the CPU has that ATen's own
+// choice allows (ATEN_CPU_CAPABILITY=avx2 or =default caps it, e.g. to test the
+// narrower paths on a wider machine). backend_info()["cpu_kernels"] mirrors it.
+enum class LaneBuild { kBaseline, kAvx2, kAvx512 };
+
+LaneBuild lane_build() {
+#ifdef FASTSPIKE_HAVE_X86_PATHS
   // Decided once, as ATen decides its own capability once per process.
-  static const bool avx2 =
-      at::get_cpu_capability() != "DEFAULT" && __builtin_cpu_supports("avx2");
-  return avx2;
+  static const LaneBuild build = [] {
+    const std::string capability = at::get_cpu_capability();
+    if (capability == "AVX512" && __builtin_cpu_supports("avx512f") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq")) {
+      return LaneBuild::kAvx512;
+    }
+    if (capability != "DEFAULT" && __builtin_cpu_supports("avx2")) return LaneBuild::kAvx2;
+    return LaneBuild::kBaseline;
+  }();
+  return build;
 #else
-  return false;
+  return LaneBuild::kBaseline;
 #endif
 }
 
@@ -67,7 +87,7 @@ bool stream_spikes(const ForwardArgs<scalar_t, acc_t>& a) {
 }
 
 // Runs element(lanes, index) over all neurons: the full blocks of kCpuBlock
-// lanes in parallel (in their AVX2 build where use_avx2() says so), then the
+// lanes in parallel (in the build lane_build() picks), then the
 // neurons that do not fill a block one at a time. `lanes` is a
 // std::integral_constant, so each call site picks its element function's
 // lane count at compile time.
@@ -77,16 +97,22 @@ void for_each_block(int64_t neurons, int64_t time_steps, const Element& element)
   const auto blocks = [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) element(std::integral_constant<int, kCpuBlock>(), b);
   };
-  const bool avx2 = use_avx2();
+  const LaneBuild build = lane_build();
   at::parallel_for(0, full_blocks, grain_for(time_steps, kCpuBlock), [&](int64_t begin, int64_t end) {
-#ifdef FASTSPIKE_HAVE_AVX2_PATH
-    if (avx2) {
-      run_blocks_avx2(blocks, begin, end);
-    } else {
-      blocks(begin, end);
+#ifdef FASTSPIKE_HAVE_X86_PATHS
+    switch (build) {
+      case LaneBuild::kAvx512:
+        run_blocks_avx512(blocks, begin, end);
+        break;
+      case LaneBuild::kAvx2:
+        run_blocks_avx2(blocks, begin, end);
+        break;
+      case LaneBuild::kBaseline:
+        blocks(begin, end);
+        break;
     }
 #else
-    (void)avx2;
+    (void)build;
     blocks(begin, end);
 #endif
 #ifdef FASTSPIKE_HAVE_STREAMING_STORES
