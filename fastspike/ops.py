@@ -311,6 +311,28 @@ def _use_reference(x_seq: torch.Tensor) -> bool:
     return False
 
 
+def _mark_written(buffers: Sequence[torch.Tensor]) -> None:
+    """Bump the version counters of out= buffers the C++ operator wrote: a C++
+    custom op's mutation is invisible to autograd's saved-tensor check otherwise,
+    and a buffer that some graph saved for backward would then give a silently
+    wrong gradient instead of autograd's "modified by an inplace operation" error."""
+    if not torch.compiler.is_compiling():
+        for buffer in buffers:
+            torch.autograd.graph.increment_version(buffer)
+
+
+def _below_autograd_unless(needs_grad: bool) -> Any:
+    """A call that records no backward skips the autograd layer in front of the
+    operators (the Python kernel torch.library.register_autograd installs, which
+    runs even under torch.no_grad() and cost ~28 of ~48 us a call on a small
+    layer), as torch.inference_mode() would, but the outputs stay ordinary tensors
+    that later autograd code may use. While torch.compile traces, the plain call
+    is kept for Dynamo to see."""
+    if needs_grad or torch.compiler.is_compiling():
+        return contextlib.nullcontext()
+    return torch._C._AutoDispatchBelowAutograd()
+
+
 def neuron(
     x_seq: torch.Tensor,
     threshold: Threshold,
@@ -406,14 +428,17 @@ def neuron(
                 buffer.copy_(value)
             return NeuronResult(*out)
         return result
-    if out is not None:
-        torch.ops.fastspike.neuron_forward_out(
+    with _below_autograd_unless(needs_grad):
+        if out is not None:
+            torch.ops.fastspike.neuron_forward_out(
+                x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
+                float(neg_margin), *out,
+            )
+            _mark_written(out)
+            return NeuronResult(*out)
+        spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
             x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-            float(neg_margin), *out,
+            float(neg_margin), grad if needs_grad else "none", surrogate, alpha, residual,
+            bool(compact),
         )
-        return NeuronResult(*out)
-    spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
-        x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-        float(neg_margin), grad if needs_grad else "none", surrogate, alpha, residual, bool(compact),
-    )
     return NeuronResult(spikes, v, count)

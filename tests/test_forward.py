@@ -294,3 +294,37 @@ def test_cpu_lane_loops_use_the_widest_build_the_cpu_has():
         pytest.skip("no AVX2 on this CPU (or ATEN_CPU_CAPABILITY=default)")
     expected = "avx512" if torch.backends.cpu.get_cpu_capability() == "AVX512" else "avx2"
     assert fastspike.backend_info()["cpu_kernels"] == expected
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_out_buffers_written_are_seen_by_autograd(device):
+    """out= bumps the buffers' version counters, so a buffer some graph saved for
+    backward and then overwritten by the operator gives autograd's in-place error,
+    never a silently wrong gradient."""
+    x = torch.randn(4, 3, 8, device=device)
+    buffers = fastspike.neuron(x, 1.0, grad="none")
+    versions = [b._version for b in buffers]
+    weight = torch.randn(4, 3, 8, device=device, requires_grad=True)
+    loss = (weight * buffers.spikes).sum()  # mul saves the spikes buffer
+    with torch.no_grad():
+        fastspike.neuron(x * 2, 1.0, out=buffers)
+    assert all(b._version > v for b, v in zip(buffers, versions))
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
+def test_calls_without_grad_give_ordinary_tensors(device):
+    """A call that records no backward (no_grad, or no input requiring grad) skips
+    the autograd layer, yet its outputs are ordinary tensors (not inference
+    tensors) that later autograd code can use, equal to a recording call's."""
+    x = torch.randn(5, 2, 7, device=device, requires_grad=True)
+    with torch.no_grad():
+        quiet = fastspike.neuron(x, 0.8, signed=True)
+    recorded = fastspike.neuron(x, 0.8, signed=True)
+    assert recorded.spikes.requires_grad and not quiet.spikes.requires_grad
+    assert not any(t.is_inference() for t in quiet)
+    assert_same_result(fastspike.NeuronResult(*(t.detach() for t in recorded)), quiet)
+    weight = torch.randn(7, device=device, requires_grad=True)
+    (quiet.spikes * weight).sum().backward()
+    assert torch.equal(weight.grad, quiet.spikes.sum((0, 1)))

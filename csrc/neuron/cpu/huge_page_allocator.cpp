@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
+#include <iterator>
 #include <mutex>
 #include <vector>
 
@@ -52,29 +54,41 @@ struct Block {
 // fresh output is new memory from the kernel, faulted in (and zeroed) page by
 // page; an inference loop frees each layer's output and asks for one of the same
 // size again at once. glibc does the same for its heap but stops at 32 MB, and a
-// block here is always mmap-sized. Bounded by cache_limit_bytes(); a block that
-// does not fit goes back to the system.
+// block here is always mmap-sized. At most cache_limit_bytes() are kept: the
+// oldest blocks go back to the system to make room for a newer one, so a process
+// whose shapes change keeps the sizes it uses now.
 class BlockCache {
  public:
   bool take(std::size_t length, Block* out) {
     std::lock_guard<std::mutex> lock(mutex_);
-    for (auto it = blocks_.begin(); it != blocks_.end(); ++it) {
+    for (auto it = blocks_.rbegin(); it != blocks_.rend(); ++it) {  // newest first
       if (it->length == length) {
         *out = *it;
         cached_bytes_ -= length;
-        blocks_.erase(it);
+        blocks_.erase(std::next(it).base());
         return true;
       }
     }
     return false;
   }
 
-  bool keep(const Block& block) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    if (cached_bytes_ + block.length > cache_limit_bytes()) return false;
-    blocks_.push_back(block);
-    cached_bytes_ += block.length;
-    return true;
+  void keep(const Block& block) {
+    std::vector<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (block.length > cache_limit_bytes()) {
+        evicted.push_back(block);
+      } else {
+        while (cached_bytes_ + block.length > cache_limit_bytes()) {
+          evicted.push_back(blocks_.front());
+          cached_bytes_ -= blocks_.front().length;
+          blocks_.pop_front();
+        }
+        blocks_.push_back(block);
+        cached_bytes_ += block.length;
+      }
+    }
+    for (const Block& b : evicted) std::free(b.data);  // munmap, outside the lock
   }
 
   std::size_t cached_bytes() {
@@ -84,7 +98,7 @@ class BlockCache {
 
  private:
   std::mutex mutex_;
-  std::vector<Block> blocks_;
+  std::deque<Block> blocks_;  // oldest first
   std::size_t cached_bytes_ = 0;
 };
 
@@ -113,7 +127,7 @@ void report_to_profiler(void* data, int64_t delta) {
 void free_allocation(void* ctx) {
   auto* allocation = static_cast<Allocation*>(ctx);
   g_allocated_bytes.fetch_sub(allocation->nbytes, std::memory_order_relaxed);
-  if (!block_cache().keep(allocation->block)) std::free(allocation->block.data);
+  block_cache().keep(allocation->block);
   if (c10::memoryProfilingEnabled()) {
     report_to_profiler(allocation->block.data, -static_cast<int64_t>(allocation->nbytes));
   }

@@ -7,9 +7,10 @@
 // transparent huge pages faults once per 2 MB instead. PyTorch does the same
 // for every CPU tensor under THP_MEM_ALLOC_ENABLE=1; this applies it to
 // fastspike's own large outputs only, so callers get it without a global switch.
-// Freed blocks of up to FASTSPIKE_OUTPUT_CACHE_MB (default 64) in all are kept
-// for the next output of the same size: an inference loop frees each layer's
-// output and allocates the same size again, and reused memory does not fault.
+// Freed blocks of up to FASTSPIKE_OUTPUT_CACHE_MB (default 64) in all, the newest
+// kept, serve the next output of the same size: an inference loop frees each
+// layer's output and allocates the same size again, and reused memory does not
+// fault.
 #include <ATen/core/Tensor.h>
 
 #include <cstddef>
