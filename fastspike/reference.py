@@ -41,6 +41,8 @@ __all__ = [
 
 # Sharpness defaults as in SpikingJelly's surrogate functions.
 DEFAULT_ALPHA = {"sigmoid": 4.0, "atan": 2.0}
+# |α·z| beyond which the sigmoid surrogate's derivative is 0 (kSigmoidTailCut in C++).
+SIGMOID_TAIL_CUT = 40.0
 
 Threshold = Union[float, torch.Tensor]
 
@@ -230,8 +232,12 @@ def surrogate_derivative(z: torch.Tensor, kind: str, alpha: float) -> torch.Tens
     if kind == "atan":
         w = (math.pi / 2) * alpha * z
         return alpha / (2 * (1 + w * w))
-    s = torch.sigmoid(alpha * z)
-    return alpha * s * (1 - s)
+    a = alpha * z
+    s = torch.sigmoid(a)
+    # The far tail (below α·e^-40) is cut to exactly 0, as kSigmoidTailCut in
+    # csrc/neuron/neuron_math.h: otherwise it leaves denormal gradients that make
+    # the next layer's backward crawl on Intel CPUs.
+    return torch.where(a.abs() > SIGMOID_TAIL_CUT, torch.zeros_like(s), alpha * s * (1 - s))
 
 
 class _StepGe(torch.autograd.Function):

@@ -55,6 +55,34 @@ def test_sigmoid_surrogate_across_the_whole_exponent_range(group_size, signed):
 
 
 @pytest.mark.parametrize("device", cpu_and_cuda())
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_sigmoid_surrogate_tail_is_cut_to_zero(device, dtype):
+    """Where |α·z| > 40 the sigmoid surrogate's derivative is exactly 0 in the
+    kernels and the reference alike (SIGMOID_TAIL_CUT): no denormal gradients
+    come out of neurons far from their thresholds, while just inside the cut
+    the gradient is there and matches."""
+    from fastspike.reference import SIGMOID_TAIL_CUT
+
+    alpha, theta = 4.0, 1.0
+    # One step, IF, v0 = θ/2: z = h − θ = x − 0.5 (units of u = θ).
+    z = torch.tensor([-20.0, -10.5, -9.9, -1.0, 0.0, 2.0, 10.5, 20.0], dtype=dtype)
+    x = (z + 0.5).view(1, -1).to(device)
+    weights = torch.full(x.shape, 1e-3, dtype=torch.float64, device=device)
+    kwargs = dict(threshold=theta, grad="surrogate", surrogate="sigmoid", alpha=alpha)
+    zeros_v = torch.zeros(x.shape[1:], dtype=torch.float64, device=device)
+    expected = grads(neuron_reference, x, None, weights, zeros_v, **dict(kwargs))[1]
+    actual = grads(fastspike.neuron, x, None, weights, zeros_v, **dict(kwargs))[1]
+    outside = (alpha * z).abs() > SIGMOID_TAIL_CUT
+    assert outside.sum() == 4 and (~outside).sum() == 4
+    assert torch.equal(actual[0, outside.to(device)], torch.zeros(4, dtype=dtype, device=device))
+    assert torch.equal(expected[0, outside.to(device)], torch.zeros(4, dtype=dtype, device=device))
+    assert (actual[0, (~outside).to(device)] > 0).all()
+    torch.testing.assert_close(actual, expected, **TOLERANCE[dtype])
+    tiny = torch.finfo(dtype).tiny
+    assert not ((actual != 0) & (actual.abs() < tiny)).any(), "denormal gradients"
+
+
+@pytest.mark.parametrize("device", cpu_and_cuda())
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("group_size,signed", NEURON_KINDS)
 @pytest.mark.parametrize("surrogate", ["sigmoid", "atan"])
