@@ -8,7 +8,6 @@
 #include <ATen/Dispatch.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -356,6 +355,16 @@ TORCH_LIBRARY(fastspike, m) {
   m.def(
       "_emulate_cuda_backward_rate(Tensor grad_spikes, Tensor input_mean, Tensor threshold, "
       "int blocks, int threads) -> Tensor");
+}
+
+std::tuple<at::Tensor, at::Tensor> allocate_surrogate_backward_outputs(
+    const SurrogateBackwardPlan& plan) {
+  return {empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options()),
+          empty_output(plan.grad_spikes.sizes().slice(1), plan.membrane_seq.options())};
+}
+
+at::Tensor allocate_rate_backward_output(const RateBackwardPlan& plan) {
+  return empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
 }
 
 }  // namespace fastspike

@@ -122,4 +122,11 @@ struct RateBackwardPlan {
 RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
                                     const at::Tensor& threshold);
 
+// Fresh outputs of the backwards, shared by the CPU, CUDA and grid-emulation
+// entry points: grad_x [T, ...] (grad_spikes' dtype) and, for the surrogate
+// backward, grad_v_init [...] (the membrane's dtype).
+std::tuple<at::Tensor, at::Tensor> allocate_surrogate_backward_outputs(
+    const SurrogateBackwardPlan& plan);
+at::Tensor allocate_rate_backward_output(const RateBackwardPlan& plan);
+
 }  // namespace fastspike

@@ -3,14 +3,11 @@
 // the launch rules, and filling the kernel argument structs from tensors.
 #pragma once
 
-#include "cpu/huge_page_allocator.h"
 #include "neuron.h"
 #include "neuron_math.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/empty_like.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -203,9 +200,7 @@ std::tuple<at::Tensor, at::Tensor> neuron_backward_surrogate_op(
   const SurrogateBackwardPlan plan =
       plan_surrogate_backward(grad_spikes, grad_v_final, membrane_seq, negative_open_seq,
                               threshold, group_size, is_signed, neg_margin, surrogate, alpha);
-  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
-  at::Tensor grad_v_init =
-      empty_output(plan.grad_spikes.sizes().slice(1), plan.membrane_seq.options());
+  auto [grad_x, grad_v_init] = allocate_surrogate_backward_outputs(plan);
   if (plan.neurons > 0) run(plan, grad_x, grad_v_init, group_size, is_signed, neg_margin, alpha);
   return {grad_x, grad_v_init};
 }
@@ -214,7 +209,7 @@ template <RateBackwardRunner run>
 at::Tensor neuron_backward_rate_op(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
                                    const at::Tensor& threshold) {
   const RateBackwardPlan plan = plan_rate_backward(grad_spikes, input_mean, threshold);
-  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
+  at::Tensor grad_x = allocate_rate_backward_output(plan);
   if (plan.neurons > 0) run(plan, grad_x);
   return grad_x;
 }

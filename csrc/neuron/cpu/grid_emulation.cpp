@@ -86,9 +86,7 @@ std::tuple<at::Tensor, at::Tensor> emulate_cuda_backward_surrogate(
   const SurrogateBackwardPlan plan =
       plan_surrogate_backward(grad_spikes, grad_v_final, membrane_seq, negative_open_seq,
                               threshold, group_size, is_signed, neg_margin, surrogate, alpha);
-  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
-  at::Tensor grad_v_init =
-      empty_output(plan.grad_spikes.sizes().slice(1), plan.membrane_seq.options());
+  auto [grad_x, grad_v_init] = allocate_surrogate_backward_outputs(plan);
   if (plan.neurons > 0) run(plan, grad_x, grad_v_init, group_size, is_signed, neg_margin, alpha);
   return {grad_x, grad_v_init};
 }
@@ -97,7 +95,7 @@ at::Tensor emulate_cuda_backward_rate(const at::Tensor& grad_spikes, const at::T
                                       const at::Tensor& threshold, int64_t blocks,
                                       int64_t threads) {
   const RateBackwardPlan plan = plan_rate_backward(grad_spikes, input_mean, threshold);
-  at::Tensor grad_x = empty_output(plan.grad_spikes.sizes(), plan.grad_spikes.options());
+  at::Tensor grad_x = allocate_rate_backward_output(plan);
   if (plan.neurons == 0) return grad_x;
   FASTSPIKE_DISPATCH_FLOATS(plan.grad_spikes.scalar_type(), "emulate_cuda_backward_rate", [&] {
     using acc_t = at::opmath_type<scalar_t>;

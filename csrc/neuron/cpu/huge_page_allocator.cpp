@@ -22,6 +22,7 @@ namespace fastspike {
 namespace {
 
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
+#define FASTSPIKE_HAVE_MADV_HUGEPAGE 1
 constexpr bool kPlatformHasHugePages = true;
 #else
 constexpr bool kPlatformHasHugePages = false;
@@ -139,7 +140,7 @@ Block new_block(std::size_t length) {
   const int err = posix_memalign(&data, kHugePageBytes, length);
   TORCH_CHECK(err == 0 && data != nullptr, "fastspike: could not allocate ", length,
               " bytes for an operator output (posix_memalign error ", err, ")");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
+#ifdef FASTSPIKE_HAVE_MADV_HUGEPAGE
   // Advice only: where THP is off ("never") this fails harmlessly and the
   // block is ordinary memory.
   madvise(data, length, MADV_HUGEPAGE);
