@@ -262,10 +262,21 @@ class _StepGe(torch.autograd.Function):
         )
 
 
+def exact_div(a: torch.Tensor, n: Union[int, float]) -> torch.Tensor:
+    """a / n correctly rounded (IEEE division) on every device, as the kernels'
+    div_rn. Dividing by the Python number n would not be: PyTorch's CUDA div
+    of a tensor by a CPU scalar multiplies by the rounded reciprocal 1/n (one
+    ulp off for about a third of the values when n = 3), while the CPU divides
+    (DESIGN §4). A 0-dim tensor on a's own device is no CPU scalar, so CUDA
+    divides too. ``a`` must be in its accumulation dtype (float32/float64)."""
+    return a / torch.scalar_tensor(n, dtype=a.dtype, device=a.device)
+
+
 def _unit(theta: torch.Tensor, group_size: int) -> torch.Tensor:
-    """u = θ/m; NaN where θ is not finite and > 0 (what the kernels do on
-    CUDA, where threshold values are not checked)."""
-    unit = theta / group_size
+    """u = θ/m, correctly rounded on every device (exact_div); NaN where θ is
+    not finite and > 0 (what the kernels do on CUDA, where threshold values are
+    not checked)."""
+    unit = exact_div(theta, group_size)
     return torch.where((unit > 0) & torch.isfinite(unit), unit, torch.full_like(unit, math.nan))
 
 
@@ -339,7 +350,7 @@ class _RateNeuron(torch.autograd.Function):
         spikes, v, count, total = _run(
             x_seq, theta, group_size, signed, init_fraction, neg_margin, v_init, count_init, _plain_step
         )
-        mean = total / x_seq.shape[0]
+        mean = exact_div(total, x_seq.shape[0])
         ctx.save_for_backward(mean, theta)
         ctx.time_steps = x_seq.shape[0]
         ctx.mark_non_differentiable(v, count)
@@ -348,7 +359,7 @@ class _RateNeuron(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_spikes, grad_v, grad_count):
         mean, theta = ctx.saved_tensors
-        acc_grad = grad_spikes.to(mean.dtype).sum(0) / ctx.time_steps
+        acc_grad = exact_div(grad_spikes.to(mean.dtype).sum(0), ctx.time_steps)
         passed = torch.where((mean > 0) & (mean < theta), acc_grad, torch.zeros_like(acc_grad))
         grad_x = passed.to(grad_spikes.dtype).unsqueeze(0).expand_as(grad_spikes).contiguous()
         return grad_x, None, None, None, None, None, None, None

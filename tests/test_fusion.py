@@ -17,7 +17,7 @@ import fastspike
 from fastspike.convert import RepeatOverTime, fold_spike_scales
 from fastspike.models import get_model
 from fastspike.nn import SpikingNeuron, record_spike_trains
-from fastspike.reference import neuron_reference
+from fastspike.reference import exact_div, neuron_reference
 
 from conftest import FLOAT_DTYPES, NEURON_KINDS, assert_same_result, cpu_and_cuda, needs_extension
 
@@ -69,7 +69,7 @@ def test_compact_spikes_are_the_signed_counts(device, dtype, group_size, signed)
     assert_same_result(neuron_reference(x, threshold, group_size=group_size, signed=signed, grad="none",
                                         compact=True), compact)
     assert torch.equal(compact.v, full.v) and torch.equal(compact.count, full.count)
-    unit = threshold.to(torch.float64 if dtype == torch.float64 else torch.float32) / group_size
+    unit = exact_div(threshold.to(torch.float64 if dtype == torch.float64 else torch.float32), group_size)
     assert torch.equal((compact.spikes.to(unit.dtype) * unit).to(dtype), full.spikes)
     if signed:
         assert (compact.spikes < 0).any()
