@@ -17,11 +17,14 @@ NEURON_KINDS = [(1, False), (1, True), (4, False), (3, True)]
 
 
 def cpu_and_cuda() -> List:
+    """The `device` parameters; the CUDA case carries the `cuda` marker, so
+    that `pytest -m cuda` selects exactly the cases that run on a GPU."""
     return [
         "cpu",
         pytest.param(
             "cuda",
-            marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+            marks=[pytest.mark.cuda,
+                   pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
         ),
     ]
 

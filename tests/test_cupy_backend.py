@@ -226,8 +226,10 @@ def test_threshold_layout_matches_the_header_rule():
 # ----------------------------------------------------------------------------- on a GPU with CuPy
 
 def _cupy_ready():
+    """GPU cases: the `cuda` marker (`pytest -m cuda`), skipped without a GPU and CuPy."""
     ok, why = cupy_backend.available() if torch.cuda.is_available() else (False, "no GPU")
-    return pytest.mark.skipif(not ok, reason=f"needs a GPU and CuPy: {why}")
+    skip = pytest.mark.skipif(not ok, reason=f"needs a GPU and CuPy: {why}")
+    return lambda test: pytest.mark.cuda(skip(test))
 
 
 @_cupy_ready()

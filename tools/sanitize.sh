@@ -4,10 +4,13 @@
 #   tools/sanitize.sh [cpu]   build the CPU operator library with AddressSanitizer
 #                             + UndefinedBehaviorSanitizer into build/sanitize/ and
 #                             run the operator and converter tests against it
-#   tools/sanitize.sh gpu     run the CUDA op tests under compute-sanitizer
-#                             memcheck, racecheck, initcheck and synccheck (needs a
-#                             GPU and the extension built with its CUDA kernels)
-#   tools/sanitize.sh all     both
+#   tools/sanitize.sh gpu [TOOL...]
+#                             run the CUDA test cases (`pytest -m cuda`) of the
+#                             kernel tests under compute-sanitizer: memcheck,
+#                             racecheck, initcheck and synccheck, or the TOOLs
+#                             named (needs a GPU and the extension built with its
+#                             CUDA kernels; exits 3 without a GPU)
+#   tools/sanitize.sh all     both (the GPU part only where a GPU is present)
 #   tools/sanitize.sh build   only build the sanitized library
 #
 # The sanitized library is a separate file (never fastspike/_C*.so); the tests
@@ -16,6 +19,12 @@
 # aborts the run (halt_on_error, -fno-sanitize-recover=undefined).
 # Environment: PYTHON (default .venv/bin/python), MAX_JOBS (parallel compiles,
 # default 2), SANITIZE_DIR (default build/sanitize), PYTEST_ARGS (extra args).
+#
+# Exit status of the GPU runs: 0 every tool clean; 86 a sanitizer reported an
+# error (compute-sanitizer's --error-exitcode, distinct from pytest's codes);
+# 1 no sanitizer error but test cases failed (or another tool failure); 3 no GPU.
+# Every tool runs even after another failed, with one line per tool:
+# "sanitize: <tool> clean|ERRORS|TESTS FAILED ...".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,8 +40,12 @@ LIB="$SANITIZE_DIR/libfastspike_sanitized.so"
 # resident-memory test (ASan's quarantine keeps freed memory on purpose).
 CPU_TESTS="tests/test_forward.py tests/test_backward.py tests/test_errors.py tests/test_semantics.py
 tests/test_convert.py tests/test_fuzz.py tests/test_hardening.py"
-# The tests with CUDA cases (a `device` parameter); -k cuda selects those.
-CUDA_TESTS="tests/test_forward.py tests/test_backward.py tests/test_errors.py tests/test_semantics.py"
+# The kernel tests with CUDA cases; `-m cuda` selects exactly those (the
+# CPU emulations of the CUDA grid, test_cuda_*_on_cpu_grid, are not re-run
+# under the sanitizer for nothing). test_cupy_backend.py: the NVRTC kernels.
+CUDA_TESTS="tests/test_forward.py tests/test_backward.py tests/test_errors.py tests/test_semantics.py
+tests/test_fusion.py tests/test_cupy_backend.py"
+SANITIZER_ERROR=86
 SAN_FLAGS="-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g"
 
 build_sanitized() {
@@ -120,19 +133,32 @@ PY
   echo "sanitize: CPU run clean in $((SECONDS - start)) s (build $built s)"
 }
 
+gpu_present() {
+  "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
+}
+
 run_gpu() {
+  local tools=("$@") tool
+  [[ ${#tools[@]} -gt 0 ]] || tools=(memcheck racecheck initcheck synccheck)
+  for tool in "${tools[@]}"; do
+    case "$tool" in
+      memcheck|racecheck|initcheck|synccheck) ;;
+      *) echo "sanitize: unknown compute-sanitizer tool '$tool' (memcheck, racecheck, initcheck, synccheck)" >&2
+         return 2 ;;
+    esac
+  done
   local cs
   cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  if ! "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"; then
-    echo "sanitize: no GPU, skipping the compute-sanitizer runs"
-    return
+  if ! gpu_present; then
+    echo "sanitize: no GPU (torch.cuda.is_available() is False): no compute-sanitizer run" >&2
+    return 3
   fi
-  [[ -x "$cs" ]] || { echo "sanitize: compute-sanitizer not found ($cs)" >&2; exit 1; }
+  [[ -x "$cs" ]] || { echo "sanitize: compute-sanitizer not found ($cs)" >&2; return 1; }
   # Every tensor its own cudaMalloc, so that memcheck sees an access past a
   # tensor's end instead of landing in the caching allocator's pool.
   export PYTORCH_NO_CUDA_MEMORY_CACHING=1
-  local tool start
-  for tool in memcheck racecheck initcheck synccheck; do
+  local start status worst=0
+  for tool in "${tools[@]}"; do
     start=$SECONDS
     local extra=()
     # racecheck checks shared memory, which the kernels do not use today: it
@@ -142,19 +168,29 @@ run_gpu() {
     [[ $tool == racecheck ]] && extra=(--racecheck-report all)
     # --kernel-name kns=neuron: check only the fastspike kernels (the mangled
     # names contain "neuron"), not torch's own, which initcheck would flag for
-    # padding reads it does on purpose. -k cuda: only the CUDA test cases.
+    # padding reads it does on purpose.
+    status=0
     # shellcheck disable=SC2086
-    "$cs" --tool "$tool" "${extra[@]}" --kernel-name kns=neuron --error-exitcode 1 \
+    "$cs" --tool "$tool" "${extra[@]}" --kernel-name kns=neuron --error-exitcode "$SANITIZER_ERROR" \
       --target-processes all \
-      "$PYTHON" -m pytest -q -p no:cacheprovider -k cuda $CUDA_TESTS ${PYTEST_ARGS:-}
-    echo "sanitize: compute-sanitizer $tool clean in $((SECONDS - start)) s"
+      "$PYTHON" -m pytest -q -p no:cacheprovider -m cuda $CUDA_TESTS ${PYTEST_ARGS:-} || status=$?
+    if [[ $status -eq 0 ]]; then
+      echo "sanitize: $tool clean ($((SECONDS - start)) s)"
+    elif [[ $status -eq $SANITIZER_ERROR ]]; then
+      echo "sanitize: $tool ERRORS: compute-sanitizer reported errors ($((SECONDS - start)) s)"
+      worst=$SANITIZER_ERROR
+    else
+      echo "sanitize: $tool TESTS FAILED: pytest exit $status, no sanitizer error ($((SECONDS - start)) s)"
+      [[ $worst -eq $SANITIZER_ERROR ]] || worst=1
+    fi
   done
+  return "$worst"
 }
 
 case "$MODE" in
   cpu) run_cpu ;;
-  gpu) run_gpu ;;
-  all) run_cpu; run_gpu ;;
+  gpu) shift; run_gpu "$@" ;;
+  all) run_cpu; if gpu_present; then run_gpu; else echo "sanitize: no GPU, no compute-sanitizer run"; fi ;;
   build) build_sanitized ;;
-  *) echo "usage: $0 [cpu|gpu|all|build]" >&2; exit 2 ;;
+  *) echo "usage: $0 [cpu | gpu [TOOL...] | all | build]" >&2; exit 2 ;;
 esac
