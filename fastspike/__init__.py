@@ -12,7 +12,7 @@ in use. The converter turns a ReLU network into a spiking one::
     snet = fastspike.to_snn(qnet, time_steps=8, neuron="signed")
 """
 
-from .convert import ConversionError, calibrate, quantize, to_snn
+from .convert import ConversionError, calibrate, quantize, time_linear, to_snn
 from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuron, record_spike_trains
 from .ops import NeuronResult, backend_info, neuron, use_reference
 from .quant import QuantReLU
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "neuron", "neuron_reference", "backend_info", "NeuronResult", "use_reference",
     "QuantReLU", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
-    "quantize", "calibrate", "to_snn", "ConversionError", "record_spike_trains", "__version__",
+    "quantize", "calibrate", "to_snn", "time_linear", "ConversionError", "record_spike_trains", "__version__",
     "TrainConfig", "train_model", "finetune_layerwise", "train_snn", "write_back",
 ]

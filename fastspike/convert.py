@@ -36,6 +36,8 @@ from __future__ import annotations
 
 import copy
 import operator
+import os
+import re
 import warnings
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
 
@@ -59,6 +61,10 @@ __all__ = [
     "fold_batch_norms",
     "insert_neurons",
     "add_time_axis",
+    "time_linear",
+    "check_time_rule",
+    "check_batch_reads",
+    "unknown_activations",
     "fuse_residual_adds",
     "fold_spike_scales",
     "RepeatOverTime",
@@ -84,9 +90,10 @@ class _Tracer(fx.Tracer):
     def __init__(self, leaf_modules: Sequence[Type[nn.Module]] = ()):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
+        self.record_stack_traces = True  # refusals name the user's source line
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, _LEAVES + self.extra_leaves):
+        if isinstance(m, _LEAVES + self.extra_leaves) or _declared_time_linear(m):
             return True
         return super().is_leaf_module(m, qualname)
 
@@ -121,7 +128,7 @@ def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
     return f"{stem}_{i}"
 
 
-def _replace_with_module(gm: fx.GraphModule, node: fx.Node, stem: str, module: nn.Module) -> None:
+def _replace_with_module(gm: fx.GraphModule, node: fx.Node, stem: str, module: nn.Module) -> fx.Node:
     """Replaces ``node`` by a call of ``module`` (registered under a fresh name) on its first input."""
     name = _fresh_name(gm, stem)
     gm.add_submodule(name, module)
@@ -129,6 +136,7 @@ def _replace_with_module(gm: fx.GraphModule, node: fx.Node, stem: str, module: n
         call = gm.graph.call_module(name, (node.args[0],))
     node.replace_all_uses_with(call)
     gm.graph.erase_node(node)
+    return call
 
 
 def _finish(gm: fx.GraphModule) -> fx.GraphModule:
@@ -148,52 +156,433 @@ def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
 
 
 # ---------------------------------------------------------------------------
+# What may act on spikes: the time rule
+#
+# Between the first spiking layer and the readout, a value differs from one
+# time step to the next. An operation there runs once per step, so the SNN
+# computes the quantized network only if the operation commutes with the time
+# average: f(mean_t s_t) = mean_t f(s_t), i.e. f is affine in its one
+# time-varying operand. Those operations are listed here; everything else on
+# a time-varying value is refused (accept by rule, not by exception).
+
+_TIME_LINEAR_CLASSES: set = set()
+
+
+def time_linear(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """Declares a module class affine in its input at every time step
+    (``f(a·x + b·y) = a·f(x) + b·f(y)`` up to a constant), so the converter
+    keeps it as one call and accepts it on time-varying spikes. Use as a
+    class decorator or call it on a class you do not own::
+
+        @fastspike.time_linear
+        class MyConv(nn.Module): ...
+
+        fastspike.time_linear(ThirdPartyUpsample)
+
+    The declaration is the user's promise: a nonlinear module declared this
+    way makes the SNN compute something other than the quantized network.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"time_linear expects an nn.Module subclass, got {cls!r}")
+    _TIME_LINEAR_CLASSES.add(cls)
+    return cls
+
+
+def _declared_time_linear(m: Optional[nn.Module]) -> bool:
+    return m is not None and isinstance(m, tuple(_TIME_LINEAR_CLASSES))
+
+
+def _plain_torch_forward(m: nn.Module) -> bool:
+    """``m.forward`` is torch's own (not overridden by a user subclass)."""
+    return getattr(type(m).forward, "__module__", "").startswith("torch.")
+
+
+# Modules whose forward (torch's own) is affine in the input at every step.
+_AFFINE_MODULES: Tuple[Type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
+)
+_MAX_POOL_MODULE_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+# Functions and methods that only move, select, copy or cast values.
+_REARRANGING_FUNCTIONS = {
+    operator.getitem, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute,
+    torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze, torch.split,
+    torch.chunk, torch.unbind, torch.narrow, torch.select, torch.index_select, torch.gather, torch.t,
+    torch.flip, torch.roll, torch.tile, torch.repeat_interleave, torch.clone, F.pad, F.pixel_shuffle,
+    F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
+}
+_REARRANGING_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
+    "swapaxes", "movedim", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "tile", "chunk",
+    "split", "unbind", "narrow", "select", "index_select", "gather", "contiguous", "clone", "detach",
+    "flip", "roll", "repeat_interleave", "float", "double", "half", "bfloat16", "to", "type_as",
+    "cpu", "cuda", "requires_grad_", "masked_fill",
+}
+# Sums, means, interpolation, pooling and the layers' functional forms: linear.
+_LINEAR_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.neg, operator.pos, torch.add,
+    torch.sub, torch.subtract, torch.neg, torch.negative, torch.sum, torch.mean, torch.cumsum,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.adaptive_avg_pool1d, F.interpolate, F.upsample,
+    F.upsample_nearest, F.upsample_bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+    F.conv_transpose2d, F.conv_transpose3d, F.linear,
+}
+_LINEAR_METHODS = {"add", "add_", "sub", "sub_", "neg", "neg_", "sum", "mean", "cumsum"}
+# Products: linear while at most one factor varies over time (a divisor never may).
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.multiply, operator.matmul, torch.matmul,
+                      torch.mm, torch.bmm, torch.einsum}
+_PRODUCT_METHODS = {"mul", "mul_", "matmul", "mm", "bmm"}
+_DIVISION_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide}
+_DIVISION_METHODS = {"div", "div_", "true_divide"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout}
+# Reads of a tensor's metadata: the value is not the tensor's (see the batch-size rule).
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
+                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
+                       torch.full_like}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _source_line(node: fx.Node) -> str:
+    """' (at file, line N, in f: code)' of the user's source that made ``node``:
+    the innermost frame of fx's stack trace that is not torch's own."""
+    lines = [line.strip() for line in (node.stack_trace or "").strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File ") and _TORCH_DIR not in lines[i]:
+            where = lines[i].replace("File ", "", 1)
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            return f" (at {where}: {code})" if code else f" (at {where})"
+    return ""
+
+
+def _arg_values(node: fx.Node, position: int, name: str) -> Any:
+    return node.kwargs[name] if name in node.kwargs else (
+        node.args[position] if len(node.args) > position else None)
+
+
+def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
+                         inference: bool) -> Optional[str]:
+    """None if ``node`` (which reads a time-varying value) computes the same on
+    the spikes of each step as on their rate; else the reason it does not."""
+    inputs: List[fx.Node] = []  # every time-varying operand, repeats counted (y * y)
+    fx.node.map_arg((node.args, node.kwargs), lambda v: inputs.append(v) if v in varying else None)
+    if spiking(node) or node.op == "output" or _reads_metadata(node):
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if _declared_time_linear(m):
+            return None
+        if isinstance(m, _MAX_POOL_MODULE_TYPES) and node.users and all(spiking(u) for u in node.users):
+            return None  # the documented max-pool rule: the neurons after it read the max of each step's current
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _plain_torch_forward(m):
+            if m.track_running_stats and m.running_mean is not None:
+                return None  # eval mode: a per-channel affine map
+            return "it normalises with the statistics of the batch, which differ between spikes and rates"
+        if isinstance(m, _AFFINE_MODULES):
+            if _plain_torch_forward(m):
+                return None
+            return (f"{type(m).__name__} overrides forward(), so fastspike cannot tell that it is still "
+                    "affine in its input")
+        return f"{type(m).__name__} is not known to be affine in its input"
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if node.op == "call_function":
+        if target in _REARRANGING_FUNCTIONS or target in _LINEAR_FUNCTIONS:
+            if target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                          F.conv_transpose3d, F.linear) and any(v in varying for v in node.args[1:3]):
+                return "its weight varies over time"
+            if target in (operator.getitem, torch.index_select, torch.gather) and any(
+                    v in varying for v in node.all_input_nodes if v is not node.args[0]):
+                return "its index varies over time"
+            return None
+        if target in _PRODUCT_FUNCTIONS:
+            return None if len(inputs) <= 1 else "it multiplies two time-varying values"
+        if target in _DIVISION_FUNCTIONS:
+            if _arg_values(node, 2, "rounding_mode") is not None:
+                return "it rounds"
+            divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+            return "it divides by a time-varying value" if divisor in varying else None
+        if target in _DROPOUT_FUNCTIONS:
+            if not inference or _arg_values(node, 2, "training") is False:
+                return None
+            return "it is called with training=True (traced in training mode), so it drops a new random mask at every step"
+        if target is F.batch_norm:
+            if _arg_values(node, 5, "training") in (None, False) and node.args[1] is not None:
+                return None
+            return "it normalises with the statistics of the batch"
+        if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
+            return None
+        return f"{name} is not affine in its input"
+    if target in _REARRANGING_METHODS or target in _LINEAR_METHODS:
+        if target in ("index_select", "gather", "masked_fill") and any(
+                v in varying for v in node.all_input_nodes if v is not node.args[0]):
+            return "its index, mask or fill value varies over time"
+        return None
+    if target in _PRODUCT_METHODS:
+        return None if len(inputs) <= 1 else "it multiplies two time-varying values"
+    if target in _DIVISION_METHODS:
+        if _arg_values(node, 2, "rounding_mode") is not None:
+            return "it rounds"
+        return "it divides by a time-varying value" if len(node.args) > 1 and node.args[1] in varying else None
+    return f".{target}() is not affine in its input"
+
+
+def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool]) -> set:
+    """The nodes whose value differs between time steps: what a spiking node
+    computes and everything computed from it (metadata reads excepted)."""
+    varying: set = set()
+    for node in gm.graph.nodes:
+        if spiking(node) or (not _reads_metadata(node) and any(v in varying for v in node.all_input_nodes)):
+            varying.add(node)
+    return varying
+
+
+def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], inference: bool) -> None:
+    """Raises :class:`ConversionError` for the first operation on a
+    time-varying value that does not commute with the time average."""
+    varying = _time_varying(gm, spiking)
+    for node in gm.graph.nodes:
+        if node not in varying or spiking(node):
+            continue
+        why = _why_not_time_linear(gm, node, varying, spiking, inference)
+        if why is None:
+            continue
+        raise ConversionError(
+            f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} acts on time-varying spikes "
+            f"(it comes after a spiking layer) and cannot run on them: {why}. In the SNN it would run on "
+            "each time step's spikes, and that differs from running it on their rate, so the SNN would "
+            "not compute the quantized network. Replace it with nn.ReLU (which becomes a spiking layer) "
+            "or an affine operation, move it out of forward() to after the output, or, if it is a module "
+            "that is affine in its input, declare its class with fastspike.time_linear(...).")
+
+
+def _nonlinear_nodes(gm: fx.GraphModule, most: int = 5) -> str:
+    """', whose nonlinear operations are node 'x' (...)' for an error message."""
+    every = set(gm.graph.nodes)
+    found = [n for n in gm.graph.nodes if n.op.startswith("call_")
+             and _why_not_time_linear(gm, n, every, lambda _: False, True) is not None]
+    if not found:
+        return ""
+    return "; its nonlinear operations are " + ", ".join(
+        f"node '{n.name}' ({_describe(gm, n)})" for n in found[:most]) + (", ..." if len(found) > most else "")
+
+
+# ---------------------------------------------------------------------------
+# What may read the batch size: in the converted network the T time steps are
+# merged into the batch ([T·B, ...]), so x.shape[0] is T·B. That is right for
+# shapes (x.view(x.size(0), -1) keeps each row's values) and wrong for values
+# (torch.arange(x.shape[0]) counts T·B rows).
+
+_SHAPE_USE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "unflatten"}
+_SHAPE_USE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, F.interpolate, F.upsample}
+_SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
+                    operator.neg, operator.getitem, int}
+
+
+def _reads_rows(node: fx.Node) -> bool:
+    """The value read may include the size of dim 0 (the whole shape, size(0),
+    len, numel; a negative dim is taken to possibly be dim 0)."""
+    if node.op == "call_method" and node.target == "size":
+        dims = _size_dims(node)
+        return not dims or not _skips_batch_dim(dims[0])
+    if node.op == "call_method":
+        return node.target in ("numel", "nelement")
+    return node.op == "call_function" and (
+        node.target in (len, torch.numel) or (node.target is getattr and node.args[1:] == ("shape",)))
+
+
+def check_batch_reads(gm: fx.GraphModule) -> None:
+    """Raises :class:`ConversionError` where a value (not a shape) is built
+    from the batch size, which the merged layout changes from B to T·B."""
+    origin: Dict[fx.Node, fx.Node] = {}  # size value built from dim 0 -> the read it comes from
+    sizes: set = set()  # nodes holding sizes (ints or torch.Size), from dim 0 or not
+    for node in gm.graph.nodes:
+        if _reads_rows(node):
+            sizes.add(node)
+            origin[node] = node
+            continue
+        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in sizes:
+            sizes.add(node)  # shape[d] of a whole shape is batch-free for d >= 1
+            whole = origin.get(node.args[0]) is node.args[0] and _reads_full_shape(node.args[0])
+            if node.args[0] in origin and not (whole and _skips_batch_dim(node.args[1])):
+                origin[node] = origin[node.args[0]]
+            continue
+        if node.op == "call_method" and node.target == "size":
+            sizes.add(node)  # x.size(d), d >= 1
+            continue
+        from_batch = [v for v in node.all_input_nodes if v in origin]
+        if not from_batch:
+            continue
+        if node.op == "call_function" and node.target in _SIZE_ARITHMETIC and all(
+                v in sizes for v in node.all_input_nodes):
+            sizes.add(node)
+            origin[node] = origin[from_batch[0]]
+            continue
+        shape_use = ((node.op == "call_method" and node.target in _SHAPE_USE_METHODS)
+                     or (node.op == "call_function" and node.target in _SHAPE_USE_FUNCTIONS))
+        if shape_use:
+            continue
+        read = origin[from_batch[0]]
+        raise ConversionError(
+            f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} builds a value from the batch "
+            f"size read by node '{read.name}' ({_describe(gm, read)}){_source_line(read)}: the converted "
+            "network merges the T time steps into the batch ([T·B, ...]), so that read gives T·B and the "
+            "value would differ from the quantized network's. Use the batch size only for shapes "
+            "(view/reshape/expand/zeros), or build such values outside forward() and pass them in.")
+
+
+# ---------------------------------------------------------------------------
 # Pass: ReLU call sites -> quantizers
 
 _RELU_FUNCTIONS = {F.relu, torch.relu, torch.relu_, F.relu_}
 _RELU_METHODS = {"relu", "relu_"}
 
-_UNSUPPORTED_MODULES = (
-    nn.GELU, nn.SiLU, nn.LeakyReLU, nn.PReLU, nn.RReLU, nn.ReLU6, nn.ELU, nn.SELU, nn.CELU,
-    nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Mish, nn.Softplus,
-    nn.Softsign, nn.LogSigmoid, nn.Tanhshrink, nn.GLU,
-)
-_UNSUPPORTED_FUNCTIONS = {
-    F.gelu, F.silu, F.leaky_relu, F.leaky_relu_, F.prelu, F.rrelu, F.relu6, F.elu, F.selu,
-    F.celu, torch.sigmoid, F.sigmoid, torch.tanh, F.tanh, F.hardswish, F.hardsigmoid,
-    F.hardtanh, F.mish, F.softplus, F.softsign, F.logsigmoid, F.glu,
-}
-_UNSUPPORTED_METHODS = {"sigmoid", "tanh", "sigmoid_", "tanh_"}
-
 
 def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
-        return type(_module(gm, node)) is nn.ReLU
+        m = _module(gm, node)
+        return isinstance(m, nn.ReLU) and _plain_torch_forward(m)
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS
     return node.op == "call_method" and node.target in _RELU_METHODS
 
 
-def _is_unsupported_activation(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _relu_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The ReLU call overwrites its input (relu_, inplace=True)."""
     if node.op == "call_module":
-        return isinstance(_module(gm, node), _UNSUPPORTED_MODULES)
+        return bool(_module(gm, node).inplace)
+    if node.target in (torch.relu_, F.relu_, "relu_"):
+        return True
+    return node.target is F.relu and bool(_arg_values(node, 1, "inplace"))
+
+
+# Operations whose result may share memory with their first argument: an
+# in-place ReLU on any of them changes the others too.
+_ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
+                     "transpose", "t", "swapaxes", "movedim", "squeeze", "unsqueeze", "expand", "expand_as",
+                     "narrow", "select", "split", "chunk", "unbind", "contiguous", "detach", "as_strided"}
+_ALIASING_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
+                       torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow,
+                       torch.select, torch.split, torch.chunk, torch.unbind, torch.t, torch.detach,
+                       torch.as_strided, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+
+
+def _may_alias_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS or str(node.target).endswith("_")
     if node.op == "call_function":
-        return node.target in _UNSUPPORTED_FUNCTIONS
-    return node.op == "call_method" and node.target in _UNSUPPORTED_METHODS
+        return node.target in _ALIASING_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_module":
+        m = _module(gm, node)
+        return isinstance(m, _ALIASING_MODULES) or bool(getattr(m, "inplace", False))
+    return False
+
+
+def _aliases(gm: fx.GraphModule, value: fx.Node, skip: fx.Node) -> set:
+    """The graph values that may share memory with ``value`` (views of it,
+    what it is a view of, and so on), ``skip`` left out."""
+    found, todo = {value}, [value]
+    while todo:
+        n = todo.pop()
+        related = [u for u in n.users if u is not skip and _may_alias_input(gm, u) and u.args[:1] == (n,)]
+        if _may_alias_input(gm, n) and n.args and isinstance(n.args[0], fx.Node):
+            related.append(n.args[0])
+        for r in related:
+            if r not in found:
+                found.add(r)
+                todo.append(r)
+    return found
+
+
+def _later_reads_of_overwritten(gm: fx.GraphModule, node: fx.Node, order: Dict[fx.Node, int]) -> List[fx.Node]:
+    """For an in-place ReLU ``node`` on x: the nodes after it that read x
+    itself (they must read the quantizer's output instead). Refuses when a
+    view of x, or what x is a view of, is read after it: the in-place write
+    reaches those through shared memory, which an out-of-place quantizer
+    cannot reproduce."""
+    x = node.args[0]
+    if not isinstance(x, fx.Node):
+        return []
+    after = lambda u: order.get(u, -1) > order[node]
+    for alias in _aliases(gm, x, node) - {x}:
+        late = [u for u in alias.users if u is not node and after(u)]
+        if late:
+            raise ConversionError(
+                f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} is an in-place ReLU on "
+                f"'{x.name}', which shares memory with '{alias.name}', read afterwards by '{late[0].name}': "
+                "the in-place write changes that view too, and a quantized ReLU cannot reproduce it. "
+                "Write the ReLU out of place (y = F.relu(x)) and use its result.")
+    return [u for u in x.users if u is not node and after(u)]
+
+
+# Module classes that look like activations or spiking neurons by their name
+# (the quantizers and neurons of the published code bases: MyFloor, TCL,
+# ScaledNeuron, QCFS, GN, IFNode, ...): quantize refuses to guess what they do.
+_ACTIVATION_NAME_PARTS = ("relu", "floor", "quant", "neuron", "spik", "qcfs", "clip", "activation")
+_ACTIVATION_NAME_WORDS = {"if", "lif", "plif", "act", "gn", "tcl", "pact", "lsq", "round", "clamp", "threshold"}
+
+
+def _looks_like_activation(m: nn.Module) -> bool:
+    cls = type(m)
+    if cls.__module__.startswith("torch.") or isinstance(m, (QuantReLU, SpikingNeuron)) or _declared_time_linear(m):
+        return False  # torch's own modules are judged by the graph rules
+    if isinstance(m, nn.ReLU):
+        return not _plain_torch_forward(m)  # a ReLU subclass with a forward of its own
+    name = cls.__name__
+    words = {w.lower() for w in re.findall(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+", name)}
+    named_like = any(part in name.lower() for part in _ACTIVATION_NAME_PARTS) or bool(words & _ACTIVATION_NAME_WORDS)
+    # A block that holds layers (ConvBNReLU) is traced into; only parameter-free wrappers count.
+    holds_layers = any(p is not None for child in m.children() for p in child.parameters())
+    return named_like and not holds_layers
+
+
+def unknown_activations(model: nn.Module) -> List[Tuple[str, str]]:
+    """(module path, class name) of every module that looks like an
+    activation, quantizer or spiking neuron but is neither nn.ReLU nor one of
+    fastspike's (see :func:`_looks_like_activation`)."""
+    return [(name or "(the model itself)", type(m).__name__) for name, m in model.named_modules()
+            if _looks_like_activation(m)]
+
+
+def _refuse_unknown_activations(model: nn.Module) -> None:
+    found = unknown_activations(model)
+    if found:
+        listed = ", ".join(f"'{name}' ({cls})" for name, cls in found)
+        raise ConversionError(
+            f"the model has modules that look like activations, quantizers or spiking neurons that "
+            f"fastspike does not know: {listed}. fastspike converts nn.ReLU (and F.relu, ...) and its own "
+            "QuantReLU/SpikingNeuron; it will not guess what these compute. Replace them with nn.ReLU "
+            "(or fastspike.quant.QuantReLU with their threshold and levels); if one is affine in its "
+            "input, declare its class with fastspike.time_linear(...); for models of the QCFS, Fast-SNN "
+            "or group-neuron code bases, rewrite their activations as QuantReLU.")
 
 
 def replace_activations(gm: fx.GraphModule, make_quantizer: Callable[[], nn.Module]) -> fx.GraphModule:
-    """Gives every ReLU call site its own quantizer from ``make_quantizer``."""
+    """Gives every ReLU call site its own quantizer from ``make_quantizer``.
+    An in-place ReLU keeps its meaning: later reads of the tensor it
+    overwrote read the quantizer's output (refused where a view shares it)."""
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
     for node in list(gm.graph.nodes):
-        if _is_unsupported_activation(gm, node):
-            raise ConversionError(
-                f"node '{node.name}' is {_describe(gm, node)}, which has no spiking equivalent: "
-                "fastspike converts ReLU activations (as quantized ReLUs) only. Replace it with "
-                "nn.ReLU and retrain or fine-tune the network before converting."
-            )
         if not _is_relu(gm, node):
             continue
-        _replace_with_module(gm, node, "quant", make_quantizer())
+        overwritten = _later_reads_of_overwritten(gm, node, order) if _relu_in_place(gm, node) else []
+        call = _replace_with_module(gm, node, "quant", make_quantizer())
+        for reader in overwritten:
+            reader.replace_input_with(call.args[0], call)
     return _finish(gm)
 
 
@@ -278,9 +667,16 @@ def quantize(
     ``example_input`` runs one forward so that per-channel quantizers
     ("cs-qcfs") create their parameters now rather than on the first batch.
     """
+    _refuse_unknown_activations(model)
     gm = trace(copy.deepcopy(model), leaf_modules)
     gm = replace_activations(gm, lambda: QuantReLU(levels, preset, threshold))
+    if not quantizers(gm):
+        raise ConversionError(f"quantize found no ReLU in {type(model).__name__}: fastspike converts ReLU "
+                              f"networks (nn.ReLU, F.relu, torch.relu, x.relu() and their in-place forms)"
+                              f"{_nonlinear_nodes(gm)}. Replace it with nn.ReLU and retrain or fine-tune the "
+                              "network before converting.")
     gm = move_max_pools(gm, strict)
+    check_time_rule(gm, lambda n: isinstance(_module(gm, n), QuantReLU), inference=False)
     if example_input is not None:
         with torch.no_grad():
             was_training = gm.training
@@ -377,23 +773,33 @@ def calibrate(
 
 def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     """Folds each eval-mode BatchNorm whose input is a conv/linear used only by
-    it into that layer's weights and bias."""
+    it into that layer's weights and bias. Only into a layer that runs torch's
+    own forward (a subclass that transforms its weight would transform the
+    folded one: such a BN stays, as the per-channel affine map it is); a
+    layer called at several sites gets a copy for this site, so the others
+    keep the unfolded weights."""
     for node in list(gm.graph.nodes):
         bn = _module(gm, node)
         if not isinstance(bn, nn.modules.batchnorm._BatchNorm) or not bn.track_running_stats:
             continue
         source = node.args[0]
         layer = _module(gm, source) if isinstance(source, fx.Node) else None
-        if layer is None or len(source.users) != 1:
+        if layer is None or len(source.users) != 1 or not _plain_torch_forward(layer):
             continue
         if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
-            fused = fuse_conv_bn_eval(layer.eval(), bn.eval())
+            fuse = fuse_conv_bn_eval
         elif isinstance(layer, nn.Linear) and isinstance(bn, nn.BatchNorm1d):
-            fused = fuse_linear_bn_eval(layer.eval(), bn.eval())
+            fuse = fuse_linear_bn_eval
         else:
             continue
-        parent, _, attr = source.target.rpartition(".")
-        setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+        fused = fuse(layer.eval(), bn.eval())  # a new module: the layer itself is untouched
+        if _called_once(gm, source):
+            parent, _, attr = source.target.rpartition(".")
+            setattr(gm.get_submodule(parent) if parent else gm, attr, fused)
+        else:
+            name = _fresh_name(gm, source.target.replace(".", "_") + "_bn")
+            gm.add_submodule(name, fused)
+            source.target = name
         node.replace_all_uses_with(source)
         gm.graph.erase_node(node)
     return _finish(gm)
@@ -429,12 +835,14 @@ def insert_neurons(gm: fx.GraphModule, time_steps: int, neuron: str = "if",
         parent, _, attr = node.target.rpartition(".")
         setattr(gm.get_submodule(parent) if parent else gm, attr, layer)
         replaced += 1
-    for node in gm.graph.nodes:
-        if _is_relu(gm, node) or _is_unsupported_activation(gm, node):
-            raise ConversionError(f"node '{node.name}' ({_describe(gm, node)}) is an activation that was "
-                                  "not quantized; call fastspike.quantize on the model first")
     if replaced == 0:
-        raise ConversionError("the model has no QuantReLU to turn into neurons: call fastspike.quantize first")
+        relus = [n for n in gm.graph.nodes if _is_relu(gm, n)]
+        if relus:
+            raise ConversionError(f"node '{relus[0].name}' ({_describe(gm, relus[0])}) is an activation that "
+                                  "was not quantized; call fastspike.quantize on the model first")
+        raise ConversionError("the model has no QuantReLU to turn into neurons and no ReLU to quantize"
+                              f"{_nonlinear_nodes(gm)}: fastspike converts ReLU networks; call "
+                              "fastspike.quantize on a ReLU network first")
     gm.recompile()
     return gm
 
@@ -840,9 +1248,12 @@ def to_snn(
     """
     if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
         raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
+    _refuse_unknown_activations(qmodel)
     gm = trace(copy.deepcopy(qmodel), leaf_modules).eval()
     gm = fold_batch_norms(gm)
     gm = insert_neurons(gm, time_steps, neuron, group_size, **neuron_kwargs)
+    check_time_rule(gm, lambda n: _is_neuron(gm, n), inference=True)
+    check_batch_reads(gm)
     if fuse_residual:
         gm = fuse_residual_adds(gm)
     gm = add_time_axis(gm, time_steps, readout, constant_input_once)

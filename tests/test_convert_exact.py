@@ -1,0 +1,396 @@
+"""The converter is exact or it refuses (issue 15).
+
+Each class of model that once converted silently wrong is here, written as a
+user would write it: it either converts and passes the oracle, or `quantize` /
+`to_snn` raise a ConversionError naming the offending node or module. No third
+outcome.
+
+The oracle: group neurons with m = L at T = 1 compute exactly the QCFS
+quantizer of each layer's input (one step, m members, v0 = u/2: k = clamp(⌊zm/θ
++ ½⌋, 0, m)), so a correct conversion equals its quantized ANN up to rounding,
+whatever the weights. In float64 that rounding is ~1e-15, far below one level
+(a flipped level would show as ~1e-2). And a quantized ANN with a very large L
+and λ above every activation equals the original ANN: no op was dropped.
+"""
+
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastspike
+from fastspike.convert import ConversionError
+
+LEVELS = 4
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def _bn_with_statistics(channels: int) -> nn.BatchNorm2d:
+    bn = nn.BatchNorm2d(channels)
+    with torch.no_grad():  # trained-looking statistics, so folding really changes the weights
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.2, 0.2)
+    return bn
+
+
+@torch.no_grad()
+def assert_converts_exactly(model: nn.Module, x: torch.Tensor, **to_snn_kwargs) -> None:
+    """The quantized ANN at huge L equals the ANN, and the GN (m = L, T = 1)
+    SNN equals the quantized ANN, both in float64."""
+    qnet = fastspike.quantize(model.float().eval(), levels=LEVELS, threshold=1.0)
+    fastspike.calibrate(qnet, [x.float()], percentile=99.0)  # in float32: thresholds float32-exact
+    qnet = qnet.double().eval()
+    model = model.double().eval()
+    x = x.double()
+    y_ann = model(x)
+
+    fine = fastspike.quantize(model, levels=10 ** 9, threshold=1e4).double().eval()
+    assert _rel(fine(x), y_ann) < 1e-4, "the quantized ANN dropped or changed an operation"
+
+    y_q = qnet(x)
+    for once in (True, False):
+        snet = fastspike.to_snn(qnet, time_steps=1, neuron="group", group_size=LEVELS,
+                                constant_input_once=once, **to_snn_kwargs)
+        y_s = snet.double()(x)
+        assert y_s.shape == y_q.shape
+        assert _rel(y_s, y_q) < 1e-9, f"SNN != quantized ANN (constant_input_once={once})"
+
+
+def assert_refused(build: Callable[[], None], *names: str) -> str:
+    with pytest.raises(ConversionError) as info:
+        build()
+    msg = str(info.value)
+    for name in names:
+        assert name in msg, f"{name!r} not named in: {msg}"
+    return msg
+
+
+# ---------------------------------------------------------------------------
+# 1. A module called at two places, BatchNorm after only one of them
+
+
+class SharedConv(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv = nn.Conv2d(6, 6, 3, padding=1)
+        self.bn = _bn_with_statistics(6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        y = F.relu(self.bn(self.conv(y)))   # BN after the first call of self.conv ...
+        y = F.relu(self.conv(y))            # ... not after the second
+        return self.head(y)
+
+
+def test_shared_conv_with_batch_norm_at_one_call_site_converts_exactly():
+    torch.manual_seed(0)
+    model = SharedConv()
+    assert_converts_exactly(model, torch.randn(2, 3, 8, 8))
+    snet = fastspike.to_snn(fastspike.quantize(model.float().eval(), levels=LEVELS), time_steps=1)
+    # the fold went into a copy for the first call site; the shared module is untouched
+    assert torch.equal(snet.conv.weight, model.conv.weight)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in snet.modules())
+
+
+# ---------------------------------------------------------------------------
+# 2. In-place ReLUs whose result is not used
+
+
+class InPlaceUnused(nn.Module):
+    def __init__(self, spelling: str):
+        super().__init__()
+        self.spelling = spelling
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        y = self.conv1(x) - 0.1
+        if self.spelling == "method":
+            y.relu_()
+        elif self.spelling == "torch":
+            torch.relu_(y)
+        elif self.spelling == "functional":
+            F.relu(y, inplace=True)
+        else:
+            self.act(y)
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("spelling", ["method", "torch", "functional", "module"])
+def test_in_place_relu_whose_result_is_unused_keeps_its_meaning(spelling):
+    torch.manual_seed(0)
+    assert_converts_exactly(InPlaceUnused(spelling), torch.randn(2, 3, 8, 8))
+
+
+class InPlaceOnView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        z = self.conv1.weight.new_zeros(()) + self.conv2(y)
+        z[:, :2].relu_()  # writes into z through a view
+        return z
+
+
+def test_in_place_relu_on_a_view_is_refused_by_name():
+    msg = assert_refused(lambda: fastspike.quantize(InPlaceOnView(), levels=LEVELS), "relu_", "in-place")
+    assert "shares memory" in msg and "test_convert_exact.py" in msg  # the user's source line
+
+
+# ---------------------------------------------------------------------------
+# 3. Nonlinear operations on time-varying values
+
+
+class After(nn.Module):
+    """conv -> ReLU -> op -> conv: the op reads spikes in the SNN."""
+
+    def __init__(self, op: Callable):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.op = op if isinstance(op, nn.Module) else None
+        self.fn = None if isinstance(op, nn.Module) else op
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        y = self.op(y) if self.op is not None else self.fn(y)
+        return self.conv2(y)
+
+
+NONLINEAR = {
+    "selu": torch.selu, "celu": F.celu, "rrelu": F.rrelu, "expit": torch.special.expit,
+    "clamp": lambda y: y.clamp(0.1, 0.9), "clamp_min": lambda y: torch.clamp_min(y, 0.1),
+    "maximum": lambda y: torch.maximum(y, torch.full_like(y, 0.2)), "Threshold": nn.Threshold(0.1, 0.0),
+    "threshold": lambda y: F.threshold(y, 0.1, 0.0), "Hardshrink": nn.Hardshrink(), "hardtanh_": F.hardtanh_,
+    "exp": torch.exp, "abs": lambda y: (y - 0.3).abs(), "GELU": nn.GELU(), "SiLU": nn.SiLU(),
+    "sigmoid": torch.sigmoid, "tanh": lambda y: y.tanh(), "ReLU6": nn.ReLU6(), "square": lambda y: y * y,
+    "LayerNorm": nn.LayerNorm([8, 8]), "softmax": lambda y: y.softmax(1), "round": torch.round,
+    "BN with batch statistics": nn.BatchNorm2d(6, track_running_stats=False),
+}
+
+
+@pytest.mark.parametrize("name", list(NONLINEAR))
+def test_nonlinear_operation_on_spikes_is_refused_with_node_and_source_line(name):
+    model = After(NONLINEAR[name])
+    msg = assert_refused(lambda: fastspike.quantize(model, levels=LEVELS), "node '", "acts on time-varying spikes",
+                         "fastspike.time_linear")
+    assert "test_convert_exact.py" in msg
+
+
+def test_to_snn_applies_the_same_rule_to_a_hand_built_quantized_model():
+    class Hand(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3)
+            self.q = fastspike.QuantReLU(LEVELS)
+
+        def forward(self, x):
+            return torch.sigmoid(self.q(self.conv(x)))
+
+    assert_refused(lambda: fastspike.to_snn(Hand(), time_steps=4), "node 'sigmoid'", "acts on time-varying spikes")
+
+
+class NonlinearBeforeFirstSpikes(nn.Module):
+    """Anything goes on the analog input, before the first spiking layer."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 6, 3, padding=1)
+        self.norm = nn.LayerNorm([8, 8])
+        self.conv2 = nn.Conv2d(6, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.gelu(self.norm(self.conv1(x.abs().sqrt())))
+        return self.conv2(F.relu(y)).mean((2, 3)) * 2 - 1
+
+
+def test_nonlinear_operations_on_the_constant_input_are_accepted_and_exact():
+    torch.manual_seed(0)
+    assert_converts_exactly(NonlinearBeforeFirstSpikes(), torch.randn(2, 3, 8, 8))
+
+
+class Lerp(nn.Module):
+    """Affine in x, but torch.lerp is not on the converter's list."""
+
+    def forward(self, x):
+        return torch.lerp(x, 2 * x, 0.25)
+
+
+def test_a_module_declared_time_linear_is_accepted_and_kept_whole():
+    torch.manual_seed(0)
+    model = After(Lerp())
+    assert_refused(lambda: fastspike.quantize(model, levels=LEVELS), "lerp")
+    fastspike.time_linear(Lerp)
+    try:
+        assert_converts_exactly(model, torch.randn(2, 3, 8, 8))
+        snet = fastspike.to_snn(fastspike.quantize(model.float(), levels=LEVELS), time_steps=2)
+        assert any(isinstance(m, Lerp) for m in snet.modules())  # one call, not traced into
+    finally:
+        fastspike.convert._TIME_LINEAR_CLASSES.discard(Lerp)
+    with pytest.raises(TypeError, match="time_linear expects an nn.Module subclass"):
+        fastspike.time_linear(torch.lerp)
+
+
+# ---------------------------------------------------------------------------
+# 4. An nn.ReLU subclass with its own forward (Fast-SNN's QuantReLU)
+
+
+class QuantReLU(nn.ReLU):
+    """As in the Fast-SNN code base: clip to a learned α, round to 2^b − 1 levels."""
+
+    def __init__(self, bit: int = 2):
+        super().__init__()
+        self.bit = bit
+        self.act_alpha = nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, x):
+        levels = 2 ** self.bit - 1
+        y = torch.clamp(F.relu(x), max=self.act_alpha.item())
+        return torch.round(y / self.act_alpha * levels) / levels * self.act_alpha
+
+
+class WithActivation(nn.Module):
+    def __init__(self, act: nn.Module):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 4, 3), act, nn.Conv2d(4, 4, 3))
+
+    def forward(self, x):
+        return self.features(x)
+
+
+def test_relu_subclass_with_its_own_forward_is_refused_by_module_path_and_class():
+    msg = assert_refused(lambda: fastspike.quantize(WithActivation(QuantReLU()), levels=3),
+                         "'features.1' (QuantReLU)")
+    assert "nn.ReLU" in msg and "fastspike.time_linear" in msg
+
+
+# ---------------------------------------------------------------------------
+# 5. BatchNorm after a conv subclass whose forward transforms its weight
+
+
+class NormalisedConv(nn.Conv2d):
+    """As Fast-SNN's QuantConv2d: the forward uses a transformed weight."""
+
+    def forward(self, x):
+        w = self.weight / self.weight.abs().amax()
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class ConvSubclassBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = NormalisedConv(3, 6, 3, padding=1)
+        self.bn1 = _bn_with_statistics(6)
+        self.conv2 = NormalisedConv(6, 6, 3, padding=1)
+        self.bn2 = _bn_with_statistics(6)
+        self.head = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        y = F.relu(self.bn2(self.conv2(y)))
+        return self.head(y)
+
+
+def test_batch_norm_after_a_weight_transforming_conv_subclass_is_not_folded_into_it():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 8, 8)
+    assert_converts_exactly(ConvSubclassBN(), x)  # traced into: F.conv2d, BN kept
+    fastspike.time_linear(NormalisedConv)  # kept whole as one call: the fold must still not touch it
+    try:
+        assert_converts_exactly(ConvSubclassBN(), x)
+        snet = fastspike.to_snn(fastspike.quantize(ConvSubclassBN().eval(), levels=LEVELS), time_steps=1)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in snet.modules()) == 2
+    finally:
+        fastspike.convert._TIME_LINEAR_CLASSES.discard(NormalisedConv)
+
+
+# ---------------------------------------------------------------------------
+# 6. Unknown activation modules (the QCFS code base's MyFloor, the GN code base's QCFS)
+
+
+class MyFloor(nn.Module):
+    def __init__(self, up: float = 8.0, t: int = 4):
+        super().__init__()
+        self.up = nn.Parameter(torch.tensor([up]))
+        self.t = t
+
+    def forward(self, x):
+        x = torch.clamp(x / self.up, 0, 1)
+        return torch.floor(x * self.t + 0.5) / self.t * self.up
+
+
+class QCFS(MyFloor):
+    pass
+
+
+@pytest.mark.parametrize("act, cls", [(MyFloor(), "MyFloor"), (QCFS(), "QCFS")])
+def test_unknown_activation_modules_are_listed_by_quantize(act, cls):
+    model = WithActivation(act)
+    msg = assert_refused(lambda: fastspike.quantize(model, levels=LEVELS), f"'features.1' ({cls})")
+    assert "replace them with nn.relu" in msg.lower()
+    # to_snn on such a model says why there are no quantizers, not "call quantize first"
+    assert_refused(lambda: fastspike.to_snn(model, time_steps=4), f"'features.1' ({cls})")
+
+
+def test_a_block_named_like_an_activation_that_holds_layers_is_traced_into():
+    class ConvBNReLU(nn.Sequential):
+        pass
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvBNReLU(nn.Conv2d(3, 4, 3), _bn_with_statistics(4), nn.ReLU()), nn.Conv2d(4, 2, 3))
+    assert_converts_exactly(model, torch.randn(2, 3, 8, 8))
+
+
+def test_models_without_relu_are_refused_saying_why():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.GELU())
+    assert_refused(lambda: fastspike.quantize(model, levels=LEVELS), "found no ReLU", "GELU")
+    assert_refused(lambda: fastspike.to_snn(model, time_steps=2), "no ReLU to quantize", "GELU")
+
+
+# ---------------------------------------------------------------------------
+# 7. Values built from the batch size
+
+
+class BatchIndex(nn.Module):
+    def __init__(self, where: str):
+        super().__init__()
+        self.where = where
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        source = x if self.where == "input" else y
+        if self.where == "zeros":
+            y = y + y.new_zeros((y.shape[0], 1, 1, 1))  # a shape: fine
+        elif self.where == "view":
+            y = y.view(y.size(0), -1).view(y.shape)  # shapes only: fine
+        else:
+            y = y + torch.arange(source.shape[0]).view(-1, 1, 1, 1).float()
+        return self.conv2(y)
+
+
+@pytest.mark.parametrize("where", ["spikes", "input"])
+def test_values_built_from_the_batch_size_are_refused_by_name(where):
+    qnet = fastspike.quantize(BatchIndex(where), levels=LEVELS)
+    msg = assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "node 'arange'", "T·B")
+    assert "test_convert_exact.py" in msg
+
+
+@pytest.mark.parametrize("where", ["zeros", "view"])
+def test_batch_size_read_only_for_shapes_converts_exactly(where):
+    torch.manual_seed(0)
+    assert_converts_exactly(BatchIndex(where), torch.randn(3, 3, 8, 8))
