@@ -20,13 +20,20 @@ takes and returns the state explicitly::
 
 from __future__ import annotations
 
+import contextvars
 from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
 
+from . import checks
 from .ops import neuron
-from .reference import accumulation_dtype, broadcast_threshold
+from .reference import DEFAULT_ALPHA, accumulation_dtype, broadcast_threshold
+
+# {SpikingNeuron: int8 counts} of the record_spike_trains call running in this
+# thread (or asyncio task): recording per call, never through shared module state.
+_RECORDING: contextvars.ContextVar[Optional[Dict["SpikingNeuron", torch.Tensor]]] = contextvars.ContextVar(
+    "fastspike_recording", default=None)
 
 __all__ = ["SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
            "record_spike_trains"]
@@ -56,8 +63,9 @@ class SpikingNeuron(nn.Module):
             that has u folded into its weights (``to_snn(compact_spikes=True)``).
             Inference only.
         record: keep the int8 counts k⁺ − k⁻ of the last forward, [T, B, ...],
-            in ``self.recorded`` (see :func:`record_spike_trains`); the output
-            is unchanged.
+            in ``self.recorded``; the output is unchanged. That attribute is
+            shared by every thread that runs the module: where threads share
+            a model, use :func:`record_spike_trains`, which records per call.
         constant_input, constant_residual: x (the residual) is one step
             [B, ...] that is the same at every step (the analog image before
             the first spiking layer); it is read T times without being copied.
@@ -65,6 +73,11 @@ class SpikingNeuron(nn.Module):
 
     ``forward(x, residual=None)``: with a residual, the neurons are charged
     with x + residual (the fused residual join of ``to_snn(fuse_residual=True)``).
+
+    ``torch.jit.script`` compiles ``forward`` to a direct call of the compiled
+    operator (the extension must be loaded; ``record`` and the fused residual
+    join are eager/compile/export features: a scripted module adds a residual
+    first). ``torch.compile`` and ``torch.export`` run the full Python path.
     """
 
     def __init__(
@@ -86,9 +99,35 @@ class SpikingNeuron(nn.Module):
         constant_residual: bool = False,
     ):
         super().__init__()
-        if layout not in ("merged", "sequence"):
-            raise ValueError(f"layout must be 'merged' or 'sequence', got {layout!r}")
-        has_time_steps = isinstance(time_steps, int) and not isinstance(time_steps, bool) and time_steps >= 1
+        checks.check_choice(layout, "layout", ("merged", "sequence"))
+        if time_steps is not None:
+            checks.check_int(time_steps, "time_steps", 1, note="(T)")
+        checks.check_int(group_size, "group_size", 1, checks.MAX_GROUP_SIZE, "2^20", "(1 = plain IF)")
+        for flag, value in (("signed", signed), ("compact", compact), ("record", record),
+                            ("constant_input", constant_input), ("constant_residual", constant_residual)):
+            checks.check_bool(value, flag)
+        # The values the neuron op would refuse, refused here (a float32 threshold buffer).
+        probe = torch.empty(1, 1, dtype=torch.float32)
+        checks.check_real(init_fraction, "init_fraction (initial membrane as a fraction of θ/m)", "finite")
+        checks.check_real(neg_margin, "neg_margin", "a finite number >= 0 (ε: a negative spike needs v <= -ε)",
+                          minimum=0.0, dtype=probe.dtype)
+        checks.check_choice(grad, "grad", checks.GRAD_MODES)
+        checks.check_choice(surrogate, "surrogate", checks.SURROGATES)
+        if alpha is not None:
+            checks.check_real(alpha, "alpha (surrogate sharpness)", "a finite number > 0", minimum=0.0,
+                              strict=True, dtype=probe.dtype)
+        if compact and group_size > checks.MAX_COMPACT_GROUP:
+            raise ValueError(f"compact spikes are int8 counts |k| <= group_size, so group_size must be "
+                             f"<= {checks.MAX_COMPACT_GROUP}, got {group_size}")
+        if isinstance(threshold, (list, tuple)):
+            threshold = torch.tensor(threshold, dtype=torch.float32)
+        if isinstance(threshold, torch.Tensor):
+            if threshold.dtype not in checks.FLOAT_DTYPES:
+                raise TypeError(f"threshold must be a number or a floating-point tensor, got {threshold.dtype}")
+            checks.check_threshold_values(threshold.detach().to(torch.float32), torch.float32)
+        else:
+            checks.check_threshold(threshold, probe)
+        has_time_steps = time_steps is not None
         if (constant_input or constant_residual) and not has_time_steps:
             raise ValueError(f"constant_input/constant_residual need time_steps (an integer >= 1), "
                              f"got {time_steps!r}")
@@ -99,11 +138,11 @@ class SpikingNeuron(nn.Module):
         self.group_size = group_size
         self.signed = signed
         self.layout = layout
-        self.init_fraction = init_fraction
-        self.neg_margin = neg_margin
+        self.init_fraction = float(init_fraction)
+        self.neg_margin = float(neg_margin)
         self.grad = grad
         self.surrogate = surrogate
-        self.alpha = alpha
+        self.alpha = None if alpha is None else float(alpha)
         self.compact = compact
         self.record = record
         self.constant_input = constant_input
@@ -116,7 +155,7 @@ class SpikingNeuron(nn.Module):
         if self.layout == "sequence":
             return x
         total = x.shape[0]
-        if total % self.time_steps != 0:
+        if not torch.jit.is_tracing() and total % self.time_steps != 0:  # (a traced size is no bool)
             raise ValueError(f"merged input has {total} rows along dim 0, not a multiple of "
                              f"time_steps={self.time_steps}")
         return x.view((self.time_steps, total // self.time_steps) + tuple(x.shape[1:]))
@@ -132,7 +171,15 @@ class SpikingNeuron(nn.Module):
         """u = θ/m (float32, the threshold's shape): what one count is worth."""
         return self.threshold.float() / self.group_size
 
+    @torch.jit.unused
     def _run(self, x: torch.Tensor, state: Optional[NeuronState], residual: Optional[torch.Tensor] = None):
+        checks.check_x(x, "x")
+        if residual is not None and not isinstance(residual, torch.Tensor):
+            raise TypeError(f"residual must be a tensor or None, got {type(residual).__name__}")
+        if state is not None and not (isinstance(state, tuple) and len(state) == 2):
+            raise TypeError(f"state must be a NeuronState (v, count) or None, got {type(state).__name__}")
+        sink = None if torch.compiler.is_compiling() else _RECORDING.get()
+        record = self.record or sink is not None
         x_seq = self._to_sequence(x, self.constant_input)
         r_seq = None if residual is None else self._to_sequence(residual, self.constant_residual)
         if r_seq is not None and (r_seq.shape != x_seq.shape or r_seq.dtype != x_seq.dtype
@@ -151,7 +198,7 @@ class SpikingNeuron(nn.Module):
             raise ValueError("this SpikingNeuron has compact=True (its consumers have the spike scale "
                              "folded into their weights), which is inference only; convert with "
                              "compact_spikes=False to train or take gradients")
-        if self.compact or (self.record and not needs_grad):
+        if self.compact or (record and not needs_grad):
             result = neuron(x_seq, self.threshold, compact=True, grad="none", **common)
             counts = result.spikes
             if self.compact:
@@ -164,16 +211,51 @@ class SpikingNeuron(nn.Module):
             result = neuron(x_seq, self.threshold, grad=self.grad, surrogate=self.surrogate,
                             alpha=self.alpha, **common)
             spikes = result.spikes
-            if self.record:  # recording must not change the gradient: a second, compact pass
+            if record:  # recording must not change the gradient: a second, compact pass
                 with torch.no_grad():
                     counts = neuron(x_seq.detach(), self.threshold, compact=True, grad="none",
                                     **dict(common, residual=None if r_seq is None else r_seq.detach())).spikes
         if self.record:
             self.recorded = counts
+        if sink is not None:
+            sink[self] = counts
         return spikes.reshape(out_shape), NeuronState(result.v, result.count)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._scripted_forward(x, residual)
         return self._run(x, None, residual)[0]
+
+    def _scripted_forward(self, x: torch.Tensor, residual: Optional[torch.Tensor]) -> torch.Tensor:
+        """forward under TorchScript: the compiled operator called directly (the
+        Python checks and backend choice of fastspike.neuron do not script)."""
+        time_steps = self.time_steps
+        if self.constant_input:
+            assert time_steps is not None
+            x = x.unsqueeze(0).expand([time_steps] + list(x.shape))
+            if self.layout == "merged":
+                x = x.reshape([-1] + list(x.shape[2:]))
+        if residual is not None:
+            x = x + residual  # (x's own rounding; the fused join is for eager, compile and export)
+        if self.layout == "merged":
+            assert time_steps is not None
+            x_seq = x.view([time_steps, x.shape[0] // time_steps] + list(x.shape[1:]))
+        else:
+            x_seq = x
+        grad_mode = "none"
+        if torch.is_grad_enabled() and x_seq.requires_grad:
+            grad_mode = self.grad
+        alpha = 4.0 if self.surrogate == "sigmoid" else 2.0
+        given = self.alpha
+        if given is not None:
+            alpha = given
+        out = torch.ops.fastspike.neuron_forward(
+            x_seq, self.threshold, None, None, self.group_size, self.signed, self.init_fraction,
+            self.neg_margin, grad_mode, self.surrogate, alpha, None, self.compact)
+        spikes = out[0].to(x.dtype) if self.compact else out[0]
+        if self.layout == "merged":
+            return spikes.reshape([-1] + list(spikes.shape[2:]))
+        return spikes
 
     def step(self, x: torch.Tensor, state: Optional[NeuronState] = None,
              residual: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, NeuronState]:
@@ -187,6 +269,12 @@ class SpikingNeuron(nn.Module):
                   if getattr(self, name)]
         return (f"threshold={shape}, time_steps={self.time_steps}, group_size={self.group_size}, "
                 f"signed={self.signed}, layout={self.layout!r}" + "".join(f", {e}=True" for e in extras))
+
+
+# Attribute types for TorchScript, which infers NoneType from a None value (evaluated
+# types: this module's annotations are strings, which TorchScript does not resolve).
+SpikingNeuron.__annotations__ = {"time_steps": Optional[int], "alpha": Optional[float],
+                                 "recorded": Optional[torch.Tensor]}
 
 
 class IFNeuron(SpikingNeuron):
@@ -222,13 +310,13 @@ def record_spike_trains(model: nn.Module, *inputs: Any, **kwargs: Any) -> Tuple[
     if not layers:
         raise ValueError(f"record_spike_trains found no SpikingNeuron in {type(model).__name__}; "
                          "convert it with fastspike.to_snn first")
-    before = [(m, m.record) for _, m in layers]
+    # Recorded per call, in this thread's context: other threads running the same
+    # model at the same time neither see nor overwrite these trains.
+    sink: Dict[SpikingNeuron, torch.Tensor] = {}
+    token = _RECORDING.set(sink)
     try:
-        for _, m in layers:
-            m.record, m.recorded = True, None
         output = model(*inputs, **kwargs)
-        trains = {name: m.recorded for name, m in layers if m.recorded is not None}
     finally:
-        for m, flag in before:
-            m.record, m.recorded = flag, None
+        _RECORDING.reset(token)
+    trains = {name: sink[m] for name, m in layers if m in sink}
     return output, trains

@@ -43,6 +43,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _backend, cupy_backend
+from .checks import check_neuron_call
 from .reference import (
     DEFAULT_ALPHA,
     NeuronResult,
@@ -136,6 +137,40 @@ if _STATE.name == "extension":
         ctx.num_inputs = len(inputs)
         ctx.save_for_backward(threshold, membrane_seq, negative_open_seq, input_mean)
 
+    class _RateBackward(torch.autograd.Function):
+        """The rate backward under create_graph=True. grad x_t = (1/T)·Σ_τ g_τ·[0 < x̄ < θ]
+        is linear in g with a symmetric matrix, so its own backward is the same
+        operator; the mask is piecewise constant in x (no gradient), as in the reference."""
+
+        @staticmethod
+        def forward(ctx, grad_spikes, input_mean, threshold):
+            ctx.save_for_backward(input_mean, threshold)
+            return torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
+
+        @staticmethod
+        def backward(ctx, grad_grad_x):
+            input_mean, threshold = ctx.saved_tensors
+            return _RateBackward.apply(grad_grad_x, input_mean, threshold), None, None
+
+    class _SurrogateBackward(torch.autograd.Function):
+        """The surrogate backward under create_graph=True: the fused kernels have no
+        second derivative, so differentiating through it raises (it would be 0)."""
+
+        @staticmethod
+        def forward(ctx, grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
+                    signed, neg_margin, surrogate, alpha):
+            return torch.ops.fastspike.neuron_backward_surrogate(
+                grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size, signed,
+                neg_margin, surrogate, alpha)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            raise RuntimeError(
+                "fastspike.neuron(grad='surrogate'): the fused kernels have no second derivative, so a "
+                "double backward (differentiating a gradient taken with create_graph=True) is not "
+                "supported; run the neuron under fastspike.use_reference() (the pure-PyTorch loop, "
+                "which differentiates its surrogate twice), or use grad='rate'")
+
     def _backward(ctx, grad_spikes, grad_v, _grad_count, _grad_mem, _grad_open, _grad_mean):
         threshold, membrane_seq, negative_open_seq, input_mean = ctx.saved_tensors
         group_size, signed, neg_margin, surrogate, alpha = ctx.params
@@ -149,10 +184,14 @@ if _STATE.name == "extension":
             grad_spikes = torch.zeros_like(membrane_seq if ctx.grad_mode == "surrogate" else input_mean)
         grad_v_init = None
         if ctx.grad_mode == "surrogate":
-            grad_x, grad_v_init = torch.ops.fastspike.neuron_backward_surrogate(
-                grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
-                signed, neg_margin, surrogate, alpha,
-            )
+            args = (grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
+                    signed, neg_margin, surrogate, alpha)
+            if torch.is_grad_enabled():  # create_graph=True: a double backward must not be silently 0
+                grad_x, grad_v_init = _SurrogateBackward.apply(*args)
+            else:
+                grad_x, grad_v_init = torch.ops.fastspike.neuron_backward_surrogate(*args)
+        elif torch.is_grad_enabled():
+            grad_x = _RateBackward.apply(grad_spikes, input_mean, threshold)
         else:
             grad_x = torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
         # x_seq + residual is what charges the neurons: both get the same gradient
@@ -333,6 +372,13 @@ def _below_autograd_unless(needs_grad: bool) -> Any:
     return torch._C._AutoDispatchBelowAutograd()
 
 
+def _traced_with_grad(grad: str, compact: bool) -> bool:
+    """Under torch.jit.trace the op records its backward whatever this call needs:
+    a trace must not depend on grad mode (its check re-runs the model under
+    torch.no_grad() and compares the graphs), and the traced module may train."""
+    return grad != "none" and not compact and torch.jit.is_tracing()
+
+
 def neuron(
     x_seq: torch.Tensor,
     threshold: Threshold,
@@ -399,9 +445,11 @@ def neuron(
         NeuronResult(spikes [T, ...] in x_seq's dtype (int8 when compact),
         v [...], count [...]).
     """
-    alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
-    check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
-    check_residual(residual, x_seq)
+    # Every argument is checked here, before any backend runs: the same TypeError /
+    # ValueError from the C++ extension, the CuPy kernels and the reference.
+    check_neuron_call(x_seq, threshold, group_size, signed, init_fraction, neg_margin, v_init, count_init,
+                      grad, surrogate, alpha, residual, compact)
+    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else alpha
     threshold = threshold_tensor(threshold, x_seq)
     needs_grad = torch.is_grad_enabled() and (
         x_seq.requires_grad
@@ -438,7 +486,10 @@ def neuron(
             return NeuronResult(*out)
         spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
             x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-            float(neg_margin), grad if needs_grad else "none", surrogate, alpha, residual,
+            float(neg_margin), grad if needs_grad or _traced_with_grad(grad, compact) else "none", surrogate,
+            alpha, residual,
             bool(compact),
         )
+    if needs_grad and grad == "rate":
+        v = v.detach()  # the rate gradient defines none for v: as the reference (non-differentiable)
     return NeuronResult(spikes, v, count)

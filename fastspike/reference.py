@@ -72,29 +72,11 @@ def check_neuron_args(
     surrogate: str,
     alpha: float,
 ) -> None:
-    """The argument checks of the compiled operators, for the Python paths."""
-    if not isinstance(x_seq, torch.Tensor) or x_seq.dtype not in _FLOATS:
-        got = x_seq.dtype if isinstance(x_seq, torch.Tensor) else type(x_seq).__name__
-        raise TypeError(
-            "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), "
-            f"got {got}"
-        )
-    if x_seq.dim() < 1:
-        raise ValueError("x_seq must have a leading time axis, shape [T, ...], got a 0-dim tensor")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or not 1 <= group_size <= 2**20:
-        raise ValueError(f"group_size must be an integer in [1, 2^20] (1 = plain IF), got {group_size!r}")
-    if not (math.isfinite(neg_margin) and neg_margin >= 0):
-        raise ValueError(f"neg_margin must be a finite number >= 0, got {neg_margin}")
-    if not math.isfinite(init_fraction):
-        raise ValueError(
-            f"init_fraction (initial membrane as a fraction of θ/m) must be finite, got {init_fraction}"
-        )
-    if grad not in ("none", "surrogate", "rate"):
-        raise ValueError(f"grad must be 'none', 'surrogate' or 'rate', got {grad!r}")
-    if surrogate not in DEFAULT_ALPHA:
-        raise ValueError(f"surrogate must be 'sigmoid' or 'atan', got {surrogate!r}")
-    if not (math.isfinite(alpha) and alpha > 0):
-        raise ValueError(f"alpha (surrogate sharpness) must be a finite number > 0, got {alpha}")
+    """The argument checks of the compiled operators, for the Python paths
+    (fastspike.checks; symbolic numbers under torch.compile pass unchecked)."""
+    from .checks import check_neuron_params
+
+    check_neuron_params(x_seq, group_size, False, init_fraction, neg_margin, grad, surrogate, alpha)
 
 
 def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
@@ -102,9 +84,10 @@ def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
     on the host first so that no device value is ever read back."""
     if isinstance(threshold, torch.Tensor):
         return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
-    if not (math.isfinite(threshold) and threshold > 0):
+    # Under torch.compile(dynamic=True) the number may be symbolic: no branching on it there.
+    if not torch.compiler.is_compiling() and not (math.isfinite(threshold) and threshold > 0):
         raise ValueError(f"threshold must be finite and > 0 everywhere, got {threshold}")
     # scalar_tensor: half the cost of torch.tensor here, and a fill (no host copy) on CUDA.
     return torch.scalar_tensor(float(threshold), dtype=accumulation_dtype(x_seq.dtype), device=x_seq.device)
@@ -134,13 +117,11 @@ def broadcast_threshold(threshold: torch.Tensor, x_seq: torch.Tensor) -> torch.T
             "or a per-neuron tensor of shape x_seq.shape[2:] or x_seq.shape[1:]; "
             f"x_seq has shape {list(x_shape)}, threshold has shape {list(shape)}"
         )
-    out = out.to(acc)
-    if out.device.type == "cpu" and not bool(((out > 0) & torch.isfinite(out)).all()):
-        raise ValueError(
-            f"threshold must be finite and > 0 everywhere, got min {out.min().item()} "
-            f"and max {out.max().item()}"
-        )
-    return out
+    from .checks import check_threshold_values
+
+    # Values are read on the CPU only, and not while torch.compile/export trace.
+    check_threshold_values(threshold, acc)
+    return out.to(acc)
 
 
 def check_state(state: Optional[torch.Tensor], x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
@@ -386,9 +367,11 @@ def neuron_reference(
     :func:`fastspike.neuron`, which it defines: ``residual`` means charging
     with ``x_seq + residual`` (torch's add, so rounded in x_seq's dtype), and
     ``compact`` returns the int8 counts k⁺ − k⁻ instead of (k⁺ − k⁻)·u."""
-    alpha = DEFAULT_ALPHA.get(surrogate, 1.0) if alpha is None else float(alpha)
-    check_neuron_args(x_seq, group_size, neg_margin, init_fraction, grad, surrogate, alpha)
-    check_residual(residual, x_seq)
+    from .checks import check_neuron_call
+
+    check_neuron_call(x_seq, threshold, group_size, signed, init_fraction, neg_margin, v_init, count_init,
+                      grad, surrogate, alpha, residual, compact)
+    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else alpha
     check_compact(compact, group_size, grad)
     if residual is not None:
         x_seq = x_seq + residual

@@ -2,6 +2,7 @@
 from the raw operators alike; never a crash or a silent wrong result."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -19,28 +20,69 @@ def raw_forward(x, threshold, v_init=None, count_init=None, group_size=1, signed
 
 X = torch.randn(4, 2, 3, 5)
 
-# (what is wrong, keyword arguments, pattern the message must contain)
+# (what is wrong, keyword arguments, the exception fastspike.neuron raises, pattern its message must
+# contain): TypeError for a wrong type, ValueError for a wrong value, the same from every backend.
 BAD_CALLS = [
-    ("integer input", dict(x=X.to(torch.int32)), r"x_seq must be a floating-point tensor"),
-    ("0-dim input", dict(x=torch.tensor(1.0)), r"x_seq must have a leading time axis"),
-    ("zero threshold", dict(threshold=torch.tensor(0.0)), r"threshold must be finite and > 0"),
-    ("negative threshold", dict(threshold=torch.tensor([0.5, -1.0, 0.5])), r"threshold must be finite and > 0"),
-    ("NaN threshold", dict(threshold=torch.tensor(math.nan)), r"threshold must be finite and > 0"),
-    ("inf threshold", dict(threshold=torch.full((3,), math.inf)), r"threshold must be finite and > 0"),
-    ("threshold shape", dict(threshold=torch.ones(4)), r"threshold must be a scalar, a per-channel.*shape \[4\]"),
-    ("integer threshold", dict(threshold=torch.ones(3, dtype=torch.int64)), r"threshold must be a floating-point tensor"),
-    ("group size 0", dict(group_size=0), r"group_size must be an integer in \[1, 2\^20\]"),
-    ("negative margin", dict(neg_margin=-0.1), r"neg_margin must be a finite number >= 0"),
-    ("NaN init fraction", dict(init_fraction=math.nan), r"init_fraction .* must be finite"),
-    ("v_init shape", dict(v_init=torch.zeros(2, 3)), r"v_init must have the shape of one time step of x_seq, \[2, 3, 5\]"),
-    ("v_init dtype", dict(v_init=torch.zeros(2, 3, 5, dtype=torch.float64)), r"v_init must have dtype Float"),
-    ("count_init dtype", dict(count_init=torch.zeros(2, 3, 5)), r"count_init must have dtype Int"),
-    ("count_init shape", dict(count_init=torch.zeros(3, 5, dtype=torch.int32)), r"count_init must have the shape"),
-    ("threshold device", dict(threshold=torch.ones((), device="meta")), r"threshold must be on the same device as x_seq"),
-    ("v_init device", dict(v_init=torch.zeros(2, 3, 5, device="meta")), r"v_init must be on the same device as x_seq"),
-    ("surrogate name", dict(surrogate="relu"), r"surrogate must be 'sigmoid' or 'atan'"),
-    ("alpha", dict(alpha=0.0), r"alpha \(surrogate sharpness\) must be a finite number > 0"),
+    ("integer input", dict(x=X.to(torch.int32)), TypeError, r"x_seq must be a floating-point tensor"),
+    ("list input", dict(x=[[1.0]]), TypeError, r"x_seq must be a floating-point tensor .*got list"),
+    ("0-dim input", dict(x=torch.tensor(1.0)), ValueError, r"x_seq must have a leading time axis"),
+    ("zero threshold", dict(threshold=torch.tensor(0.0)), ValueError, r"threshold must be finite and > 0"),
+    ("negative threshold", dict(threshold=torch.tensor([0.5, -1.0, 0.5])), ValueError,
+     r"threshold must be finite and > 0"),
+    ("NaN threshold", dict(threshold=torch.tensor(math.nan)), ValueError, r"threshold must be finite and > 0"),
+    ("inf threshold", dict(threshold=torch.full((3,), math.inf)), ValueError, r"threshold must be finite and > 0"),
+    ("float64 threshold overflowing float32", dict(threshold=torch.full((3,), 1e300, dtype=torch.float64)),
+     ValueError, r"threshold must be finite and > 0 everywhere \(in torch.float32\), got inf .*1e\+300"),
+    ("huge number threshold", dict(threshold=1e300), ValueError,
+     r"threshold must be finite and > 0 .*at most 3.40282e\+38 .*got 1e\+300"),
+    ("tiny number threshold", dict(threshold=1e-60), ValueError, r"threshold must be finite and > 0 in "
+                                                                 r"torch.float32 .*rounds to 0"),
+    ("string threshold", dict(threshold="1.0"), TypeError, r"threshold must be a number or a tensor .*got str '1.0'"),
+    ("threshold shape", dict(threshold=torch.ones(4)), ValueError,
+     r"threshold must be a scalar, a per-channel.*shape \[4\]"),
+    ("integer threshold", dict(threshold=torch.ones(3, dtype=torch.int64)), TypeError,
+     r"threshold must be a floating-point tensor"),
+    ("group size 0", dict(group_size=0), ValueError, r"group_size must be an integer in \[1, 2\^20\]"),
+    ("group size 2^20 + 1", dict(group_size=2**20 + 1), ValueError, r"group_size must be an integer in \[1, 2\^20\]"),
+    ("float group size", dict(group_size=2.0), TypeError, r"group_size must be an integer .*got float 2.0"),
+    ("signed as a string", dict(signed="yes"), TypeError, r"signed must be True or False, got str 'yes'"),
+    ("negative margin", dict(neg_margin=-0.1), ValueError, r"neg_margin must be a finite number >= 0"),
+    ("huge margin", dict(neg_margin=1e300), ValueError, r"neg_margin must be .*at most 3.40282e\+38"),
+    ("NaN init fraction", dict(init_fraction=math.nan), ValueError, r"init_fraction .* must be finite"),
+    ("string init fraction", dict(init_fraction="0.5"), TypeError,
+     r"init_fraction .* must be finite, a real number; got str '0.5'"),
+    ("huge init fraction", dict(init_fraction=-1e300), ValueError, r"init_fraction .* at most 3.40282e\+38"),
+    ("number v_init", dict(v_init=0.5), TypeError, r"v_init must be a torch.float32 tensor of shape \[2, 3, 5\] "
+                                                   r"or None, got float 0.5"),
+    ("v_init shape", dict(v_init=torch.zeros(2, 3)), ValueError,
+     r"v_init must have the shape of one time step of x_seq, \[2, 3, 5\]"),
+    ("v_init dtype", dict(v_init=torch.zeros(2, 3, 5, dtype=torch.float64)), TypeError,
+     r"v_init must have dtype (Float|torch.float32)"),
+    ("count_init dtype", dict(count_init=torch.zeros(2, 3, 5)), TypeError, r"count_init must have dtype (Int|torch.int32)"),
+    ("count_init shape", dict(count_init=torch.zeros(3, 5, dtype=torch.int32)), ValueError,
+     r"count_init must have the shape"),
+    ("count_init list", dict(count_init=[0]), TypeError, r"count_init must be a torch.int32 tensor"),
+    ("threshold device", dict(threshold=torch.ones((), device="meta")), ValueError,
+     r"threshold must be on the same device as x_seq"),
+    ("v_init device", dict(v_init=torch.zeros(2, 3, 5, device="meta")), ValueError,
+     r"v_init must be on the same device as x_seq"),
+    ("grad name", dict(grad="bptt"), ValueError, r"grad must be 'none', 'surrogate' or 'rate', got 'bptt'"),
+    ("grad None", dict(grad=None), TypeError, r"grad must be one of .* \(a str\), got NoneType"),
+    ("surrogate name", dict(surrogate="relu"), ValueError, r"surrogate must be 'sigmoid' or 'atan'"),
+    ("alpha", dict(alpha=0.0), ValueError, r"alpha \(surrogate sharpness\) must be a finite number > 0"),
+    ("string alpha", dict(alpha="4"), TypeError, r"alpha \(surrogate sharpness\) must be .*a real number; got str"),
+    ("residual dtype", dict(residual=X.double()), TypeError, r"residual must have x_seq's dtype"),
+    ("residual shape", dict(residual=X[:, :1]), ValueError, r"residual must have x_seq's shape"),
+    ("compact as a string", dict(compact="no"), TypeError, r"compact must be True or False"),
+    ("compact group of 200", dict(compact=True, group_size=200, grad="none"), ValueError, r"group_size must be <= 127"),
 ]
+RAW_CALLS = [(what, case, pattern) for what, case, _, pattern in BAD_CALLS
+             if what not in ("list input", "string threshold", "float group size", "signed as a string",
+                             "string init fraction", "number v_init", "count_init list", "grad None",
+                             "string alpha", "residual dtype", "residual shape", "compact as a string",
+                             "compact group of 200", "grad name", "huge number threshold",
+                             "tiny number threshold", "huge margin", "huge init fraction",
+                             "float64 threshold overflowing float32")]
 
 
 def public_kwargs(case):
@@ -50,15 +92,30 @@ def public_kwargs(case):
     return x, threshold, kwargs
 
 
-@pytest.mark.parametrize("what,case,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
-def test_public_api_rejects(what, case, pattern):
+@pytest.mark.parametrize("what,case,error,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_public_api_rejects(what, case, error, pattern):
     x, threshold, kwargs = public_kwargs(case)
-    with pytest.raises((ValueError, TypeError, RuntimeError), match=pattern):
+    with pytest.raises(Exception) as info:
         fastspike.neuron(x, threshold, **kwargs)
+    assert type(info.value) is error, f"{type(info.value).__name__}: {info.value}"
+    assert re.search(pattern, str(info.value)), str(info.value)
+
+
+@pytest.mark.parametrize("what,case,error,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+def test_every_backend_raises_the_same_exception(what, case, error, pattern):
+    """The checks run before any backend: the reference (use_reference(), or
+    neuron_reference itself) raises what the compiled operators' path raises."""
+    x, threshold, kwargs = public_kwargs(case)
+    for call in (lambda: fastspike.neuron(x, threshold, **kwargs),
+                 lambda: fastspike.neuron_reference(x, threshold, **kwargs)):
+        with fastspike.use_reference(), pytest.raises(Exception) as info:
+            call()
+        assert type(info.value) is error and re.search(pattern, str(info.value)), \
+            f"{type(info.value).__name__}: {info.value}"
 
 
 @needs_extension()
-@pytest.mark.parametrize("what,case,pattern", BAD_CALLS, ids=[c[0] for c in BAD_CALLS])
+@pytest.mark.parametrize("what,case,pattern", RAW_CALLS, ids=[c[0] for c in RAW_CALLS])
 def test_raw_operator_rejects(what, case, pattern):
     x, threshold, kwargs = public_kwargs(case)
     # A meta tensor routes the call to the fake kernel, which raises in Python.
