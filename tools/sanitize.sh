@@ -134,6 +134,8 @@ PY
 }
 
 gpu_present() {
+  # No driver tool or no visible device: no GPU, without the seconds of importing torch.
+  command -v nvidia-smi >/dev/null 2>&1 && [[ ${CUDA_VISIBLE_DEVICES-unset} != "" ]] || return 1
   "$PYTHON" -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)"
 }
 
@@ -150,7 +152,7 @@ run_gpu() {
   local cs
   cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
   if ! gpu_present; then
-    echo "sanitize: no GPU (torch.cuda.is_available() is False): no compute-sanitizer run" >&2
+    echo "sanitize: no GPU (no nvidia-smi, CUDA_VISIBLE_DEVICES empty, or torch sees none): no compute-sanitizer run" >&2
     return 3
   fi
   [[ -x "$cs" ]] || { echo "sanitize: compute-sanitizer not found ($cs)" >&2; return 1; }
