@@ -15,10 +15,14 @@ conversion is deterministic, so :func:`load_model` rebuilds the same SNN.
 
 from __future__ import annotations
 
+import errno
+import io
 import os
 import pickle
+import re
 import tempfile
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -31,27 +35,97 @@ __all__ = ["save_checkpoint", "load_checkpoint", "make_checkpoint", "build_quant
 FORMAT = "fastspike"
 VERSION = 1
 _REQUIRED = ("model", "num_classes", "levels", "preset", "state_dict")
+MAX_CLASSES = 1_000_000  # ImageNet-21k has 21,841; a larger count is a damaged file (and a huge classifier)
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be used; the message names the file and the problem."""
 
 
+_TMP_SUFFIX = ".fastspike-tmp"
+_LEGACY_TMP = re.compile(r"\.tmp-[A-Za-z0-9_]{8}\.pt")  # the temporaries of earlier versions
+_STALE_AFTER_S = 3600.0  # a temporary whose writer cannot be told: stale when not written to for this long
+
+
+def _tmp_prefix(path: str) -> str:
+    return f".{os.path.basename(path)}."
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str) -> List[str]:
+    """Removes the temporaries a killed :func:`save_checkpoint` of ``path`` left
+    beside it (``.<name>.<pid>.<random>.fastspike-tmp``): those whose writing
+    process is gone, or that nobody wrote to for an hour (another host's, or of
+    an earlier version's naming, ``.tmp-XXXXXXXX.pt``). A save in progress in a
+    live process keeps its file. Returns the paths removed."""
+    folder = os.path.dirname(os.path.abspath(path))
+    prefix, now, removed = _tmp_prefix(path), time.time(), []
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return removed
+    for name in names:
+        full = os.path.join(folder, name)
+        try:
+            if name.startswith(prefix) and name.endswith(_TMP_SUFFIX):
+                pid_text = name[len(prefix):-len(_TMP_SUFFIX)].split(".", 1)[0]
+                stale = (pid_text.isdigit() and not _pid_alive(int(pid_text))) or \
+                    now - os.path.getmtime(full) > _STALE_AFTER_S
+            elif _LEGACY_TMP.fullmatch(name):
+                stale = now - os.path.getmtime(full) > _STALE_AFTER_S
+            else:
+                continue
+            if stale and os.path.isfile(full):
+                os.unlink(full)
+                removed.append(full)
+        except OSError:  # gone meanwhile, or not ours to remove
+            continue
+    return removed
+
+
 def save_checkpoint(checkpoint: Dict[str, Any], path: str) -> None:
     """Writes ``checkpoint`` to ``path`` atomically: to a temporary file in the
     same folder, flushed to disk, then renamed over ``path``, so an interrupted
-    save leaves the old file (or none), never a truncated one."""
+    save leaves the old file (or none), never a truncated one; a killed save's
+    temporary is removed by the next save of the same path.
+
+    Raises OSError naming ``path`` when it cannot be written (a folder, no
+    permission, the disk full: "no space left on device (the disk is full)")."""
     folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=folder)
+    if os.path.isdir(path):
+        raise IsADirectoryError(errno.EISDIR, f"cannot write checkpoint {path!r}: it is a directory", path)
+    remove_stale_temporaries(path)
+    # Serialised in memory first: a failed write then raises the file system's own
+    # error (ENOSPC, ...), not torch's "unexpected pos" from inside its zip writer.
+    buffer = io.BytesIO()
+    torch.save(checkpoint, buffer)
+    tmp = None
     try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f"{_tmp_prefix(path)}{os.getpid()}.", suffix=_TMP_SUFFIX, dir=folder)
         with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
+            f.write(buffer.getbuffer())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if tmp is not None and os.path.exists(tmp):
+            os.unlink(tmp)
+        reason = err.strerror or str(err)
+        if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+            reason = f"{reason} (the disk is full)"
+        raise type(err)(err.errno, f"cannot write checkpoint {path!r}: {reason}", path) from err
     except BaseException:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
@@ -80,7 +154,36 @@ def load_checkpoint(path: str) -> Dict[str, Any]:
                              ("snn", (dict, type(None)), "a dict or None"), ("model", str, "a model name")):
         if not isinstance(ckpt.get(key), types):
             raise CheckpointError(f"checkpoint {path!r}: {key} must be {what}, got {type(ckpt.get(key)).__name__}")
+    num_classes = ckpt["num_classes"]
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or not 1 <= num_classes <= MAX_CLASSES):
+        raise CheckpointError(f"checkpoint {path!r}: num_classes must be an integer in [1, {MAX_CLASSES}], "
+                              f"got {num_classes!r}")
+    for key, value in ckpt["state_dict"].items():
+        if not isinstance(key, str):
+            raise CheckpointError(f"checkpoint {path!r}: state_dict keys must be parameter names (str), got "
+                                  f"{type(key).__name__} {key!r}")
+        if not isinstance(value, torch.Tensor):
+            raise CheckpointError(f"checkpoint {path!r}: state_dict[{key!r}] must be a tensor, got "
+                                  f"{type(value).__name__}")
     return ckpt
+
+
+def _check_thresholds(qnet: nn.Module, path: str) -> None:
+    """Every quantizer's λ (the SNN's thresholds) finite and > 0: NaN or negative
+    ones would give a silently wrong quantized ANN and an SNN that cannot run."""
+    from .quant import QuantReLU
+
+    for name, module in qnet.named_modules():
+        if isinstance(module, QuantReLU):
+            with torch.no_grad():
+                lam = module.threshold().detach().float()
+            bad = ~(torch.isfinite(lam) & (lam > 0))
+            if bool(bad.any()):
+                raise CheckpointError(
+                    f"checkpoint {path!r}: quantizer {name!r} has thresholds that are not finite and > 0 "
+                    f"({int(bad.sum())} of {lam.numel()}, e.g. {lam.reshape(-1)[bad.reshape(-1)][0].item()}): "
+                    "the file is damaged or its training diverged")
 
 
 def build_quantized(ckpt: Dict[str, Any], path: str = "<checkpoint>") -> nn.Module:
@@ -117,6 +220,7 @@ def build_quantized(ckpt: Dict[str, Any], path: str = "<checkpoint>") -> nn.Modu
         raise CheckpointError(
             f"checkpoint {path!r} does not match model {name!r}: missing "
             f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+    _check_thresholds(qnet, path)
     return qnet.eval()
 
 

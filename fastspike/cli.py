@@ -9,11 +9,13 @@ traceback. ``fastspike eval`` runs data-parallel when started by ``torchrun``
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import math
 import os
 import runpy
 import sys
+import tempfile
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
@@ -21,11 +23,29 @@ import torch
 __all__ = ["main"]
 
 _DETECTORS = ("tiny_yolov2", "yolov2_resnet34")
+MAX_GROUP_SIZE = 2**20  # the neuron operator's limit on m
 _SEGMENTERS = ("small_deeplab", "deeplabv3_resnet50")
 
 
 class UsageError(Exception):
     """A mistake in the command line or its files: printed as one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as one line (no usage block), exit status 2."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def _nonnegative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def _positive_int(text: str) -> int:
@@ -257,8 +277,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         for r in rows:
             print(f"{r['model']:28s} {'' if r['T'] is None else r['T']:>3} {r[metric]:10.4f}")
         if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"checkpoint": args.checkpoint, "world_size": world, "rows": rows}, f, indent=1)
+            _write_text(args.out, json.dumps({"checkpoint": args.checkpoint, "world_size": world, "rows": rows},
+                                             indent=1), "--out")
     return 0
 
 
@@ -305,6 +325,22 @@ def _train_config(args: argparse.Namespace):
     return config
 
 
+_RESUME_OPTIONS = {"levels": "--levels", "preset": "--preset", "model": "MODEL", "data": "--data",
+                   "image_size": "--image-size", "num_classes": "the classes of --data",
+                   "model_kwargs": "the model arguments (from --data)", "world_size": "the number of processes"}
+
+
+def _resume_error(err: Exception, path: str) -> "UsageError":
+    """A ResumeError as one line naming the command-line options that differ."""
+    changes = getattr(err, "changes", None)
+    if not changes:
+        return UsageError(str(err))
+    what = ", ".join(f"{_RESUME_OPTIONS.get(k, '--' + k.replace('_', '-'))} {old!r} -> {new!r}"
+                     for k, old, new in changes)
+    return UsageError(f"--resume: resume needs the run's settings; {path!r} differs in {what} (resume with the "
+                      "interrupted run's settings, or start a new run without --resume)")
+
+
 def _print_history(history: Sequence[Dict[str, Any]]) -> None:
     for record in history:
         print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
@@ -338,9 +374,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         history = train_model(qnet, dataset, config, val_set=val, device=torch.device(args.device),
                               checkpoint=args.out, resume=args.resume, progress=not args.no_progress,
                               checkpoint_meta={"model": args.model, "num_classes": num_classes,
-                                               "model_kwargs": kwargs}, desc=f"train {args.model}")
+                                               "model_kwargs": kwargs, "data": args.data,
+                                               # (digits have their own size)
+                                               "image_size": None if args.data == "digits" else args.image_size}, desc=f"train {args.model}")
     except ResumeError as err:
-        raise UsageError(str(err)) from None
+        raise _resume_error(err, args.out) from None
     if int(os.environ.get("RANK", "0")) == 0:
         _print_history(history)
         print(f"trained {args.model} ({args.preset}, L={args.levels}) -> {args.out}")
@@ -480,7 +518,7 @@ def cmd_train_snn(args: argparse.Namespace) -> int:
                             device=device, checkpoint=state_path, resume=args.resume, checkpoint_meta=meta,
                             progress=not args.no_progress, desc=f"train-snn {ckpt['model']} T={args.time_steps}")
     except ResumeError as err:
-        raise UsageError(str(err)) from None
+        raise _resume_error(err, state_path) from None
     if int(os.environ.get("RANK", "0")) == 0:
         _save_tuned(args, ckpt, qnet, snn)
         os.remove(state_path)  # --out now holds the result; the state only served an interrupted run
@@ -521,8 +559,8 @@ def _add_recipe_arguments(p: argparse.ArgumentParser, **defaults: Any) -> None:
     p.add_argument("--weight-decay", type=float, default=defaults["weight_decay"])
     p.add_argument("--schedule", choices=["cosine", "constant"], default="cosine")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--workers", type=_nonnegative_int, default=0, help="data-loading processes (0: in this one)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -540,7 +578,7 @@ def _add_tuning_arguments(p: argparse.ArgumentParser, done: str, data_help: str)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fastspike", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="fastspike", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="train, convert and evaluate on digits and synthetic scenes")
@@ -572,9 +610,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None)
     p.add_argument("--model", help="model name to build instead of the checkpoint's")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--batch-size", type=_positive_int, default=64)
-    p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--workers", type=_nonnegative_int, default=0, help="data-loading processes (0: in this one)")
     p.add_argument("--image-size", type=_positive_int, default=64, help="image side for folders and scenes")
     p.add_argument("--num-images", type=_positive_int, default=128, help="synthetic scenes to evaluate")
     p.add_argument("--out", help="also write the table as JSON here")
@@ -627,6 +665,70 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _check_device(text: str) -> None:
+    """--device: cpu, or cuda[:N] where such a GPU is present."""
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError, TypeError):
+        raise UsageError(f"--device {text!r}: expected cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device {text!r}: fastspike runs on cpu or cuda (cuda:N)")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {text!r}: no CUDA GPU is available here (torch.cuda.is_available() is "
+                             "False); use --device cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise UsageError(f"--device {text!r}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}")
+
+
+def _check_output_file(path: str, option: str) -> None:
+    """An output file path that can be written, checked before any work."""
+    if os.path.isdir(path):
+        raise UsageError(f"{option} {path!r} is a directory; give the path of a file to write")
+    folder = os.path.dirname(os.path.abspath(path))
+    existing = folder
+    while not os.path.exists(existing):  # the folders that do not exist yet are made on writing
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UsageError(f"{option} {path!r}: {existing!r} is a file, not a folder")
+    try:  # a real probe: os.access says yes to root even where writing fails
+        fd, probe = tempfile.mkstemp(prefix=".fastspike-probe-", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise UsageError(f"{option} {path!r}: cannot write in {existing!r}: {_os_reason(err)}") from None
+
+
+def _write_text(path: str, text: str, option: str) -> None:
+    """Writes a text file atomically (temporary file, then rename); a failure is one line naming ``option``."""
+    folder = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.tmp")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise UsageError(f"{option} {path!r}: cannot write: {_os_reason(err)}") from None
+
+
+def _os_reason(err: OSError) -> str:
+    reason = err.strerror or str(err)
+    if err.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)) and "disk is full" not in reason:
+        reason = f"{reason} (the disk is full)"
+    return reason
+
+
+_ALLOCATION_FAILURES = ("could not allocate", "can't allocate memory", "out of memory", "not enough memory")
+_SIZE_OPTIONS = {"eval": "--T or --batch-size", "convert": "-T", "train": "--batch-size or --image-size",
+                 "finetune": "-T or --batch-size", "train-snn": "-T or --batch-size", "demo": "the sizes"}
+
+
 def _check_arguments(args: argparse.Namespace) -> None:
     """Checks that span several options, before any work: a group neuron needs
     --group-size >= 2 and the other kinds none; a quantizer's --threshold is > 0."""
@@ -639,6 +741,16 @@ def _check_arguments(args: argparse.Namespace) -> None:
             raise UsageError(f"--neuron {neuron} needs --group-size >= 2, got {group_size}")
         if NEURON_KINDS[neuron][0] is not None and group_size not in (None, 1):
             raise UsageError(f"--group-size applies to --neuron group or signed-group, not {neuron}")
+        if group_size is not None and group_size > MAX_GROUP_SIZE:
+            raise UsageError(f"--group-size {group_size}: expected at most 2^20 = {MAX_GROUP_SIZE} members")
+    device = getattr(args, "device", None)
+    if device is not None:
+        _check_device(device)
+    out = getattr(args, "out", None)
+    if out and args.command != "demo":
+        _check_output_file(out, "--out")
+        if args.command == "train-snn":
+            _check_output_file(_state_path(out), "--out (its .state file)")
     alpha = getattr(args, "alpha", None)
     if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
         raise UsageError(f"--alpha: expected a finite surrogate sharpness > 0, got {alpha}")
@@ -666,8 +778,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # Mistakes a user can fix, each with its own type; anything else is a bug and keeps its traceback.
     except (UsageError, FileNotFoundError, CheckpointError, ConversionError, DatasetError) as err:
         message = " ".join(str(err).split())  # one line, even where a library's message has several
-        print(f"fastspike {args.command}: error: {message}", file=sys.stderr)
-        return 2
+    except OSError as err:  # a file that cannot be written (a checkpoint save names its path)
+        where = f"{err.filename!r}: " if err.filename and str(err.filename) not in (err.strerror or "") else ""
+        message = f"{where}{' '.join(_os_reason(err).split())}"
+    except (MemoryError, RuntimeError) as err:
+        text = " ".join(str(err).split())
+        if not isinstance(err, MemoryError) and not any(k in text.lower() for k in _ALLOCATION_FAILURES):
+            raise  # anything else is a bug: keep its traceback
+        message = (f"out of memory ({text or 'MemoryError'}); use a smaller "
+                   f"{_SIZE_OPTIONS.get(args.command, 'size')}")
+    print(f"fastspike {args.command}: error: {message}", file=sys.stderr)
+    return 2
 
 
 if __name__ == "__main__":

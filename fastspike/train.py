@@ -33,7 +33,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -55,7 +55,12 @@ LossFn = Callable[[Any, Any], torch.Tensor]
 
 
 class ResumeError(ValueError):
-    """The checkpoint given to resume from cannot continue this run (other settings, no state)."""
+    """The checkpoint given to resume from cannot continue this run (other settings, no state).
+    ``changes``: the settings that differ, as (name, saved value, value of this run)."""
+
+    def __init__(self, message: str, changes: Sequence[Tuple[str, Any, Any]] = ()):
+        super().__init__(message)
+        self.changes = list(changes)
 
 
 @dataclass
@@ -232,6 +237,23 @@ def _quant_recipe(model: nn.Module) -> Dict[str, Any]:
     return {"levels": quants[0].levels, "preset": quants[0].preset}
 
 
+def _run_identity(model: nn.Module, checkpoint_meta: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """What a resumed run must share with the saved one beyond the optimizer recipe:
+    the quantizers' levels and preset and the caller's checkpoint_meta entries."""
+    return {**_quant_recipe(model), **dict(checkpoint_meta or {})}
+
+
+def _same(saved: Any, current: Any) -> bool:
+    """Equality of checkpoint values after a save and load (tuples may come back as lists)."""
+    if isinstance(saved, (list, tuple)) and isinstance(current, (list, tuple)):
+        return len(saved) == len(current) and all(_same(a, b) for a, b in zip(saved, current))
+    if isinstance(saved, dict) and isinstance(current, dict):
+        return saved.keys() == current.keys() and all(_same(saved[k], current[k]) for k in saved)
+    if isinstance(saved, torch.Tensor) or isinstance(current, torch.Tensor):
+        return isinstance(saved, torch.Tensor) and isinstance(current, torch.Tensor) and torch.equal(saved, current)
+    return saved == current
+
+
 def _rng_state(device: torch.device) -> Dict[str, Any]:
     state = {"torch": torch.get_rng_state()}
     if device.type == "cuda":
@@ -337,11 +359,21 @@ def _train(model, train_set, config, loss_fn, val_set, collate_fn, device, rank,
         training = state.get("training")
         if not training:
             raise ResumeError(f"checkpoint {checkpoint!r} holds no training state to resume from")
-        changed = sorted(k for k in recipe if training["config"].get(k) != recipe[k])
-        if changed or training["world_size"] != world:
-            what = ", ".join(f"{k}: {training['config'].get(k)!r} -> {recipe[k]!r}" for k in changed)
-            raise ResumeError(f"resume needs the run's settings; checkpoint {checkpoint!r} differs in "
-                             f"{what or 'world_size'} (world_size {training['world_size']} -> {world})")
+        changes = [(k, training["config"].get(k), recipe[k]) for k in sorted(recipe)
+                   if training["config"].get(k) != recipe[k]]
+        # The model and its quantizers (levels, preset), and whatever else the caller
+        # identifies its run by (checkpoint_meta: model name, classes, data, ...), must
+        # be those of the interrupted run too: otherwise the remaining epochs would
+        # train another network than the uninterrupted run (an entry the saved state
+        # lacks, from an older version, is not compared).
+        changes += [(k, state[k], v) for k, v in sorted(_run_identity(model, checkpoint_meta).items())
+                    if k in state and not _same(state[k], v)]
+        if training["world_size"] != world:
+            changes.append(("world_size", training["world_size"], world))
+        if changes:
+            what = ", ".join(f"{k}: {old!r} -> {new!r}" for k, old, new in changes)
+            raise ResumeError(f"resume needs the run's settings; checkpoint {checkpoint!r} differs in {what}",
+                              changes)
         model.load_state_dict(state["state_dict"])
         optimizer.load_state_dict(training["optimizer"])
         schedule.load_state_dict(training["schedule"])

@@ -310,6 +310,127 @@ def test_checkpoint_recipe_errors_are_checkpoint_errors(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------
+# Command-line mistakes from the adversarial pass (issue 19 items 4, 5): one line, exit 2
+
+
+def _bad_checkpoint(tmp_path, name, change):
+    ckpt = _digits_checkpoint()
+    change(ckpt)
+    path = str(tmp_path / name)
+    save_checkpoint(ckpt, path)
+    return path
+
+
+def _set_threshold(value):
+    def change(ckpt):
+        key = next(k for k in ckpt["state_dict"] if k.endswith("raw_threshold"))
+        ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], value)
+    return change
+
+
+BAD_COMMANDS = [
+    ("eval --T 1e9", ["eval", "CKPT", "--T", "1000000000"], "out of memory"),
+    ("--out a directory", ["eval", "CKPT", "--T", "1", "--out", "DIR"], "--out 'DIR' is a directory"),
+    ("--out under a file", ["convert", "CKPT", "-T", "2", "--out", "FILE/o.pt"], "is a file, not a folder"),
+    ("--out read-only", ["eval", "CKPT", "--T", "1", "--out", "READONLY/o.json"], "cannot write in"),
+    ("--device bogus", ["eval", "CKPT", "--T", "1", "--device", "bogus"], "--device 'bogus': expected cpu, cuda"),
+    ("--device cuda", ["eval", "CKPT", "--T", "1", "--device", "cuda"], "--device 'cuda': no CUDA GPU"),
+    ("--workers -1", ["eval", "CKPT", "--T", "1", "--workers", "-1"], "argument --workers: expected an integer >= 0"),
+    ("NaN thresholds", ["eval", "NAN", "--T", "1"], "has thresholds that are not finite and > 0"),
+    ("negative thresholds", ["eval", "NEGATIVE", "--T", "1"], "has thresholds that are not finite and > 0"),
+    ("num_classes=10**12", ["eval", "CLASSES", "--T", "1"], "num_classes must be an integer in [1, 1000000]"),
+    ("non-string key", ["eval", "INTKEY", "--T", "1"], "state_dict keys must be parameter names (str), got int"),
+    ("group size 2000000", ["convert", "CKPT", "-T", "2", "--out", "OUT", "--neuron", "signed-group",
+                            "--group-size", "2000000"], "--group-size 2000000: expected at most 2^20"),
+    ("train --workers -1", ["train", "digits_cnn", "--out", "OUT", "--workers", "-1"], "argument --workers"),
+    ("train --device bogus", ["train", "digits_cnn", "--out", "OUT", "--device", "cuda:x"], "--device 'cuda:x'"),
+]
+
+
+@pytest.mark.parametrize("what,args,expected", BAD_COMMANDS, ids=[c[0] for c in BAD_COMMANDS])
+def test_command_line_mistakes_are_one_line_and_exit_2(what, args, expected, tmp_path, capsys):
+    if what == "--device cuda" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    try:
+        probe = readonly / "probe"
+        probe.write_text("")  # root writes anyway
+        probe.unlink()
+        if what == "--out read-only":
+            pytest.skip("running as root: a read-only folder is writable")
+    except OSError:
+        pass
+    (tmp_path / "file").write_text("")
+    paths = {
+        "CKPT": _bad_checkpoint(tmp_path, "c.pt", lambda c: None),
+        "NAN": _bad_checkpoint(tmp_path, "nan.pt", _set_threshold(float("nan"))),
+        "NEGATIVE": _bad_checkpoint(tmp_path, "neg.pt", _set_threshold(-1.0)),
+        "CLASSES": _bad_checkpoint(tmp_path, "classes.pt", lambda c: c.update(num_classes=10**12)),
+        "INTKEY": _bad_checkpoint(tmp_path, "intkey.pt", lambda c: c["state_dict"].update({7: torch.zeros(1)})),
+        "DIR": str(tmp_path), "OUT": str(tmp_path / "o.pt"),
+    }
+    args = [paths.get(a, a).replace("FILE", str(tmp_path / "file")).replace("READONLY", str(readonly))
+            for a in args]
+    expected = expected.replace("DIR", str(tmp_path))
+    try:
+        try:
+            status = main(args)
+        except SystemExit as done:  # argparse's own mistakes (one line too)
+            status = done.code
+        assert status == 2
+    finally:
+        readonly.chmod(0o700)
+    err = capsys.readouterr().err
+    assert expected in err, err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not os.path.exists(tmp_path / "o.pt")
+
+
+def test_disk_full_is_said_and_the_old_checkpoint_kept(tmp_path, capsys, monkeypatch):
+    import errno
+
+    source = _bad_checkpoint(tmp_path, "c.pt", lambda c: None)
+    out = tmp_path / "o.pt"
+    out.write_bytes(b"old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(fastspike.checkpoint.os, "fsync", full)
+    assert main(["convert", source, "-T", "2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "No space left on device (the disk is full)" in err and str(out) in err, err
+    assert len(err.strip().splitlines()) == 1
+    assert out.read_bytes() == b"old" and sorted(os.listdir(tmp_path)) == ["c.pt", "o.pt"]
+
+
+def test_a_killed_save_leaves_a_temporary_that_the_next_save_removes(tmp_path):
+    """Item 10: a save killed mid-write (SIGKILL: no cleanup runs) leaves its
+    temporary; the next save of that path removes it, not another live writer's."""
+    path = str(tmp_path / "c.pt")
+    save_checkpoint(_digits_checkpoint(), path)
+    code = ("import os, signal, torch, fastspike.checkpoint as c\n"
+            "real = os.fsync\n"
+            "def die(fd):\n"
+            "    os.kill(os.getpid(), signal.SIGKILL)\n"
+            "c.os.fsync = die\n"
+            f"c.save_checkpoint({{'format': 'fastspike', 'x': torch.zeros(1000)}}, {path!r})\n")
+    killed = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert killed.returncode == -9, killed.stderr
+    orphans = [n for n in os.listdir(tmp_path) if n != "c.pt"]
+    assert len(orphans) == 1 and orphans[0].startswith(".c.pt.")
+    live = tmp_path / f".c.pt.{os.getpid()}.abcdefgh.fastspike-tmp"  # a save in progress in a live process
+    live.write_bytes(b"partial")
+    other = tmp_path / ".other.pt.1.abcdefgh.fastspike-tmp"  # another file's temporary
+    other.write_bytes(b"partial")
+    save_checkpoint(_digits_checkpoint(), path)
+    assert sorted(os.listdir(tmp_path)) == sorted(["c.pt", live.name, other.name])
+    assert load_checkpoint(path)["model"] == "digits_cnn"
+
+
+# ---------------------------------------------------------------------------
 # train-snn: surrogate-gradient (BPTT) training of a checkpoint's SNN (issue 5)
 
 

@@ -345,6 +345,12 @@ def test_cli_train_resume_and_finetune(tmp_path, capsys):
     assert main(args + ["--resume"]) == 0  # a finished run resumes to the same weights
     assert main(args[:-1] + ["--lr", "0.1", "--resume", "--no-progress"]) == 2
     assert "resume needs the run's settings" in capsys.readouterr().err
+    # Another model or quantizer recipe is refused too, naming the option and both values (issue 19).
+    for changed, expected in ((["--levels", "8"], "--levels 4 -> 8"), (["--preset", "lsq"], "--preset 'qcfs' -> 'lsq'"),
+                              (["--label-smoothing", "0.1"], "--label-smoothing 0.0 -> 0.1")):
+        assert main(args + changed + ["--resume"]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and len(err.strip().splitlines()) == 1, err
     for k, v in load_checkpoint(out)["state_dict"].items():
         assert torch.equal(v, trained["state_dict"][k])
     tuned = str(tmp_path / "tuned.pt")
