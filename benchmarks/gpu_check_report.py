@@ -184,13 +184,13 @@ def read_junit(path: Optional[str]) -> Optional[Dict[str, Any]]:
     skip_reasons: Dict[str, int] = {}
     for case in root.iter("testcase"):
         counts["tests"] += 1
-        name = f"{case.get('classname', '')}::{case.get('name', '')}"
-        if case.find("failure") is not None:
-            counts["failures"] += 1
-            failed.append(name)
-        elif case.find("error") is not None:
-            counts["errors"] += 1
-            failed.append(name)
+        name = f"{case.get('classname', '')}::{case.get('name', '')}".lstrip(":")
+        problem = case.find("failure") if case.find("failure") is not None else case.find("error")
+        if problem is not None:
+            counts["failures" if problem.tag == "failure" else "errors"] += 1
+            lines = [line.strip() for line in (problem.text or "").splitlines() if line.strip()]
+            why = lines[-1] if lines and problem.get("message") == "collection failure" else problem.get("message")
+            failed.append(f"{name}: {(why or problem.tag).splitlines()[0][:160]}")
         elif case.find("skipped") is not None:
             counts["skipped"] += 1
             reason = (case.find("skipped").get("message") or "").strip()[:120]
