@@ -52,6 +52,7 @@ from .reference import (
     check_compact,
     check_like_x,
     check_neuron_args,
+    check_out_overlaps,
     check_residual,
     check_state,
     neuron_reference,
@@ -307,6 +308,27 @@ def _out_buffers(out: OutBuffers, x_seq: torch.Tensor,
     return spikes, v, count
 
 
+def _read_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """The memory the operator reads for x_seq / v_init / count_init: the tensor
+    itself when contiguous, its one step when a time broadcast (time_stream in
+    neuron.cpp), else None (the operator reads a copy, which nothing can overlap)."""
+    if t is None:
+        return None
+    if t.dim() >= 1 and t.shape[0] > 1 and t.stride(0) == 0:
+        step = t.select(0, 0)
+        return step if step.is_contiguous() else None
+    return t if t.is_contiguous() else None
+
+
+def _check_out_memory(out: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], x_seq: torch.Tensor,
+                      v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
+    """The overlap rules of the out= buffers (check_forward_out in neuron.cpp), in
+    Python before any backend so that every backend raises the same ValueError."""
+    if torch.compiler.is_compiling() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in out):
+        return  # (data pointers of fake tensors cannot be read; the operator checks at run time)
+    check_out_overlaps(out, _read_operand(x_seq), _read_operand(v_init), _read_operand(count_init))
+
+
 _forced_reference = 0  # depth of nested use_reference() blocks
 
 
@@ -449,7 +471,9 @@ def neuron(
     # ValueError from the C++ extension, the CuPy kernels and the reference.
     check_neuron_call(x_seq, threshold, group_size, signed, init_fraction, neg_margin, v_init, count_init,
                       grad, surrogate, alpha, residual, compact)
-    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else alpha
+    alpha = DEFAULT_ALPHA[surrogate] if alpha is None else (alpha if type(alpha) is float else float(alpha))
+    if type(group_size) is not int and not isinstance(group_size, torch.SymInt):
+        group_size = int(group_size)  # e.g. a NumPy integer, which the operator schema does not take
     threshold = threshold_tensor(threshold, x_seq)
     needs_grad = torch.is_grad_enabled() and (
         x_seq.requires_grad
@@ -464,6 +488,7 @@ def neuron(
             raise ValueError("out= takes the plain spikes of x_seq only; call without out= to use "
                              "residual= or compact=")
         out = _out_buffers(out, x_seq, needs_grad)
+        _check_out_memory(out, x_seq, v_init, count_init)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,

@@ -27,6 +27,7 @@ grad x_t = (1/T)·Σ_τ g_τ·[0 < x̄ < θ]. The threshold receives no gradient
 from __future__ import annotations
 
 import math
+import numbers
 from typing import NamedTuple, Optional, Sequence, Tuple, Union
 
 import torch
@@ -84,7 +85,7 @@ def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
     on the host first so that no device value is ever read back."""
     if isinstance(threshold, torch.Tensor):
         return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float, torch.SymFloat, torch.SymInt)):
+    if isinstance(threshold, bool) or not isinstance(threshold, (numbers.Real, torch.SymFloat, torch.SymInt)):
         raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
     # Under torch.compile(dynamic=True) the number may be symbolic: no branching on it there.
     if not torch.compiler.is_compiling() and not (math.isfinite(threshold) and threshold > 0):
