@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Optional
+import weakref
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -42,7 +43,11 @@ SURROGATES = ("sigmoid", "atan")
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
 _MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
-_CHECKED = "_fastspike_checked"  # attribute on a threshold tensor: (version, data_ptr, dtype) checked
+# Threshold tensors whose values were checked: id -> (weak reference, version, data
+# pointer, accumulation dtype). Kept beside the tensors, not on them (an attribute
+# would travel into torch.save and deepcopy); cleared when it grows large.
+_CHECKED: Dict[int, Tuple[Any, int, int, torch.dtype]] = {}
+_CHECKED_MAX = 4096
 
 
 def _acc(dtype: torch.dtype) -> torch.dtype:
@@ -139,8 +144,9 @@ def check_threshold_values(t: torch.Tensor, acc: torch.dtype, name: str = "thres
     dtype, must be finite and > 0; remembered per version of the tensor."""
     if torch.compiler.is_compiling():
         return  # (Dynamo would trace the cache's data pointer comparison)
-    checked = getattr(t, _CHECKED, None)
-    if checked is not None and type(t) in _PLAIN and checked == (t._version, t.data_ptr(), acc):
+    checked = _CHECKED.get(id(t))
+    if (checked is not None and checked[0]() is t and checked[1] == t._version and checked[3] == acc
+            and checked[2] == t.data_ptr()):
         return
     if not _values_readable(t):
         return
@@ -154,10 +160,9 @@ def check_threshold_values(t: torch.Tensor, acc: torch.dtype, name: str = "thres
                 f"{name} must be finite and > 0 everywhere (in {acc}), got {values.reshape(-1)[flat].item()} "
                 f"at flat index {flat}" + (f" (from {t.reshape(-1)[flat].item()!r} in {t.dtype})"
                                            if t.dtype != acc else ""))
-    try:
-        setattr(t, _CHECKED, key)
-    except (AttributeError, RuntimeError):  # a tensor subclass that takes no attributes
-        pass
+    if len(_CHECKED) >= _CHECKED_MAX:
+        _CHECKED.clear()
+    _CHECKED[id(t)] = (weakref.ref(t),) + key
 
 
 def check_threshold(threshold: Any, x_seq: torch.Tensor, name: str = "threshold") -> None:

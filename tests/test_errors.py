@@ -237,3 +237,20 @@ def test_nan_and_inf_inputs_stay_in_their_neuron():
     keep = [i for i in range(10) if i not in (3, 7)]
     assert torch.equal(result.spikes[:, keep], clean.spikes)
     assert torch.isnan(result.v[3])
+
+
+def test_threshold_values_are_checked_again_after_a_change():
+    """The value check of a threshold tensor is remembered per version of the
+    tensor (not per call), and is redone after an in-place change or a .data swap;
+    nothing is attached to the caller's tensor."""
+    threshold = torch.tensor([0.5, 1.0, 2.0])
+    fastspike.neuron(X, threshold)
+    assert not threshold.__dict__
+    threshold[1] = math.nan
+    with pytest.raises(ValueError, match=r"threshold must be finite and > 0 everywhere .*got nan at flat index 1"):
+        fastspike.neuron(X, threshold)
+    threshold[1] = 1.0
+    fastspike.neuron(X, threshold)
+    threshold.data = torch.tensor([1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match=r"got -1.0 at flat index 1"):
+        fastspike.neuron(X, threshold)
