@@ -20,6 +20,7 @@ from fastspike.convert import ConversionError
 from fastspike.models import get_model
 from fastspike.nn import SpikingNeuron
 from fastspike.quant import QuantReLU, quantize_tensor
+from oracles import assert_snn_equals_quantized_ann
 
 
 def _quantizers_in_call_order(gm: fx.GraphModule) -> List[QuantReLU]:
@@ -318,18 +319,10 @@ def test_whole_network_agrees_with_its_quantized_ann(name, kwargs, side, deep_ma
     # maxima exceeds the max of the means, and negative spikes make the currents vary more.
     if not deep_max_pools:
         assert report["signed", LEVELS]["layer_rel"] <= report["if", LEVELS]["layer_rel"]
-    # Measured agreement at T = L, with a margin for other machines' convolutions.
-    best = min(report["signed", LEVELS]["output_rel"], report["if", LEVELS]["output_rel"])
-    assert best < OUTPUT_REL_BOUND[name]
-    assert max(report["signed", LEVELS]["top1"], report["if", LEVELS]["top1"]) >= TOP1_BOUND[name]
-
-
-# Measured here at T = L (best of IF and signed): output rel err 0.46 / 0.36 / 0.70 / 0.80,
-# top-1 agreement 1.0 / 0.88 / 0.5 / 0.38. Random-weight networks have flat logits and no
-# fine-tuning, so these are far from the trained-network numbers of the papers; the bounds
-# guard against regressions (a wrong threshold or a dropped layer gives errors above 1).
-OUTPUT_REL_BOUND = {"cifar_resnet18": 0.7, "cifar_vgg16": 0.6, "resnet18": 1.0, "vgg11_bn": 1.1}
-TOP1_BOUND = {"cifar_resnet18": 0.75, "cifar_vgg16": 0.5, "resnet18": 0.25, "vgg11_bn": 0.25}
+    # The sharp check: group neurons with m = L at T = 1 are the quantizer itself, so
+    # this conversion equals the quantized ANN to float64 rounding (a wrong threshold,
+    # a dropped or misplaced layer shows as an error of 1e-3 or more).
+    assert_snn_equals_quantized_ann(qnet, x, LEVELS)
 
 
 @torch.no_grad()

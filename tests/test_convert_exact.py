@@ -5,12 +5,9 @@ user would write it: it either converts and passes the oracle, or `quantize` /
 `to_snn` raise a ConversionError naming the offending node or module. No third
 outcome.
 
-The oracle: group neurons with m = L at T = 1 compute exactly the QCFS
-quantizer of each layer's input (one step, m members, v0 = u/2: k = clamp(⌊zm/θ
-+ ½⌋, 0, m)), so a correct conversion equals its quantized ANN up to rounding,
-whatever the weights. In float64 that rounding is ~1e-15, far below one level
-(a flipped level would show as ~1e-2). And a quantized ANN with a very large L
-and λ above every activation equals the original ANN: no op was dropped.
+The oracles (tests/oracles.py): group neurons with m = L at T = 1 equal the
+quantized ANN up to float64 rounding, and the quantized ANN at a huge L equals
+the ANN.
 """
 
 from typing import Callable
@@ -22,12 +19,7 @@ from torch import nn
 
 import fastspike
 from fastspike.convert import ConversionError
-
-LEVELS = 4
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+from oracles import LEVELS, assert_converts_exactly
 
 
 def _bn_with_statistics(channels: int) -> nn.BatchNorm2d:
@@ -38,32 +30,6 @@ def _bn_with_statistics(channels: int) -> nn.BatchNorm2d:
         bn.weight.uniform_(0.5, 1.5)
         bn.bias.uniform_(-0.2, 0.2)
     return bn
-
-
-@torch.no_grad()
-def assert_converts_exactly(model: nn.Module, x: torch.Tensor, check_ann: bool = True,
-                            variants=(True, False), **to_snn_kwargs) -> None:
-    """The quantized ANN at huge L equals the ANN (``check_ann``), and the GN
-    (m = L, T = 1) SNN equals the quantized ANN, both in float64, for each
-    ``constant_input_once`` in ``variants``."""
-    qnet = fastspike.quantize(model.float().eval(), levels=LEVELS, threshold=1.0)
-    fastspike.calibrate(qnet, [x.float()], percentile=99.0)  # in float32: thresholds float32-exact
-    qnet = qnet.double().eval()
-    model = model.double().eval()
-    x = x.double()
-    y_ann = model(x)
-
-    if check_ann:
-        fine = fastspike.quantize(model, levels=10 ** 15, threshold=1e9).double().eval()
-        assert _rel(fine(x), y_ann) < 1e-4, "the quantized ANN dropped or changed an operation"
-
-    y_q = qnet(x)
-    for once in variants:
-        snet = fastspike.to_snn(qnet, time_steps=1, neuron="group", group_size=LEVELS,
-                                constant_input_once=once, **to_snn_kwargs)
-        y_s = snet.double()(x)
-        assert y_s.shape == y_q.shape
-        assert _rel(y_s, y_q) < 1e-9, f"SNN != quantized ANN (constant_input_once={once})"
 
 
 def assert_refused(build: Callable[[], None], *names: str) -> str:

@@ -16,7 +16,7 @@ from torch import nn
 
 import fastspike
 from fastspike.convert import ConversionError
-from test_convert_exact import assert_converts_exactly
+from oracles import assert_converts_exactly
 
 # Skipped by name unless FASTSPIKE_SWEEP_ALL=1 (the whole sweep then takes
 # ~10 minutes on two cores; it passed in full when the table in the README was
