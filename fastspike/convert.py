@@ -39,7 +39,7 @@ import operator
 import os
 import re
 import warnings
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Type, Union
 
 import torch
 import torch.nn.functional as F
@@ -1203,17 +1203,37 @@ def fold_spike_scales(gm: fx.GraphModule) -> fx.GraphModule:
     return gm
 
 
+def _auto_group_size(qmodel: nn.Module, time_steps: int, neuron: str) -> Tuple[str, int]:
+    """(neuron kind, m) for ``group_size="auto"``: m = L / T (Lv et al.)."""
+    levels = sorted({q.levels for _, q in quantizers(qmodel)})
+    if not levels:
+        raise ConversionError("group_size='auto' needs quantizers (QuantReLU) to read L from; "
+                              "call fastspike.quantize first")
+    if len(levels) > 1:
+        raise ConversionError(f"group_size='auto' needs one L in every layer, the quantizers have "
+                              f"levels {levels}; pass group_size=m")
+    if levels[0] % time_steps != 0:
+        raise ValueError(f"group_size='auto' sets m = L / T, but T={time_steps} does not divide "
+                         f"L={levels[0]}; pick T among the divisors of L or pass group_size=m")
+    members = levels[0] // time_steps
+    signed = neuron in ("signed", "signed-group")
+    if members == 1:
+        return ("signed" if signed else "if"), 1
+    return ("signed-group" if signed else "group"), members
+
+
 def to_snn(
     qmodel: nn.Module,
     time_steps: int,
     neuron: str = "if",
     *,
-    group_size: Optional[int] = None,
+    group_size: Optional[Union[int, str]] = None,
     readout: str = "mean",
     leaf_modules: Sequence[Type[nn.Module]] = (),
     fuse_residual: bool = FUSE_RESIDUAL_DEFAULT,
     constant_input_once: bool = CONSTANT_INPUT_ONCE_DEFAULT,
     compact_spikes: bool = COMPACT_SPIKES_DEFAULT,
+    fold_bn: bool = True,
     **neuron_kwargs,
 ) -> fx.GraphModule:
     """Converts a quantized network into a spiking one that runs all
@@ -1224,7 +1244,10 @@ def to_snn(
         time_steps: T. IF neurons reproduce the quantized ANN exactly on
             constant input when T = levels; group neurons when m·T = levels.
         neuron: "if", "signed" (Fast-SNN), "group" or "signed-group".
-        group_size: m for the group kinds.
+        group_size: m for the group kinds; ``"auto"``: m = L / T (the
+            group-neuron paper's rule, L the quantizers' levels, which must
+            be the same in every layer and a multiple of T); m = 1 gives
+            plain (or signed) IF neurons.
         readout: "mean" (default), "sum" or "sequence" ([T, B, ...]).
         fuse_residual: emit one neuron call for each ``add -> activation``
             (ResNet residual joins), so the sum is never stored
@@ -1238,6 +1261,10 @@ def to_snn(
             emit int8 spike counts, with θ/m folded into those layers'
             weights (:func:`fold_spike_scales`). Outputs equal up to float
             rounding; inference only.
+        fold_bn: fold eval-mode BatchNorm into the conv/linear before it
+            (default). ``False`` keeps each BatchNorm as its own per-channel
+            op, which rounds as the unconverted network does (the exact
+            reproduction mode of :mod:`fastspike.interop`).
         neuron_kwargs: passed to each :class:`~fastspike.nn.SpikingNeuron`
             (e.g. grad="rate", init_fraction=...).
 
@@ -1250,7 +1277,10 @@ def to_snn(
         raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
     _refuse_unknown_activations(qmodel)
     gm = trace(copy.deepcopy(qmodel), leaf_modules).eval()
-    gm = fold_batch_norms(gm)
+    if group_size == "auto":
+        neuron, group_size = _auto_group_size(qmodel, time_steps, neuron)
+    if fold_bn:
+        gm = fold_batch_norms(gm)
     gm = insert_neurons(gm, time_steps, neuron, group_size, **neuron_kwargs)
     check_time_rule(gm, lambda n: _is_neuron(gm, n), inference=True)
     check_batch_reads(gm)
