@@ -17,8 +17,27 @@ from .nn import GroupNeuron, IFNeuron, NeuronState, SignedIFNeuron, SpikingNeuro
 from .ops import NeuronResult, backend_info, neuron, use_reference
 from .quant import QuantReLU
 from .reference import neuron_reference
-from .train import TrainConfig, train_model
-from .finetune import finetune_layerwise, train_snn, write_back
+
+# Training and fine-tuning are imported on first use (PEP 562): `import fastspike`
+# for inference loads neither them nor what they import.
+_LAZY = {"TrainConfig": "train", "train_model": "train", "finetune_layerwise": "finetune",
+         "train_snn": "finetune", "write_back": "finetune"}
+
+
+_LAZY_MODULES = {"train", "finetune", "checkpoint", "cli", "demo", "data", "metrics", "models"}
+
+
+def __getattr__(name: str):
+    import importlib
+
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    elif name in _LAZY_MODULES:
+        value = importlib.import_module(f".{name}", __name__)
+    else:
+        raise AttributeError(f"module 'fastspike' has no attribute {name!r}")
+    globals()[name] = value
+    return value
 
 __version__ = "0.1.0"
 

@@ -1,18 +1,18 @@
 """Finds the compiled operator library, in this order:
 
-1. the prebuilt extension ``fastspike._C`` (``pip install -e .`` / ``make``);
-2. a JIT build of the sources in ``csrc/`` (``torch.utils.cpp_extension.load``
-   with ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``, when this is a
-   source checkout and ``FASTSPIKE_JIT`` is not ``0``;
+1. the prebuilt extension ``fastspike._C`` (``pip install -e .`` / ``make`` / the wheel);
+2. only when asked (``FASTSPIKE_JIT=1``, or ``FASTSPIKE_BACKEND=jit``): a JIT
+   build of the sources in ``csrc/`` (``torch.utils.cpp_extension.load`` with
+   ninja), cached by torch under ``TORCH_EXTENSIONS_DIR``. Importing fastspike
+   never compiles anything otherwise;
 3. none: the pure-PyTorch reference runs instead, with one warning.
 
 ``FASTSPIKE_BACKEND=reference`` skips 1 and 2 (to compare or to debug);
-``FASTSPIKE_BACKEND=jit`` skips 1 (to test the JIT build).
+``FASTSPIKE_BACKEND=jit`` skips 1 and builds (to test the JIT build).
 ``FASTSPIKE_LIBRARY=/path/to/lib.so`` loads that operator library instead of 1
 and 2 (``torch.ops.load_library``), e.g. the AddressSanitizer build of
 ``tools/sanitize.sh``; failing to load it is an error, not a silent fallback.
 """
-
 from __future__ import annotations
 
 import os
@@ -109,18 +109,23 @@ def load() -> BackendState:
             return _load_prebuilt()
         except (ImportError, OSError) as err:
             failures.append(f"prebuilt fastspike._C: {err}")
-    if os.environ.get("FASTSPIKE_JIT", "1") != "0":
+    # A JIT build takes minutes: only on request, never as a side effect of importing.
+    jit_asked = choice == "jit" or os.environ.get("FASTSPIKE_JIT", "0") == "1"
+    if jit_asked and os.environ.get("FASTSPIKE_JIT") != "0":
         try:
             return _load_jit()
         except Exception as err:  # a failed compile must not break `import fastspike`
             failures.append(f"JIT build: {err}")
-    else:
+    elif jit_asked:
         failures.append("JIT build disabled by FASTSPIKE_JIT=0")
+    else:
+        failures.append("no JIT build (set FASTSPIKE_JIT=1 to compile csrc/ on import)")
     reason = "; ".join(failures)
     warnings.warn(
         "fastspike: no compiled operators could be loaded, falling back to the pure-PyTorch "
         f"reference loop (correct but slow). Build them with `pip install -e . "
-        f"--no-build-isolation` or `make build`. Details: {reason}",
+        f"--no-build-isolation` or `make build`, or set FASTSPIKE_JIT=1 to compile them on "
+        f"import. Details: {reason}",
         RuntimeWarning,
         stacklevel=3,
     )

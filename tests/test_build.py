@@ -197,3 +197,33 @@ def test_cmake_builds_a_loadable_operator_library(tmp_path):
     # FASTSPIKE_BACKEND=reference keeps the package from loading its own copy.
     result = run_python(code, {"FASTSPIKE_BACKEND": "reference"})
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+def test_import_compiles_nothing_and_loads_no_training_code(tmp_path):
+    """Importing fastspike has no side effects (issue 17 item 6): without the
+    prebuilt library it falls back to the reference instead of starting a JIT
+    build, unless FASTSPIKE_JIT=1 asks for one; training modules load on first use."""
+    code = """
+        import sys, warnings
+        class NoPrebuilt:  # as if fastspike._C were not built
+            def find_spec(self, name, path=None, target=None):
+                if name == "fastspike._C":
+                    raise ImportError("no prebuilt library (test)")
+        sys.meta_path.insert(0, NoPrebuilt())
+        import torch.utils.cpp_extension as ext
+        def no_build(*args, **kwargs):
+            raise AssertionError("import fastspike started a JIT build")
+        ext.load = no_build
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            import fastspike
+        assert fastspike.backend_info()["backend"] == "reference"
+        assert any("FASTSPIKE_JIT=1" in str(w.message) for w in caught)
+        assert "fastspike.train" not in sys.modules and "fastspike.finetune" not in sys.modules
+        assert fastspike.TrainConfig.__module__ == "fastspike.train"  # still there, on first use
+        assert fastspike.checkpoint.save_checkpoint
+    """
+    result = run_python(code, {"TORCH_EXTENSIONS_DIR": str(tmp_path), "FASTSPIKE_BACKEND": "", "FASTSPIKE_JIT": "",
+                               "FASTSPIKE_LIBRARY": ""})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not any(tmp_path.iterdir())
