@@ -1,0 +1,824 @@
+"""Bring your trained model: importers for the published code bases and SpikingJelly.
+
+Each importer recognises the source's modules by their documented class names
+and attributes (duck typing: none of these packages is a dependency) and
+either maps them exactly or raises :class:`~fastspike.convert.ConversionError`
+naming the module path and class.
+
+* :func:`from_qcfs` (github.com/putshua/SNN_conversion_QCFS): ``MyFloor(up, t)``,
+  ``TCL``, ``ScaledNeuron(scale)``;
+* :func:`from_fastsnn` (github.com/yangfan-hu/Fast-SNN): ``QuantReLU`` (uniform
+  levels), ``QuantConv2d``/``QuantLinear``/``first_conv``/``last_fc``,
+  ``QuantAvg``/``QuantAvgPool2d``, and the spiking models' ``Spiking``,
+  ``Spiking_Oneway``, ``Spiking_Twoways``, ``last_Spiking``, ``IF``;
+* :func:`from_gn` (github.com/Lyu6PosHao/ANN2SNN_GN): ``QCFS(T)``, ``GN(m)``,
+  ``CombinedNode``;
+* :func:`from_spikingjelly`: ``IFNode(v_reset=None)`` networks of
+  ``spikingjelly.activation_based`` and the output of its ann2snn converter.
+
+The first three return a quantized ANN (a ``torch.fx.GraphModule`` whose
+quantizers are :class:`ImportedQuantReLU` at the source's module paths)
+that equals the source ANN bit for bit; :func:`to_snn` turns it into the
+source's SNN (its neuron kind, initial membrane, readout), or pass
+``time_steps=`` to the importer to get the SNN in one call. With
+``exact=True`` the SNN reproduces the code base's own step-by-step
+simulation bit for bit (BatchNorm unfolded, QCFS's division by λ, the
+readout summed in the source's order); the default is the fast path, equal
+up to float rounding (see README, "You trained with ...").
+"""
+
+from __future__ import annotations
+
+import contextvars
+import copy
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+from torch.overrides import TorchFunctionMode
+from torch.utils import _pytree as pytree
+
+from . import convert
+from .convert import ConversionError
+from .nn import SpikingNeuron
+from .ops import neuron as neuron_op
+from .quant import QuantReLU
+
+__all__ = [
+    "ImportedQuantReLU",
+    "NormalisedNeuron",
+    "SourceReadout",
+    "SpikingJellyNet",
+    "from_qcfs",
+    "from_fastsnn",
+    "from_gn",
+    "from_spikingjelly",
+    "to_snn",
+]
+
+# ---------------------------------------------------------------------------
+# The imported quantizer
+
+RULES = ("qcfs", "gn", "fastsnn")
+
+
+class ImportedQuantReLU(QuantReLU):
+    """A :class:`~fastspike.quant.QuantReLU` that computes its value in the
+    source code base's own operation order (so the imported ANN equals the
+    source ANN bit for bit) and remembers the source's neuron conventions.
+
+    Args:
+        levels, preset, threshold: as QuantReLU (L, gradient rule, λ).
+        rule: the value's operation order:
+            ``"qcfs"``  λ·⌊clamp(z/λ, 0, 1)·L + ½⌋/L (QCFS's ``MyFloor``,
+            the same as QuantReLU's own);
+            ``"gn"``    clamp(⌊z·L/λ + ½⌋, 0, L)·λ/L (the group-neuron code's ``QCFS``);
+            ``"fastsnn"`` round-half-even(clamp(z/α, 0, 1)·L)/L·α (Fast-SNN's
+            uniform ``QuantReLU``; ``torch.round``, not ⌊·+½⌋).
+        source: the code base ("qcfs", "fastsnn", "gn").
+        source_class: the class it replaces (for messages).
+        signed: the source's SNN fires negative spikes (Fast-SNN).
+        group_size: m of the source's group neuron (GN), None if it has none.
+        normalised: the source's neuron divides its input by λ and fires
+            against threshold 1 (QCFS's ``ScaledNeuron``).
+
+    Gradients are those of ``preset`` (the value's rounding order does not
+    change them).
+    """
+
+    def __init__(self, levels: int, preset: str, threshold: float, *, rule: str = "qcfs",
+                 source: str = "", source_class: str = "", signed: bool = False,
+                 group_size: Optional[int] = None, normalised: bool = False):
+        super().__init__(levels, preset, threshold)
+        if rule not in RULES:
+            raise ValueError(f"rule must be one of {RULES}, got {rule!r}")
+        self.rule = rule
+        self.source = source
+        self.source_class = source_class
+        self.signed = bool(signed)
+        self.group_size = group_size
+        self.normalised = bool(normalised)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = super().forward(z)
+        if self.calibrating or self.rule == "qcfs":
+            return y  # QuantReLU's own order is MyFloor's (clamp commutes with ⌊·⌋/L on [0, 1])
+        lam = self.broadcast_threshold(z)
+        with torch.no_grad():
+            if self.rule == "gn":
+                value = torch.clamp(torch.floor(z * self.levels / lam + 0.5), 0, self.levels) * lam / self.levels
+            else:  # fastsnn: relu, x/α, clamp, ·L, round, /L, ·α
+                value = torch.clamp(F.relu(z) / lam, 0, 1).mul(self.levels).round().div(self.levels).mul(lam)
+        # The source's value, the preset's gradient: y − y.detach() is exactly 0.
+        return value + (y - y.detach())
+
+    def extra_repr(self) -> str:
+        extras = f", rule={self.rule!r}, source={self.source!r}"
+        if self.signed:
+            extras += ", signed=True"
+        if self.group_size:
+            extras += f", group_size={self.group_size}"
+        if self.normalised:
+            extras += ", normalised=True"
+        return super().extra_repr() + extras
+
+
+# ---------------------------------------------------------------------------
+# Shared machinery
+
+
+def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    parent, _, attr = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, attr, module)
+
+
+def _scalar(value: Any, path: str, cls: str, what: str) -> float:
+    """A positive finite Python float from a number or a one-element tensor."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ConversionError(f"module '{path}' ({cls}) has a {what} of shape {list(value.shape)}; "
+                                  "fastspike maps a scalar one here")
+        value = value.detach().reshape(()).item()
+    value = float(value)
+    if not (math.isfinite(value) and value > 0):
+        raise ConversionError(f"module '{path}' ({cls}) has {what} {value}; a threshold must be finite and > 0")
+    return value
+
+
+def _levels_arg(levels: Optional[int], path: str, cls: str, why: str) -> int:
+    if levels is None:
+        raise ConversionError(f"module '{path}' ({cls}) {why}, so it does not say L, the number of "
+                              "quantization levels of the ANN it stands for: pass levels=L")
+    if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
+    return levels
+
+
+def _refuse(found: List[Tuple[str, str]], source: str, hint: str) -> None:
+    if found:
+        listed = ", ".join(f"'{p or '(the model itself)'}' ({c})" for p, c in found)
+        raise ConversionError(f"{source}: fastspike cannot map {listed} exactly. {hint}")
+
+
+def _finish_import(model: nn.Module, source: str, readout: str, hint: str) -> fx.GraphModule:
+    """Traces the model whose source modules have been replaced, refuses what is
+    left that fastspike does not know (activation-like modules, plain ReLUs),
+    moves max-pools that follow a quantizer, checks the time rule."""
+    _refuse(convert.unknown_activations(model), source,
+            "Only the modules listed in fastspike.interop's documentation are recognised. " + hint)
+    gm = convert.trace(model)
+    relus = [n for n in gm.graph.nodes if convert._is_relu(gm, n)]
+    if relus:
+        node = relus[0]
+        raise ConversionError(
+            f"{source}: node '{node.name}' ({convert._describe(gm, node)}){convert._source_line(node)} is a "
+            "plain ReLU, which the source's ANN computes unquantized and its SNN turns into a neuron; the "
+            "imported network would compute neither. Replace it with the code base's quantizer (as its "
+            "training script does) before importing. " + hint)
+    if not convert.quantizers(gm):
+        raise ConversionError(f"{source}: the model has none of the code base's activation modules. " + hint)
+    gm = convert.move_max_pools(gm, strict=True)
+    convert.check_time_rule(gm, lambda n: isinstance(convert._module(gm, n), QuantReLU), inference=False)
+    gm.fastspike_source = source
+    gm.fastspike_readout = readout
+    return gm
+
+
+def _maybe_snn(gm: fx.GraphModule, time_steps: Optional[int], exact: bool, **kwargs: Any) -> fx.GraphModule:
+    if time_steps is None:
+        if exact or kwargs:
+            raise ValueError("exact= and the to_snn options need time_steps=T (or call fastspike.interop.to_snn)")
+        return gm
+    return to_snn(gm, time_steps, exact=exact, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# QCFS (Bu et al.)
+
+_QCFS_HINT = ("QCFS code base: MyFloor(up, t) is the quantized ReLU, TCL the clip it is trained from, "
+              "ScaledNeuron(scale) the IF neuron that replaces either.")
+
+
+def from_qcfs(model: nn.Module, *, levels: Optional[int] = None, time_steps: Optional[int] = None,
+              exact: bool = False, **snn_kwargs: Any) -> fx.GraphModule:
+    """Imports a model of the QCFS code base (Bu et al., ICLR 2022).
+
+    ``MyFloor(up, t)`` becomes a ``qcfs`` quantizer with λ = ``up``, L = ``t``
+    (the same value bit for bit). ``TCL`` (a clip to [0, up]) and
+    ``ScaledNeuron(scale)`` carry no L: pass ``levels=L`` for them (their SNN,
+    an IF neuron with θ = λ starting at θ/2, does not depend on it).
+
+    The code base's SNN normalises: ``ScaledNeuron`` divides its input by λ,
+    fires at 1 and multiplies the spikes by λ. In real numbers that is an IF
+    neuron with θ = λ; in floats the membrane rounds differently (v/λ + x/λ
+    against (v + x)/λ), so a membrane within an ulp of the threshold can fire
+    at another step. ``exact=True`` reproduces the division; the default runs
+    θ = λ directly (one division and one product less per step). The code base
+    reads out the running sum of the outputs over T (``spikes += out``).
+
+    Returns the quantized ANN, or with ``time_steps=T`` its SNN
+    (:func:`to_snn`; ``exact`` and ``snn_kwargs`` go there).
+    """
+    model = copy.deepcopy(model)
+    refused: List[Tuple[str, str]] = []
+    for path, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if cls == "MyFloor" and hasattr(m, "up") and hasattr(m, "t"):
+            q = ImportedQuantReLU(int(m.t), "qcfs", _scalar(m.up, path, cls, "up (λ)"), rule="qcfs",
+                                  source="qcfs", source_class=cls, normalised=True)
+        elif cls == "TCL" and hasattr(m, "up"):
+            q = ImportedQuantReLU(_levels_arg(levels, path, cls, "is a clip, not a quantizer"), "qcfs",
+                                  _scalar(m.up, path, cls, "up (λ)"), source="qcfs", source_class=cls,
+                                  normalised=True)
+        elif cls == "ScaledNeuron" and hasattr(m, "scale"):
+            q = ImportedQuantReLU(_levels_arg(levels, path, cls, "is a spiking neuron"), "qcfs",
+                                  _scalar(m.scale, path, cls, "scale (θ)"), source="qcfs", source_class=cls,
+                                  normalised=True)
+        elif cls == "ShiftNeuron":
+            refused.append((path, cls))
+            continue
+        else:
+            continue
+        if path == "":
+            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
+        _set_module(model, path, q)
+    _refuse(refused, "QCFS code base", "ShiftNeuron carries a membrane offset learnt across batches "
+            "(its vt), which no fixed neuron reproduces; use ScaledNeuron or MyFloor.")
+    gm = _finish_import(model, "QCFS code base", "running-sum", _QCFS_HINT)
+    return _maybe_snn(gm, time_steps, exact, **snn_kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Group neurons (Lv et al.)
+
+_GN_HINT = ("Group-neuron code base: QCFS(T) is the quantized ReLU, GN(m, v_threshold) the group neuron and "
+            "CombinedNode(v_threshold) the IF neuron that replace it.")
+
+
+def from_gn(model: nn.Module, *, levels: Optional[int] = None, time_steps: Optional[int] = None,
+            exact: bool = False, **snn_kwargs: Any) -> fx.GraphModule:
+    """Imports a model of the group-neuron code base (Lv et al., ICASSP 2024).
+
+    ``QCFS(T)`` becomes a quantizer with λ = ``v_threshold``, L = ``T`` that
+    computes the code base's order ⌊z·L/λ + p0⌋ (clamped to [0, L], ·λ/L) bit
+    for bit. p0 must be ½: the code base's SNN (``CombinedNode``, ``GN``)
+    always starts the membrane at half a unit whatever p0 the ANN used, so
+    another p0 has no SNN that computes the ANN. ``GN(m, v_threshold)``
+    becomes the same quantizer with group size m (pass ``levels=L``; its SNN
+    needs m·T = L); ``CombinedNode`` (IF) likewise, refused when its bias is
+    not 0. The code base reads out the running sum of the outputs over T.
+
+    Returns the quantized ANN, or with ``time_steps=T`` its SNN (group
+    neurons where the model has ``GN`` modules; ``group_size="auto"`` for
+    m = L/T on a ``QCFS`` model).
+    """
+    model = copy.deepcopy(model)
+    refused: List[Tuple[str, str]] = []
+    reasons: List[str] = []
+    for path, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if cls == "QCFS" and hasattr(m, "v_threshold") and hasattr(m, "T"):
+            p0 = float(torch.as_tensor(getattr(m, "p0", 0.5)).reshape(-1)[0])
+            if p0 != 0.5:
+                refused.append((path, cls))
+                reasons.append(f"'{path}' has p0={p0}: the code base's SNN starts at ½ whatever p0 is, so "
+                               "only p0 = 0.5 has an SNN that computes the ANN")
+                continue
+            q = ImportedQuantReLU(int(m.T), "qcfs", _scalar(m.v_threshold, path, cls, "v_threshold (λ)"),
+                                  rule="gn", source="gn", source_class=cls)
+        elif cls == "GN" and hasattr(m, "m") and hasattr(m, "v_threshold"):
+            members = int(m.m)
+            theta = _scalar(m.v_threshold, path, cls, "v_threshold") * members  # it stores θ/m
+            q = ImportedQuantReLU(_levels_arg(levels, path, cls, "is a spiking neuron"), "qcfs", theta,
+                                  rule="gn", source="gn", source_class=cls, group_size=members)
+        elif cls == "CombinedNode" and hasattr(m, "v_threshold"):
+            bias = getattr(m, "bias", 0.0)
+            p0 = float(getattr(m, "p0", 0.5))
+            if (isinstance(bias, torch.Tensor) and bool((bias != 0).any())) or (
+                    not isinstance(bias, torch.Tensor) and float(bias) != 0.0):
+                refused.append((path, cls))
+                reasons.append(f"'{path}' has a non-zero bias, charged at every step, which the quantized "
+                               "ANN does not have")
+                continue
+            if p0 != 0.5 or getattr(m, "v_reset", None) is not None:
+                refused.append((path, cls))
+                reasons.append(f"'{path}' starts at p0={p0} or resets to a value (hard reset); fastspike "
+                               "maps p0 = 0.5 with reset by subtraction")
+                continue
+            q = ImportedQuantReLU(_levels_arg(levels, path, cls, "is a spiking neuron"), "qcfs",
+                                  _scalar(m.v_threshold, path, cls, "v_threshold"), rule="gn", source="gn",
+                                  source_class=cls, group_size=1)
+        else:
+            continue
+        if path == "":
+            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
+        _set_module(model, path, q)
+    _refuse(refused, "group-neuron code base", "; ".join(reasons) + ".")
+    gm = _finish_import(model, "group-neuron code base", "running-sum", _GN_HINT)
+    return _maybe_snn(gm, time_steps, exact, **snn_kwargs)
+
+
+# ---------------------------------------------------------------------------
+# Fast-SNN (Hu et al.)
+
+_FASTSNN_HINT = ("Fast-SNN code base: QuantReLU (uniform levels) is the quantized ReLU; QuantConv2d, "
+                 "QuantLinear, first_conv and last_fc quantize their weights; Spiking, Spiking_Oneway, "
+                 "Spiking_Twoways, last_Spiking and IF make its spiking models.")
+
+
+class _LayerCalls(TorchFunctionMode):
+    """Records the conv/linear calls made while it is active."""
+
+    FUNCS = {F.conv1d: "conv1d", F.conv2d: "conv2d", F.conv3d: "conv3d", F.linear: "linear",
+             torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d"}
+
+    def __init__(self):
+        super().__init__()
+        self.calls: List[Tuple[str, tuple, dict]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FUNCS:
+            self.calls.append((self.FUNCS[func], args, kwargs))
+        return func(*args, **kwargs)
+
+
+def _plain_layer(m: nn.Module, path: str) -> nn.Module:
+    """A torch conv/linear layer computing what the weight-quantizing layer
+    ``m`` computes: its forward is run once on a probe input and the weight,
+    bias and settings of the one conv/linear call it makes are copied (the
+    effective weights, bit for bit, whatever formula produced them)."""
+    cls = type(m).__name__
+    if isinstance(m, nn.Linear):
+        probe = torch.zeros(1, m.in_features, dtype=m.weight.dtype, device=m.weight.device)
+    elif isinstance(m, nn.modules.conv._ConvNd) and not isinstance(m, nn.modules.conv._ConvTransposeNd):
+        span = [d * (k - 1) + 1 for k, d in zip(m.kernel_size, m.dilation)]
+        probe = torch.zeros([1, m.in_channels] + span, dtype=m.weight.dtype, device=m.weight.device)
+    else:
+        raise ConversionError(f"module '{path}' ({cls}) is a weight-quantizing layer fastspike does not know")
+    recorder = _LayerCalls()
+    with torch.no_grad(), recorder:
+        m(probe)
+    if len(recorder.calls) != 1:
+        raise ConversionError(f"module '{path}' ({cls}) made {len(recorder.calls)} conv/linear calls on a "
+                              "probe input; fastspike materialises layers that make exactly one")
+    kind, args, kwargs = recorder.calls[0]
+    names = (["input", "weight", "bias"] if kind == "linear"
+             else ["input", "weight", "bias", "stride", "padding", "dilation", "groups"])
+    given = dict(zip(names, args))
+    given.update(kwargs)
+    weight, bias = given["weight"].detach().clone(), given.get("bias")
+    if weight.shape != m.weight.shape:
+        raise ConversionError(f"module '{path}' ({cls}) used a weight of shape {list(weight.shape)}, not its "
+                              f"own {list(m.weight.shape)}")
+    if kind == "linear":
+        layer = nn.Linear(m.in_features, m.out_features, bias=bias is not None)
+    else:
+        if m.padding_mode != "zeros":
+            raise ConversionError(f"module '{path}' ({cls}) pads with {m.padding_mode!r}; fastspike "
+                                  "materialises zero-padded quantized convolutions")
+        conv = {"conv1d": nn.Conv1d, "conv2d": nn.Conv2d, "conv3d": nn.Conv3d}[kind]
+        layer = conv(m.in_channels, m.out_channels, m.kernel_size, stride=given.get("stride", 1),
+                     padding=given.get("padding", 0), dilation=given.get("dilation", 1),
+                     groups=given.get("groups", 1), bias=bias is not None)
+    layer = layer.to(device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
+    layer.train(m.training)
+    return layer
+
+
+def _fastsnn_levels(m: nn.Module, path: str) -> int:
+    """L of a Fast-SNN activation quantizer (``act_alq``, ``act_alpha``), read
+    off its output on a dense probe of [0, 1.25·α] and checked to be the
+    uniform grid round(clamp(z/α, 0, 1)·L)/L·α bit for bit; APoT (power-of-two)
+    levels are refused."""
+    cls = type(m).__name__
+    alpha = m.act_alpha.detach()
+    probe = torch.linspace(0, 1.25, 20001, dtype=alpha.dtype, device=alpha.device) * alpha
+    with torch.no_grad():
+        out = m.act_alq(probe.clone(), m.act_alpha)
+        levels = int(torch.unique(out).numel()) - 1
+        if levels >= 1:
+            uniform = torch.clamp(probe / alpha, 0, 1).mul(levels).round().div(levels).mul(alpha)
+        if levels < 1 or not torch.equal(out, uniform):
+            raise ConversionError(
+                f"module '{path}' ({cls}) quantizes to non-uniform levels (Fast-SNN's APoT, power-of-two "
+                "activation levels): IF neurons emit uniform levels only. Fast-SNN itself uses uniform "
+                "activation levels (act_quantization(power=False)) for the models it converts; set those "
+                "and fine-tune.")
+    return levels
+
+
+class _Block(nn.Module):
+    """``block(x)``: a Fast-SNN ``Spiking``/``last_Spiking`` wrapper in ANN form
+    (its attribute ``block`` keeps the module paths of the ANN)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.block = block
+
+    def forward(self, x):
+        return self.block(x)
+
+
+class _OneWay(nn.Module):
+    """relu(bn(conv(x))): ``Oneway``/``Spiking_Oneway`` in ANN form."""
+
+    def __init__(self, conv, bn, relu):
+        super().__init__()
+        self.conv, self.bn, self.relu = conv, bn, relu
+
+    def forward(self, x):
+        return self.relu(self.bn(self.conv(x)))
+
+
+class _TwoWays(nn.Module):
+    """relu(bn(conv(x)) + downsample(identity)): ``Spiking_Twoways`` in ANN form."""
+
+    def __init__(self, conv, bn, relu, downsample):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.downsample = conv, bn, relu, downsample
+
+    def forward(self, x, identity):
+        x = self.bn(self.conv(x))
+        if self.downsample is not None:
+            identity = self.downsample(identity)
+        return self.relu(x + identity)
+
+
+def from_fastsnn(model: nn.Module, *, time_steps: Optional[int] = None, exact: bool = False,
+                 **snn_kwargs: Any) -> fx.GraphModule:
+    """Imports a model of the Fast-SNN code base (Hu et al., TPAMI 2023).
+
+    * ``QuantReLU`` (an ``nn.ReLU`` with ``act_alpha`` and ``act_alq``) with
+      uniform levels becomes a ``fastsnn`` quantizer with α = ``act_alpha``
+      and L read off its ``act_alq`` (2^bit − 1; the ``bit`` attribute is not
+      trusted, the code base replaces ``act_alq`` without updating it); its
+      value is computed in the code base's order with ``torch.round``
+      (half to even) bit for bit. APoT levels are refused by name.
+    * ``QuantConv2d``/``QuantLinear`` (APoT weights) and the 8-bit
+      ``first_conv``/``last_fc``: plain layers carrying the effective weights
+      their forward computes (taken from the one conv/linear call it makes).
+    * ``QuantAvg``/``QuantAvgPool2d``: the average pool followed by its quantizer.
+    * Spiking models (``S_VGG11``, ``S_ResNet_Cifar``, ...): ``Spiking(block, T)``,
+      ``Spiking_Oneway``, ``Spiking_Twoways`` become their ANN form with the
+      ``IF``'s ``act_alpha`` as θ and L = T, signed or not as their ``sign``;
+      ``last_Spiking`` its block; ``nn.Flatten`` outside them (which sees
+      [B, T, ...] there) drops one from its dims.
+
+    Fast-SNN's SNN uses signed IF neurons (``unsigned_spikes`` turns them off)
+    and reads out the **sum** over T (``x.sum(dim=1)`` of [B, T, classes]).
+    Returns the quantized ANN, or with ``time_steps=T`` its SNN.
+    """
+    model = copy.deepcopy(model)
+    spiking_paths: List[str] = []
+
+    def quantizer(m: nn.Module, path: str, levels: int, signed: bool) -> ImportedQuantReLU:
+        return ImportedQuantReLU(levels, "fastsnn", _scalar(m.act_alpha, path, type(m).__name__, "act_alpha (α)"),
+                                 rule="fastsnn", source="fastsnn", source_class=type(m).__name__, signed=signed)
+
+    def spiking_if(relu: nn.Module, path: str, steps: int, signed: bool) -> nn.Module:
+        if type(relu).__name__ != "IF" or not hasattr(relu, "act_alpha"):
+            raise ConversionError(f"module '{path}' ({type(relu).__name__}) is where a Fast-SNN spiking block "
+                                  "holds its IF neuron; fastspike maps IF(act_alpha) there")
+        return quantizer(relu, path, steps, signed)
+
+    # Spiking wrappers first (outermost), then the layers inside them.
+    for path, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if cls not in ("Spiking", "Spiking_Oneway", "Spiking_Twoways", "last_Spiking"):
+            continue
+        if any(path.startswith(p + ".") for p in spiking_paths):
+            continue
+        spiking_paths.append(path)
+        if getattr(m, "idem", False):
+            _set_module(model, path, nn.Identity())
+            continue
+        steps, signed = int(m.T), bool(getattr(m, "sign", True))
+        if cls == "Spiking":
+            block = m.block
+            if not isinstance(block, nn.Sequential) or len(block) < 3:
+                raise ConversionError(f"module '{path}' (Spiking) holds {type(block).__name__}; Fast-SNN's "
+                                      "Spiking wraps nn.Sequential(layer, BatchNorm, IF)")
+            block[2] = spiking_if(block[2], f"{path}.block.2", steps, signed)
+            new: nn.Module = _Block(block)
+        elif cls == "last_Spiking":
+            new = _Block(m.block)
+        elif cls == "Spiking_Oneway":
+            new = _OneWay(m.conv, m.bn, spiking_if(m.relu, f"{path}.relu", steps, signed))
+        else:
+            new = _TwoWays(m.conv, m.bn, spiking_if(m.relu, f"{path}.relu", steps, signed), m.downsample)
+        if path == "":
+            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
+        _set_module(model, path, new)
+    if spiking_paths:  # [B, T, ...] between the spiking wrappers: Flatten(2) is the ANN's Flatten(1)
+        for path, m in list(model.named_modules()):
+            if type(m) is nn.Flatten and not any(path.startswith(p + ".") for p in spiking_paths):
+                if m.start_dim < 2 or m.end_dim not in (-1,) and m.end_dim < 2:
+                    raise ConversionError(f"module '{path}' (Flatten) flattens dims {m.start_dim}..{m.end_dim} "
+                                          "of the [batch, T, ...] tensor of a Fast-SNN spiking model, which "
+                                          "mixes time steps")
+                _set_module(model, path, nn.Flatten(m.start_dim - 1, m.end_dim if m.end_dim < 0 else m.end_dim - 1))
+    for path, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if cls == "QuantReLU" and hasattr(m, "act_alpha") and hasattr(m, "act_alq"):
+            _set_module(model, path, quantizer(m, path, _fastsnn_levels(m, path), True))
+        elif cls in ("QuantAvg", "QuantAvgPool2d") and hasattr(m, "act_alq"):
+            pool = nn.AvgPool2d(m.kernel_size, m.stride)
+            _set_module(model, path, nn.Sequential(pool, quantizer(m, path, _fastsnn_levels(m, path), True)))
+        elif (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not convert._plain_torch_forward(m)
+              and hasattr(m, "weight")):
+            _set_module(model, path, _plain_layer(m, path))
+    gm = _finish_import(model, "Fast-SNN code base", "sum-batch-major", _FASTSNN_HINT)
+    return _maybe_snn(gm, time_steps, exact, **snn_kwargs)
+
+
+# ---------------------------------------------------------------------------
+# From the imported ANN to the source's SNN
+
+
+class NormalisedNeuron(nn.Module):
+    """QCFS's ``ScaledNeuron`` on the fused kernels: the input divided by λ
+    (a Python float, as the code base divides), neurons with threshold 1, the
+    spikes multiplied by λ. Exact reproduction mode only."""
+
+    def __init__(self, inner: SpikingNeuron, scale: float):
+        super().__init__()
+        self.inner = inner
+        self.scale = float(scale)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if residual is not None:
+            x = x + residual
+        return self.inner(x / self.scale) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={self.scale}"
+
+
+class SourceReadout(nn.Module):
+    """[T·B, ...] -> the readout of a code base, in its own summation order:
+    ``"running-sum"`` (QCFS, GN: ``spikes += out`` step after step),
+    ``"sum-batch-major"`` (Fast-SNN: ``x.sum(dim=1)`` of the [B, T, ...] tensor)."""
+
+    def __init__(self, time_steps: int, mode: str):
+        super().__init__()
+        if mode not in ("running-sum", "sum-batch-major"):
+            raise ValueError(f"mode must be 'running-sum' or 'sum-batch-major', got {mode!r}")
+        self.time_steps = time_steps
+        self.mode = mode
+
+    def _one(self, y: Any) -> Any:
+        if not isinstance(y, torch.Tensor) or y.dim() == 0:
+            return y
+        seq = y.view((self.time_steps, y.shape[0] // self.time_steps) + tuple(y.shape[1:]))
+        return sum_in_order(seq, self.mode)
+
+    def forward(self, y: Any) -> Any:
+        return pytree.tree_map(self._one, y)
+
+
+def sum_in_order(seq: torch.Tensor, mode: str) -> torch.Tensor:
+    """Σ_t seq[t] of a [T, B, ...] tensor in a code base's order (see :class:`SourceReadout`)."""
+    if mode == "sum-batch-major":
+        return seq.transpose(0, 1).contiguous().sum(dim=1)
+    total = seq[0].clone()
+    for t in range(1, seq.shape[0]):
+        total += seq[t]
+    return total
+
+
+_READOUT_FAST = {"running-sum": "sum", "sum-batch-major": "sum"}
+
+
+def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
+           group_size: Optional[Union[int, str]] = None, readout: Optional[str] = None,
+           **kwargs: Any) -> fx.GraphModule:
+    """The SNN of an imported quantized ANN, with the source's conventions:
+    signed neurons where the source fires negative spikes (Fast-SNN), group
+    neurons where it has ``GN`` modules (or ``group_size=m``/``"auto"``), the
+    initial membrane at half a unit, the readout the source uses (a sum over
+    T; ``readout=`` overrides: "mean", "sum", "sequence").
+
+    ``exact=True`` reproduces the code base's own simulation bit for bit:
+    BatchNorm stays unfolded (``fold_bn=False``), QCFS's neurons divide their
+    input by λ and fire at 1 (:class:`NormalisedNeuron`), and the readout
+    sums the steps in the source's order (:class:`SourceReadout`). It relies
+    on the layers computing each sample as the source's per-step calls do
+    (the same BLAS/convolution kernels for T·B rows as for B rows); on the
+    development CPU that holds for batches of 2 or more, not for a batch of 1.
+    The default folds BatchNorm and sums with ``torch.sum``: equal up to
+    float rounding, which can move a spike by one step.
+    """
+    quants = {name: q for name, q in convert.quantizers(qmodel)}
+    imported = {name: q for name, q in quants.items() if isinstance(q, ImportedQuantReLU)}
+    if not imported:
+        raise ConversionError("fastspike.interop.to_snn converts the networks the interop importers return "
+                              "(from_qcfs, from_gn, from_fastsnn); use fastspike.to_snn for others")
+    source_readout = getattr(qmodel, "fastspike_readout", "running-sum")
+    members = {q.group_size for q in imported.values()}
+    signed_any = any(q.signed for q in imported.values())
+    if group_size is None and any(m not in (None, 1) for m in members):
+        group_size = -1  # per layer, set below
+    neuron = "signed" if signed_any else "if"
+    kwargs.setdefault("init_fraction", 0.5)
+    if exact:
+        kwargs.setdefault("fold_bn", False)
+        kwargs.setdefault("compact_spikes", False)
+    if readout is None:
+        readout_kw = "sequence" if exact else _READOUT_FAST[source_readout]
+    else:
+        readout_kw = readout
+    if group_size == -1:
+        snet = convert.to_snn(qmodel, time_steps, neuron, readout=readout_kw, **kwargs)
+        for name, q in imported.items():
+            layer = snet.get_submodule(name)
+            if q.group_size and q.group_size > 1:
+                if q.levels != q.group_size * time_steps:
+                    raise ConversionError(f"quantizer '{name}' ({q.source_class}, m={q.group_size}) has L={q.levels}, "
+                                          f"so its group neuron computes it at T = L/m, not T={time_steps}")
+                layer.group_size = q.group_size
+    else:
+        kind = neuron
+        if group_size is not None and group_size != "auto":
+            kind = "signed-group" if signed_any else "group"
+        snet = convert.to_snn(qmodel, time_steps, kind, group_size=group_size, readout=readout_kw, **kwargs)
+    for name, q in imported.items():
+        layer = snet.get_submodule(name)
+        if not isinstance(layer, SpikingNeuron):
+            continue
+        if signed_any and not q.signed:
+            layer.signed = False
+        if exact and q.normalised:
+            scale = float(layer.threshold.reshape(-1)[0]) if layer.threshold.numel() == 1 else None
+            if scale is None:
+                raise ConversionError(f"quantizer '{name}' has a per-channel threshold; QCFS's normalised neuron "
+                                      "has one λ")
+            layer.threshold = torch.ones_like(layer.threshold)
+            _set_module(snet, name, NormalisedNeuron(layer, scale))
+    if exact and readout is None:
+        # The ReadoutOverTime call (sequence mode) gives way to the source's sum.
+        output = next(n for n in snet.graph.nodes if n.op == "output")
+        readout_node = output.args[0]
+        snet.add_submodule("source_readout", SourceReadout(time_steps, source_readout))
+        with snet.graph.inserting_before(output):
+            summed = snet.graph.call_module("source_readout", (readout_node.args[0],))
+        output.args = (summed,)
+        snet.graph.erase_node(readout_node)
+        snet.delete_all_unused_submodules()
+    snet.graph.lint()
+    snet.recompile()
+    return snet
+
+
+# ---------------------------------------------------------------------------
+# SpikingJelly
+
+_TIME_STEPS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("fastspike_sj_time_steps",
+                                                                            default=None)
+_SJ_SURROGATES = {"Sigmoid": "sigmoid", "ATan": "atan"}
+_SJ_CONTAINERS = ("SeqToANNContainer", "MultiStepContainer", "StepModeContainer", "TLastMultiStepContainer")
+
+
+class _SJNeuron(nn.Module):
+    """A SpikingJelly ``IFNode(v_reset=None)`` on the fused kernels: membrane
+    from 0, threshold θ, reset by subtraction, spikes of value 1. Runs on the
+    merged [T·B, ...] layout of :class:`SpikingJellyNet` (T from the call)."""
+
+    def __init__(self, path: str, cls: str, threshold: float, surrogate: Optional[str], alpha: Optional[float],
+                 why_not_grad: Optional[str]):
+        super().__init__()
+        self.path, self.cls = path, cls
+        self.register_buffer("threshold", torch.tensor(float(threshold), dtype=torch.float32))
+        self.surrogate, self.alpha, self.why_not_grad = surrogate, alpha, why_not_grad
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        steps = _TIME_STEPS.get()
+        if steps is None:
+            raise RuntimeError(f"'{self.path}' runs inside a network imported by fastspike.interop."
+                               "from_spikingjelly; call that network (SpikingJellyNet) on [T, B, ...]")
+        x_seq = x.reshape((steps, x.shape[0] // steps) + tuple(x.shape[1:]))
+        threshold = self.threshold.to(x.device)
+        if torch.is_grad_enabled() and x.requires_grad:
+            if self.why_not_grad is not None:
+                raise ConversionError(f"module '{self.path}' ({self.cls}): gradients requested, but {self.why_not_grad}. "
+                                      "Run inference under torch.no_grad(), or import with "
+                                      "from_spikingjelly(..., approximate=True) for fastspike's surrogate "
+                                      "(sigmoid/atan of (v − θ)/θ, reset detached)")
+            out = neuron_op(x_seq, threshold, init_fraction=0.0, grad="surrogate",
+                            surrogate=self.surrogate or "sigmoid", alpha=self.alpha).spikes
+            spikes = out if float(self.threshold) == 1.0 else out / threshold
+        else:
+            counts = neuron_op(x_seq, threshold, init_fraction=0.0, compact=True, grad="none").spikes
+            spikes = counts.to(x.dtype)
+        return spikes.reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"threshold={float(self.threshold)}, source={self.cls}"
+
+
+class SpikingJellyNet(nn.Module):
+    """A SpikingJelly network on fastspike: ``forward(x_seq)`` takes [T, B, ...]
+    and returns [T, B, ...] (every tensor of the output), all T steps in one
+    call. The network inside runs on the merged [T·B, ...] layout: each of
+    its layers sees every step's sample as a separate batch row, as
+    SpikingJelly's multi-step layers do."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x_seq: torch.Tensor) -> Any:
+        steps = x_seq.shape[0]
+        token = _TIME_STEPS.set(steps)
+        try:
+            out = self.net(x_seq.reshape((-1,) + tuple(x_seq.shape[2:])))
+        finally:
+            _TIME_STEPS.reset(token)
+        return pytree.tree_map(
+            lambda y: y.reshape((steps, -1) + tuple(y.shape[1:])) if isinstance(y, torch.Tensor) and y.dim() else y,
+            out)
+
+
+def _is_sj(m: nn.Module) -> bool:
+    return type(m).__module__.startswith("spikingjelly.")
+
+
+def from_spikingjelly(model: nn.Module, *, approximate: bool = False) -> SpikingJellyNet:
+    """Imports a SpikingJelly (``spikingjelly.activation_based``, 0.0.0.0.14 or
+    2.x) network of IF neurons, single- or multi-step, or the output of its
+    ann2snn converter (``VoltageScaler`` + ``IFNode``).
+
+    Every ``IFNode`` with soft reset (``v_reset=None``) becomes a fastspike
+    neuron starting at 0 (SpikingJelly's initial membrane) that emits spikes
+    of value 1; SpikingJelly's layers run in single-step mode on the merged
+    [T·B, ...] batch, its containers (``SeqToANNContainer``,
+    ``MultiStepContainer``) become plain sequences. The result
+    (:class:`SpikingJellyNet`) takes [T, B, ...] and returns [T, B, ...]: all
+    T steps in one call, the same as SpikingJelly's multi-step forward (or a
+    single-step network called T times after ``reset_net``).
+
+    Refused by name: other neurons (LIF and its variants: their decay; any
+    hard reset), and for gradients, surrogate settings fastspike computes
+    otherwise (any but ``Sigmoid``/``ATan``, ``detach_reset=False``, θ ≠ 1:
+    fastspike's surrogate takes (v − θ)/θ and detaches the reset). Those are
+    refused when gradients are asked for; inference runs exactly.
+    ``approximate=True`` accepts them with fastspike's surrogate (documented
+    approximation, gradients only). The network's ``forward`` must treat
+    dim 0 as the batch (as a single-step network does); a forward that
+    handles T itself (repeats the input, averages over dim 0) is not
+    recognised.
+    """
+    model = copy.deepcopy(model)
+    refused: List[Tuple[str, str]] = []
+    reasons: List[str] = []
+    for path, m in list(model.named_modules()):
+        cls = type(m).__name__
+        if path and any(path.startswith(p + ".") for p, _ in refused):
+            continue
+        if not _is_sj(m):
+            continue
+        if cls == "IFNode" and hasattr(m, "v_threshold") and hasattr(m, "v_reset"):
+            if m.v_reset is not None:
+                refused.append((path, cls))
+                reasons.append(f"'{path}' resets to v_reset={m.v_reset} (hard reset); fastspike resets by "
+                               "subtraction (v_reset=None)")
+                continue
+            theta = float(m.v_threshold)
+            sg = getattr(m, "surrogate_function", None)
+            sg_name = _SJ_SURROGATES.get(type(sg).__name__)
+            sg_alpha = float(getattr(sg, "alpha", 4.0 if sg_name == "sigmoid" else 2.0)) if sg_name else None
+            why = None
+            if sg_name is None:
+                why = f"its surrogate {type(sg).__name__} is not one fastspike computes (Sigmoid, ATan)"
+            elif not getattr(m, "detach_reset", False):
+                why = "it does not detach the reset (detach_reset=False), fastspike always does"
+            elif theta != 1.0:
+                why = f"its threshold is {theta}: fastspike's surrogate takes (v − θ)/θ, SpikingJelly's v − θ"
+            if why is not None and approximate:
+                why = None
+            if not (math.isfinite(theta) and theta > 0):
+                raise ConversionError(f"module '{path}' ({cls}) has v_threshold={theta}; fastspike needs θ > 0")
+            new = _SJNeuron(path, cls, theta, sg_name, sg_alpha, why)
+        elif hasattr(m, "v_threshold") or cls.endswith("Node"):
+            refused.append((path, cls))
+            reasons.append(f"'{path}' is a {cls}, not an IF neuron with reset by subtraction")
+            continue
+        elif cls in _SJ_CONTAINERS:
+            new = nn.Sequential(*m.children())
+        elif hasattr(m, "step_mode"):
+            m.step_mode = "s"  # a layer: per sample on the merged batch
+            continue
+        else:
+            continue
+        if path == "":
+            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
+        _set_module(model, path, new)
+    _refuse(refused, "SpikingJelly", "; ".join(reasons) + ". fastspike runs IF neurons (IFNode with "
+            "v_reset=None).")
+    return SpikingJellyNet(model)

@@ -1,0 +1,668 @@
+"""fastspike.interop: models of the QCFS, group-neuron and Fast-SNN code bases
+and SpikingJelly networks, imported exactly or refused (issue 18).
+
+The stand-in modules below carry the source code bases' class names,
+attributes and documented forward rules (written here, not copied). Oracles:
+the imported quantized ANN equals the source ANN bit for bit; the SNN in
+exact mode equals the source's own step-by-step simulation bit for bit at
+T = 1, 2, 4, 8; the default (fast) SNN equals it up to float rounding.
+Batches of 4: the layers must run the same kernels for T·B rows as for B.
+"""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastspike
+from fastspike import interop
+from fastspike.convert import ConversionError
+
+STEPS = (1, 2, 4, 8)
+
+
+def _bn(c):
+    bn = nn.BatchNorm2d(c)
+    with torch.no_grad():
+        bn.running_mean.uniform_(-0.3, 0.3)
+        bn.running_var.uniform_(0.5, 2.0)
+        bn.weight.uniform_(0.6, 1.4)
+        bn.bias.uniform_(0.0, 0.4)
+    return bn
+
+
+def _x(seed=0, batch=4):
+    return torch.randn(batch, 3, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+# ---------------------------------------------------------------------------
+# QCFS code base stand-ins
+
+
+class MyFloor(nn.Module):
+    """QCFS quantizer: x/up, ⌊x·t + ½⌋/t, clamp to [0, 1], ·up."""
+
+    def __init__(self, up=8., t=32):
+        super().__init__()
+        self.up = nn.Parameter(torch.tensor([up]))
+        self.t = t
+
+    def forward(self, x):
+        y = x / self.up
+        y = torch.floor(y * self.t + 0.5) / self.t
+        return torch.clamp(y, 0, 1) * self.up
+
+
+class TCL(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Parameter(torch.Tensor([4.]))
+
+    def forward(self, x):
+        return self.up - F.relu(self.up - F.relu(x))
+
+
+class ScaledNeuron(nn.Module):
+    """QCFS's SNN neuron: a SpikingJelly IF node (threshold 1, soft reset) on x/scale,
+    charged with 0.5 before the first step, spikes ·scale."""
+
+    def __init__(self, scale=1.):
+        super().__init__()
+        self.scale = scale
+        self.t = 0
+        self.v = None
+
+    def _if(self, x):
+        self.v = self.v + x
+        spike = ((self.v - 1.0) >= 0).to(x)
+        self.v = self.v - spike * 1.0
+        return spike
+
+    def forward(self, x):
+        x = x / self.scale
+        if self.t == 0:
+            self.v = torch.zeros_like(x)
+            self._if(torch.ones_like(x) * 0.5)
+        spikes = self._if(x)
+        self.t += 1
+        return spikes * self.scale
+
+    def reset(self):
+        self.t, self.v = 0, None
+
+
+class QcfsVGG(nn.Module):
+    def __init__(self, act=lambda: MyFloor(2.0, 4)):
+        super().__init__()
+        self.layer1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), act(), nn.AvgPool2d(2))
+        self.layer2 = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), _bn(8), act(), nn.AvgPool2d(2))
+        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(8 * 2 * 2, 16), act(), nn.Linear(16, 5))
+
+    def forward(self, x):
+        return self.classifier(self.layer2(self.layer1(x)))
+
+
+class QcfsBlock(nn.Module):
+    def __init__(self, c, act):
+        super().__init__()
+        self.residual_function = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), _bn(c), act(),
+                                               nn.Conv2d(c, c, 3, padding=1, bias=False), _bn(c))
+        self.shortcut = nn.Sequential()
+        self.relu = act()
+
+    def forward(self, x):
+        return self.relu(self.residual_function(x) + self.shortcut(x))
+
+
+class QcfsResNet(nn.Module):
+    def __init__(self, act=lambda: MyFloor(2.0, 4)):
+        super().__init__()
+        self.conv1 = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), _bn(8), act())
+        self.conv2_x = nn.Sequential(QcfsBlock(8, act), QcfsBlock(8, act))
+        self.avg_pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.fc = nn.Linear(8, 5)
+
+    def forward(self, x):
+        out = self.avg_pool(self.conv2_x(self.conv1(x)))
+        return self.fc(out.view(out.size(0), -1))
+
+
+def _randomise_thresholds(model, attr="up"):
+    gen = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for m in model.modules():
+            p = getattr(m, attr, None)
+            if isinstance(p, nn.Parameter):
+                p.copy_(torch.rand(p.shape, generator=gen) * 2 + 0.5)
+
+
+def _replace(model, match, make):
+    for name, child in list(model.named_children()):
+        if match(child):
+            setattr(model, name, make(child))
+        else:
+            _replace(child, match, make)
+    return model
+
+
+def qcfs_source_snn(ann):
+    """The QCFS code base's conversion: every MyFloor -> ScaledNeuron(up)."""
+    return _replace(copy.deepcopy(ann), lambda m: isinstance(m, MyFloor), lambda m: ScaledNeuron(m.up.item()))
+
+
+def running_sums(snn, x, steps, reset):
+    """QCFS/GN eval_snn: spikes = 0; spikes += model(img) at every step."""
+    sums = []
+    spikes = 0
+    with torch.no_grad():
+        for _ in range(steps):
+            spikes += snn(x)
+            sums.append(spikes.clone())
+    reset(snn)
+    return sums
+
+
+def qcfs_reset(model):
+    for m in model.modules():
+        if isinstance(m, ScaledNeuron):
+            m.reset()
+
+
+@pytest.mark.parametrize("arch", [QcfsVGG, QcfsResNet])
+def test_qcfs_ann_equals_source_exactly(arch):
+    torch.manual_seed(0)
+    ann = arch().eval()
+    _randomise_thresholds(ann)
+    qnet = interop.from_qcfs(ann).eval()
+    quants = dict(fastspike.convert.quantizers(qnet))
+    assert {n for n, m in ann.named_modules() if isinstance(m, MyFloor)} == set(quants)
+    for name, q in quants.items():
+        src = ann.get_submodule(name)
+        assert q.levels == src.t and float(q.threshold()) == float(src.up)
+    x = _x() * 3
+    assert torch.equal(qnet(x), ann(x))
+
+
+@pytest.mark.parametrize("arch", [QcfsVGG, QcfsResNet])
+def test_qcfs_exact_snn_equals_source_simulation(arch):
+    torch.manual_seed(1)
+    ann = arch().eval()
+    _randomise_thresholds(ann)
+    source = qcfs_source_snn(ann).eval()
+    x = _x(1) * 3
+    sums = running_sums(source, x, max(STEPS), qcfs_reset)
+    qnet = interop.from_qcfs(ann)
+    for steps in STEPS:
+        exact = interop.to_snn(qnet, steps, exact=True)
+        with torch.no_grad():
+            assert torch.equal(exact(x), sums[steps - 1]), steps
+        fast = interop.from_qcfs(ann, time_steps=steps)
+        with torch.no_grad():
+            torch.testing.assert_close(fast(x), sums[steps - 1], rtol=1e-4, atol=1e-4 * steps)
+
+
+def test_qcfs_tcl_and_scaled_neuron_need_levels_and_map_theta():
+    torch.manual_seed(2)
+    ann = QcfsVGG(act=TCL).eval()
+    with pytest.raises(ConversionError, match="TCL.*levels=L"):
+        interop.from_qcfs(ann)
+    qnet = interop.from_qcfs(ann, levels=8)
+    assert {float(q.threshold()) for _, q in fastspike.convert.quantizers(qnet)} == {4.0}
+    snn = QcfsVGG(act=lambda: ScaledNeuron(1.5)).eval()
+    x = _x(2) * 3
+    sums = running_sums(snn, x, 4, qcfs_reset)
+    imported = interop.from_qcfs(snn, levels=4, time_steps=4, exact=True)
+    with torch.no_grad():
+        assert torch.equal(imported(x), sums[3])
+
+
+def test_qcfs_refusals_name_module_and_class():
+    class ShiftNeuron(nn.Module):
+        def forward(self, x):
+            return x
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), ShiftNeuron(), nn.Conv2d(4, 4, 3), MyFloor(2.0, 4))
+    with pytest.raises(ConversionError, match=r"'1' \(ShiftNeuron\)"):
+        interop.from_qcfs(model)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), MyFloor(2.0, 4), nn.Conv2d(4, 4, 3), nn.ReLU())
+    with pytest.raises(ConversionError, match="plain ReLU"):
+        interop.from_qcfs(plain)
+    with pytest.raises(ConversionError, match="no.*activation|none of the code base"):
+        interop.from_qcfs(nn.Sequential(nn.Conv2d(3, 4, 3)))
+
+
+# ---------------------------------------------------------------------------
+# Group-neuron code base stand-ins
+
+
+class QCFS(nn.Module):
+    """The group-neuron code's quantizer: ⌊x·T/θ + p0⌋ (straight-through), clamp [0, T], ·θ/T."""
+
+    def __init__(self, T):
+        super().__init__()
+        self.T = T
+        self.v_threshold = nn.Parameter(torch.tensor(float(T)))
+        self.p0 = torch.tensor(0.5)
+
+    def forward(self, x):
+        y = x * self.T / self.v_threshold + self.p0
+        y = (y.floor() - y).detach() + y
+        return torch.clamp(y, 0, self.T) * self.v_threshold / self.T
+
+
+class GN(nn.Module):
+    """Group neuron: m members share a membrane (kept per member, [m, ...]), starting at
+    half a unit θ/m; member j fires at j·θ/m; reset by the spike count times θ/m."""
+
+    def __init__(self, m=4, v_threshold=1.0):
+        super().__init__()
+        self.m = m
+        self.v_threshold = v_threshold / m
+        self.bias = torch.arange(1, m + 1, 1) * self.v_threshold
+        self.v = self.v_threshold * 0.5
+
+    def forward(self, x):
+        if isinstance(self.v, float):
+            self.v = torch.full_like(x, self.v).repeat(self.m, *[1] * x.dim())
+            self.bias = self.bias.view(-1, *[1] * x.dim()).to(x)
+        self.v = self.v + x
+        spike = ((self.v - self.bias) >= 0).to(x).sum(dim=0)
+        self.v = self.v - spike * self.v_threshold
+        return spike * self.v_threshold
+
+    def reset(self):
+        self.v = self.v_threshold * 0.5
+
+
+class CombinedNode(nn.Module):
+    """The group-neuron code's IF neuron: v0 = θ·p0, v += x + bias, fire at θ, soft reset, spikes ·θ."""
+
+    def __init__(self, bias=0.0, v_threshold=1.0, p0=0.5, v_reset=None):
+        super().__init__()
+        self.bias, self.v_threshold, self.p0, self.v_reset = bias, v_threshold, p0, v_reset
+        self.v = v_threshold * p0
+
+    def forward(self, x):
+        if isinstance(self.v, float):
+            self.v = torch.full_like(x, self.v)
+        self.v = self.v + x + self.bias
+        spike = ((self.v - self.v_threshold) >= 0).to(x)
+        self.v = self.v - spike * self.v_threshold
+        return spike * self.v_threshold
+
+    def reset(self):
+        self.v = self.v_threshold * self.p0
+
+
+def gn_reset(model):
+    for m in model.modules():
+        if isinstance(m, (GN, CombinedNode)):
+            m.reset()
+
+
+def gn_source_snn(ann, members, sn_type):
+    make = (lambda q: GN(members, q.v_threshold.item())) if sn_type == "gn" else (
+        lambda q: CombinedNode(v_threshold=q.v_threshold.item()))
+    return _replace(copy.deepcopy(ann), lambda m: isinstance(m, QCFS), make)
+
+
+@pytest.mark.parametrize("arch", [QcfsVGG, QcfsResNet])
+def test_gn_ann_equals_source_exactly(arch):
+    torch.manual_seed(4)
+    ann = arch(act=lambda: QCFS(8)).eval()
+    _randomise_thresholds(ann, "v_threshold")
+    qnet = interop.from_gn(ann)
+    x = _x(4) * 3
+    assert torch.equal(qnet(x), ann(x))
+    # QuantReLU's own order (z/λ·L) rounds differently from z·L/λ somewhere on a dense grid
+    plain = fastspike.quantize(nn.Sequential(nn.ReLU()), levels=3)
+    q = QCFS(3)
+    with torch.no_grad():
+        q.v_threshold.fill_(0.7)
+        plain.quant_0.set_threshold(torch.tensor(0.7))
+    z = torch.linspace(0, 1, 100001)
+    assert torch.equal(interop.from_gn(nn.Sequential(q))(z), q(z))
+
+
+@pytest.mark.parametrize("arch", [QcfsVGG, QcfsResNet])
+@pytest.mark.parametrize("sn_type", ["gn", "if"])
+def test_gn_exact_snn_equals_source_simulation(arch, sn_type):
+    torch.manual_seed(5)
+    levels = 8
+    ann = arch(act=lambda: QCFS(levels)).eval()
+    _randomise_thresholds(ann, "v_threshold")
+    qnet = interop.from_gn(ann)
+    x = _x(5) * 3
+    for steps in STEPS:
+        members = levels // steps if sn_type == "gn" else 1
+        source = gn_source_snn(ann, members, sn_type).eval()
+        sums = running_sums(source, x, steps, gn_reset)
+        group = "auto" if sn_type == "gn" else None
+        exact = interop.to_snn(qnet, steps, exact=True, group_size=group)
+        with torch.no_grad():
+            assert torch.equal(exact(x), sums[-1]), (steps, sn_type)
+            fast = interop.to_snn(qnet, steps, group_size=group)
+            torch.testing.assert_close(fast(x), sums[-1], rtol=1e-4, atol=1e-4 * steps)
+        # the spiking model itself imports to the same SNN
+        imported = interop.from_gn(source, levels=levels, time_steps=steps, exact=True)
+        with torch.no_grad():
+            assert torch.equal(imported(x), sums[-1])
+
+
+def test_gn_refusals():
+    q = QCFS(4)
+    q.p0 = torch.tensor(0.3)
+    with pytest.raises(ConversionError, match=r"'1' \(QCFS\).*p0=0.3"):
+        interop.from_gn(nn.Sequential(nn.Conv2d(3, 3, 1), q))
+    with pytest.raises(ConversionError, match=r"'1' \(CombinedNode\).*bias"):
+        interop.from_gn(nn.Sequential(nn.Conv2d(3, 3, 1), CombinedNode(bias=0.1)), levels=4)
+    with pytest.raises(ValueError, match="does not divide"):
+        interop.to_snn(interop.from_gn(nn.Sequential(nn.Conv2d(3, 3, 1), QCFS(8))), 3, group_size="auto")
+
+
+# ---------------------------------------------------------------------------
+# Fast-SNN code base stand-ins
+
+
+def act_quantization(b, power):
+    """A Fast-SNN-style activation quantizer function (x, α): uniform levels
+    round(clamp(x/α, 0, 1)·(2^b − 1))/(2^b − 1)·α, or nearest power-of-two sums (APoT)."""
+    levels = 2 ** b - 1
+    grid = torch.tensor(sorted({0.0, 1.0, 0.5, 0.25, 0.75, 0.125, 0.625, 0.375}))
+
+    def apply(x, alpha):
+        y = x.div(alpha).clamp(min=0, max=1)
+        if power:
+            idx = (y.reshape(-1, 1) - grid.reshape(1, -1)).abs().argmin(dim=1)
+            y = grid[idx].reshape(y.shape)
+        else:
+            y = y.mul(levels).round().div(levels)
+        return y.mul(alpha)
+    return apply
+
+
+class QuantReLU(nn.ReLU):
+    def __init__(self, inplace=False, bit=4, power=False):
+        super().__init__(inplace)
+        self.bit = bit
+        self.act_alq = act_quantization(bit, power)
+        self.act_alpha = nn.Parameter(torch.tensor(8.0))
+
+    def forward(self, x):
+        return self.act_alq(F.relu(x, inplace=self.inplace), self.act_alpha)
+
+
+class weight_quantize_fn(nn.Module):
+    """Weights normalised by their mean and std, clipped at ±wgt_alpha, on a 3-bit grid."""
+
+    def __init__(self):
+        super().__init__()
+        self.wgt_alpha = nn.Parameter(torch.tensor(3.0))
+
+    def forward(self, weight):
+        w = weight.add(-weight.data.mean()).div(weight.data.std()).div(self.wgt_alpha).clamp(-1, 1)
+        return w.mul(7).round().div(7).mul(self.wgt_alpha)
+
+
+class QuantConv2d(nn.Conv2d):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.weight_quant = weight_quantize_fn()
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight_quant(self.weight), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class first_conv(nn.Conv2d):
+    def forward(self, x):
+        top = self.weight.data.max()
+        wq = self.weight.div(top).mul(127).round().div(127).mul(top)
+        return F.conv2d(x, (wq - self.weight).detach() + self.weight, self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+
+class last_fc(nn.Linear):
+    def forward(self, x):
+        top = self.weight.data.max()
+        wq = self.weight.div(top).mul(127).round().div(127).mul(top)
+        return F.linear(x, (wq - self.weight).detach() + self.weight, self.bias)
+
+
+class IF(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.act_alpha = nn.Parameter(torch.tensor(1.0))
+
+    def forward(self, x):
+        return x
+
+
+class Dummy(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.block = block
+        self.idem = False
+
+    def forward(self, x):
+        return x if self.idem else self.block(x)
+
+
+def fast_snn_integrate(x, threshold, steps, sign):
+    """Fast-SNN's loop over T of a [B, T, ...] charge: membrane from θ/2, fire at θ,
+    negative spike when v ≤ −1e-3 and the neuron has fired more than it took back."""
+    membrane = 0.5 * threshold
+    sum_spikes = 0
+    train = torch.zeros_like(x)
+    for dt in range(steps):
+        membrane = membrane + x[:, dt]
+        spikes = membrane >= threshold
+        membrane = torch.where(spikes, membrane - threshold, membrane)
+        spikes = spikes.float()
+        sum_spikes = sum_spikes + spikes
+        inhibit = 0
+        if sign:
+            inhibit = (membrane <= -1e-3) & (sum_spikes > 0)
+            membrane = torch.where(inhibit, membrane + threshold, membrane)
+            inhibit = inhibit.float()
+            sum_spikes = sum_spikes - inhibit
+        train[:, dt] = spikes - inhibit
+    return train * threshold
+
+
+class Spiking(nn.Module):
+    def __init__(self, block, T):
+        super().__init__()
+        self.block, self.T, self.is_first, self.idem, self.sign = block, T, False, False, True
+
+    def forward(self, x):
+        if self.is_first:
+            x = x.unsqueeze(1).repeat(1, self.T, *[1] * (x.dim() - 1))
+        shape = [x.shape[0], x.shape[1]]
+        y = self.block(x.flatten(0, 1))
+        y = y.reshape(shape + list(y.shape[1:]))
+        return fast_snn_integrate(y, self.block[2].act_alpha.data, self.T, self.sign)
+
+
+class last_Spiking(nn.Module):
+    def __init__(self, block, T):
+        super().__init__()
+        self.block, self.T, self.idem = block, T, False
+
+    def forward(self, x):
+        shape = [x.shape[0], x.shape[1]]
+        y = self.block(x.flatten(0, 1))
+        return y.reshape(shape + list(y.shape[1:])).sum(dim=1)
+
+
+class FastVGG(nn.Module):
+    """Fast-SNN's VGG pattern: Dummy(Sequential(layer, BN, QuantReLU)) ..., or its
+    spiking twin with Spiking(Sequential(layer, BN, IF), T) (same state-dict keys)."""
+
+    def __init__(self, spiking_steps=None, power=False):
+        super().__init__()
+        def block(layer, bn):
+            if spiking_steps is None:
+                return Dummy(nn.Sequential(layer, bn, QuantReLU(inplace=True, power=power)))
+            return Spiking(nn.Sequential(layer, bn, IF()), spiking_steps)
+        self.layer1 = block(first_conv(3, 8, 3, stride=1, padding=1), _bn(8))
+        self.layer2 = block(QuantConv2d(8, 8, 3, stride=2, padding=1), _bn(8))
+        bn1d = nn.BatchNorm1d(16)
+        with torch.no_grad():
+            bn1d.running_var.uniform_(0.5, 2.0)
+            bn1d.bias.uniform_(0, 0.3)
+        self.layer3 = block(nn.Linear(8 * 4 * 4, 16), bn1d)
+        if spiking_steps is None:
+            self.flat = Dummy(nn.Flatten(1))
+            self.layer4 = Dummy(last_fc(16, 5))
+        else:
+            self.flat = Dummy(nn.Flatten(2))
+            self.layer4 = last_Spiking(last_fc(16, 5), spiking_steps)
+            self.layer1.is_first = True
+
+    def forward(self, x):
+        x = self.layer2(self.layer1(x))
+        return self.layer4(self.layer3(self.flat(x)))
+
+
+def _fast_ann(seed):
+    torch.manual_seed(seed)
+    ann = FastVGG().eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in ann.modules():
+            if isinstance(m, QuantReLU):
+                m.act_alpha.fill_(float(torch.rand((), generator=gen)) * 2 + 0.5)
+    return ann
+
+
+def fast_source_snn(ann, steps, sign=True):
+    snn = FastVGG(spiking_steps=steps).eval()
+    missing = snn.load_state_dict(ann.state_dict(), strict=False)
+    assert not missing.unexpected_keys
+    for m in snn.modules():
+        if isinstance(m, Spiking):
+            m.sign = sign
+    return snn
+
+
+def test_fastsnn_ann_equals_source_exactly():
+    ann = _fast_ann(6)
+    qnet = interop.from_fastsnn(ann)
+    quants = dict(fastspike.convert.quantizers(qnet))
+    assert set(quants) == {"layer1.block.2", "layer2.block.2", "layer3.block.2"}
+    assert all(q.levels == 15 and q.preset == "fastsnn" and q.signed for q in quants.values())
+    assert not any(type(m).__name__ in ("QuantConv2d", "first_conv", "last_fc") for m in qnet.modules())
+    x = _x(6) * 3
+    with torch.no_grad():
+        assert torch.equal(qnet(x), ann(x))
+
+
+@pytest.mark.parametrize("sign", [True, False])
+def test_fastsnn_exact_snn_equals_source_simulation(sign):
+    ann = _fast_ann(7)
+    x = _x(7) * 3
+    for steps in STEPS:
+        source = fast_source_snn(ann, steps, sign)
+        with torch.no_grad():
+            expected = source(x.clone())
+            for model in (ann, source):  # from the ANN, and from the spiking model itself
+                qnet = interop.from_fastsnn(model)
+                if model is ann and not sign:
+                    for _, q in fastspike.convert.quantizers(qnet):
+                        q.signed = False
+                assert torch.equal(interop.to_snn(qnet, steps, exact=True)(x), expected), (steps, sign)
+                torch.testing.assert_close(interop.to_snn(qnet, steps)(x), expected, rtol=1e-4, atol=1e-4 * steps)
+
+
+def test_fastsnn_refuses_apot_levels():
+    ann = FastVGG(power=True)
+    with pytest.raises(ConversionError, match=r"'layer1.block.2' \(QuantReLU\).*APoT"):
+        interop.from_fastsnn(ann)
+
+
+# ---------------------------------------------------------------------------
+# SpikingJelly, the real package
+
+sj = pytest.importorskip("spikingjelly.activation_based", reason="spikingjelly is not installed")
+
+
+def _sj_modules():
+    from spikingjelly.activation_based import functional, layer, neuron
+    return functional, layer, neuron
+
+
+def _sj_net(step_mode):
+    functional, layer, neuron = _sj_modules()
+    torch.manual_seed(8)
+    net = nn.Sequential(
+        layer.Conv2d(3, 8, 3, padding=1, bias=False), layer.BatchNorm2d(8),
+        neuron.IFNode(v_reset=None), layer.AvgPool2d(2),
+        layer.Conv2d(8, 8, 3, padding=1), neuron.IFNode(v_threshold=0.75, v_reset=None),
+        layer.MaxPool2d(2), layer.Flatten(), layer.Linear(8 * 2 * 2, 5),
+        neuron.IFNode(v_reset=None),
+    )
+    with torch.no_grad():
+        net[1].running_var.uniform_(0.5, 2.0)
+        net[1].bias.uniform_(0.1, 0.5)
+    functional.set_step_mode(net, step_mode)
+    return net.eval()
+
+
+@pytest.mark.parametrize("step_mode", ["m", "s"])
+def test_spikingjelly_if_network_equals_spikingjelly(step_mode):
+    functional, _, _ = _sj_modules()
+    net = _sj_net(step_mode)
+    imported = interop.from_spikingjelly(net)
+    for steps in STEPS:
+        x_seq = torch.rand(steps, 4, 3, 8, 8, generator=torch.Generator().manual_seed(steps)) * 2
+        with torch.no_grad():
+            functional.reset_net(net)
+            if step_mode == "m":
+                expected = net(x_seq)
+            else:
+                expected = torch.stack([net(x_seq[t]) for t in range(steps)])
+            functional.reset_net(net)
+            assert torch.equal(imported(x_seq), expected), steps
+
+
+def test_spikingjelly_ann2snn_output_equals_spikingjelly():
+    functional, _, _ = _sj_modules()
+    from spikingjelly.activation_based import ann2snn
+    torch.manual_seed(9)
+    ann = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5)).eval()
+    data = [(torch.rand(4, 3, 8, 8), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    if hasattr(ann2snn, "recipes"):  # 2.x
+        snn = ann2snn.Converter(ann2snn.recipes.RateCodingRecipe(data, mode="max")).convert(ann).eval()
+    else:  # 0.0.0.0.14
+        snn = ann2snn.Converter(mode="max", dataloader=data)(ann).eval()
+    assert any(type(m).__name__ == "VoltageScaler" for m in snn.modules())
+    imported = interop.from_spikingjelly(snn)
+    x = torch.rand(4, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    for steps in STEPS:
+        with torch.no_grad():
+            functional.reset_net(snn)
+            expected = torch.stack([snn(x) for _ in range(steps)])
+            functional.reset_net(snn)
+            got = imported(x.unsqueeze(0).expand(steps, *x.shape))
+        assert torch.equal(got, expected), steps
+
+
+def test_spikingjelly_refusals():
+    _, layer, neuron = _sj_modules()
+    lif = nn.Sequential(layer.Linear(4, 4), neuron.LIFNode(v_reset=None))
+    with pytest.raises(ConversionError, match=r"'1' \(LIFNode\)"):
+        interop.from_spikingjelly(lif)
+    hard = nn.Sequential(layer.Linear(4, 4), neuron.IFNode())
+    with pytest.raises(ConversionError, match=r"'1' \(IFNode\).*hard reset"):
+        interop.from_spikingjelly(hard)
+    # gradients through a neuron whose surrogate fastspike computes otherwise: refused when asked
+    net = interop.from_spikingjelly(nn.Sequential(layer.Linear(4, 4), neuron.IFNode(v_reset=None)))
+    with pytest.raises(ConversionError, match=r"'1' \(IFNode\).*detach_reset"):
+        net(torch.rand(2, 3, 4)).sum().backward()
+    approx = interop.from_spikingjelly(nn.Sequential(layer.Linear(4, 4), neuron.IFNode(v_reset=None)),
+                                       approximate=True)
+    approx(torch.rand(2, 3, 4)).sum().backward()
