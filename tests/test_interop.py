@@ -666,3 +666,37 @@ def test_spikingjelly_refusals():
     approx = interop.from_spikingjelly(nn.Sequential(layer.Linear(4, 4), neuron.IFNode(v_reset=None)),
                                        approximate=True)
     approx(torch.rand(2, 3, 4)).sum().backward()
+
+
+# ---------------------------------------------------------------------------
+# Accuracy at every T from one run
+
+
+def test_accuracy_at_every_step_from_one_run_equals_separate_runs():
+    from fastspike.evaluate import accuracy_at_steps, prefix_readouts
+    torch.manual_seed(10)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _bn(8), nn.ReLU(), nn.AvgPool2d(2),
+                        nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 4 * 4, 5))
+    qnet = fastspike.quantize(net, levels=8, threshold=1.5).eval()
+    batches = [(_x(s) * 2, torch.randint(0, 5, (4,), generator=torch.Generator().manual_seed(s)))
+               for s in range(3)]
+    one_run = fastspike.to_snn(qnet, max(STEPS), neuron="signed", readout="sequence")
+    acc = accuracy_at_steps(one_run, batches, STEPS)
+    with torch.no_grad():
+        for steps in STEPS:
+            separate = fastspike.to_snn(qnet, steps, neuron="signed")
+            hits = sum(int((separate(x).argmax(1) == y).sum()) for x, y in batches)
+            assert acc[steps] == hits / 12
+            x = batches[0][0]
+            assert torch.equal(prefix_readouts(one_run(x), [steps])[steps], separate(x))
+        # the source's running sum (QCFS, GN): the exact mode's readout at every T from one run
+        ann = QcfsVGG().eval()
+        q = interop.from_qcfs(ann)
+        seq = interop.to_snn(q, max(STEPS), exact=True, readout="sequence")(x)
+        sums = prefix_readouts(seq, STEPS, "running-sum")
+        for steps in STEPS:
+            assert torch.equal(sums[steps], interop.to_snn(q, steps, exact=True)(x))
+    with pytest.raises(ValueError, match="readout='sequence'"):
+        accuracy_at_steps(fastspike.to_snn(qnet, 2), batches, [1, 2])
+    with pytest.raises(ValueError, match=r"in \[1, 8\]"):
+        prefix_readouts(torch.zeros(8, 2, 5), [9])
