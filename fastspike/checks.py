@@ -42,6 +42,7 @@ SURROGATES = ("sigmoid", "atan")
 
 _SYMBOLIC = (torch.SymInt, torch.SymFloat, torch.SymBool)
 _FLOAT32_MAX = torch.finfo(torch.float32).max
+_SMALLEST = 2.0**-149  # the smallest float32 (subnormal): a smaller threshold rounds to 0 there
 _MAX = {torch.float32: torch.finfo(torch.float32).max, torch.float64: torch.finfo(torch.float64).max}
 # Threshold tensors whose values were checked: id -> (weak reference, version, data
 # pointer, accumulation dtype). Kept beside the tensors, not on them (an attribute
@@ -144,6 +145,10 @@ def check_threshold_values(t: torch.Tensor, acc: torch.dtype, name: str = "thres
     dtype, must be finite and > 0; remembered per version of the tensor."""
     if torch.compiler.is_compiling():
         return  # (Dynamo would trace the cache's data pointer comparison)
+    _check_values(t, acc, name)
+
+
+def _check_values(t: torch.Tensor, acc: torch.dtype, name: str) -> None:
     checked = _CHECKED.get(id(t))
     if (checked is not None and checked[0]() is t and checked[1] == t._version and checked[3] == acc
             and checked[2] == t.data_ptr()):
@@ -168,6 +173,8 @@ def check_threshold_values(t: torch.Tensor, acc: torch.dtype, name: str = "thres
 def check_threshold(threshold: Any, x_seq: torch.Tensor, name: str = "threshold") -> None:
     """A number, or a tensor that is a scalar, per channel [C] (C = x_seq.size(2))
     or per neuron (x_seq.shape[2:] or x_seq.shape[1:]), on x_seq's device."""
+    if type(threshold) is float and not torch.compiler.is_compiling() and _SMALLEST <= threshold <= _FLOAT32_MAX:
+        return  # the common case: a plain number, valid in float32 and float64 (not symbolic)
     acc = _acc(x_seq.dtype)
     if not isinstance(threshold, torch.Tensor):
         if type(threshold) is not float and (isinstance(threshold, bool) or not isinstance(
@@ -185,17 +192,24 @@ def check_threshold(threshold: Any, x_seq: torch.Tensor, name: str = "threshold"
         raise ValueError(f"{name} must be on the same device as x_seq ({x_seq.device}), got {threshold.device}")
     if threshold.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must be a floating-point tensor, got {threshold.dtype}")
-    shape, x_shape = threshold.shape, x_seq.shape
-    if not torch.compiler.is_compiling() and torch._C._is_tracing():
+    compiling = torch.compiler.is_compiling()
+    if not compiling and torch._C._is_tracing():
         return  # traced sizes: the operator checks the layout when the trace runs
-    if not ((threshold.numel() == 1 and threshold.dim() <= 1)
-            or (threshold.dim() == 1 and len(x_shape) >= 3 and shape[0] == x_shape[2])
-            or (len(x_shape) >= 3 and shape == x_shape[2:]) or (len(x_shape) >= 2 and shape == x_shape[1:])):
-        raise ValueError(
-            f"{name} must be a scalar, a per-channel tensor of shape [C] with C = x_seq.size(2), "
-            "or a per-neuron tensor of shape x_seq.shape[2:] or x_seq.shape[1:]; "
-            f"x_seq has shape {list(x_shape)}, {name} has shape {list(shape)}")
-    check_threshold_values(threshold, acc, name)
+    shape = threshold.shape
+    if shape and len(shape) > 1 or shape and shape[0] != 1:  # not a scalar: the layout against x_seq
+        x_shape = x_seq.shape
+        if not ((len(shape) == 1 and len(x_shape) >= 3 and shape[0] == x_shape[2])
+                or (len(x_shape) >= 3 and shape == x_shape[2:]) or (len(x_shape) >= 2 and shape == x_shape[1:])):
+            _layout_error(name, shape, x_shape)
+    if not compiling:
+        _check_values(threshold, acc, name)
+
+
+def _layout_error(name: str, shape, x_shape) -> None:
+    raise ValueError(
+        f"{name} must be a scalar, a per-channel tensor of shape [C] with C = x_seq.size(2), "
+        "or a per-neuron tensor of shape x_seq.shape[2:] or x_seq.shape[1:]; "
+        f"x_seq has shape {list(x_shape)}, {name} has shape {list(shape)}")
 
 
 def check_state(state: Any, x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:

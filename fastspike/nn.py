@@ -173,7 +173,8 @@ class SpikingNeuron(nn.Module):
 
     @torch.jit.unused
     def _run(self, x: torch.Tensor, state: Optional[NeuronState], residual: Optional[torch.Tensor] = None):
-        checks.check_x(x, "x")
+        if type(x) is not torch.Tensor or x.dtype not in checks.FLOAT_DTYPES or not x.dim():
+            checks.check_x(x, "x")
         if residual is not None and not isinstance(residual, torch.Tensor):
             raise TypeError(f"residual must be a tensor or None, got {type(residual).__name__}")
         if state is not None and not (isinstance(state, tuple) and len(state) == 2):

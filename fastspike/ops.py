@@ -511,8 +511,8 @@ def neuron(
             return NeuronResult(*out)
         spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
             x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-            float(neg_margin), grad if needs_grad or _traced_with_grad(grad, compact) else "none", surrogate,
-            alpha, residual,
+            float(neg_margin), grad if needs_grad or (torch.jit.is_tracing() and _traced_with_grad(grad, compact))
+            else "none", surrogate, alpha, residual,
             bool(compact),
         )
     if needs_grad and grad == "rate":

@@ -85,7 +85,8 @@ def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
     on the host first so that no device value is ever read back."""
     if isinstance(threshold, torch.Tensor):
         return threshold
-    if isinstance(threshold, bool) or not isinstance(threshold, (numbers.Real, torch.SymFloat, torch.SymInt)):
+    if type(threshold) is not float and (isinstance(threshold, bool) or not isinstance(
+            threshold, (numbers.Real, torch.SymFloat, torch.SymInt))):
         raise TypeError(f"threshold must be a number or a tensor, got {type(threshold).__name__}")
     # Under torch.compile(dynamic=True) the number may be symbolic: no branching on it there.
     if not torch.compiler.is_compiling() and not (math.isfinite(threshold) and threshold > 0):
