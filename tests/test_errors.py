@@ -140,7 +140,7 @@ def test_grad_mode_errors():
 
 @needs_extension()
 def test_raw_grad_mode_error():
-    with pytest.raises(RuntimeError, match="grad_mode must be 'none', 'surrogate' or 'rate'"):
+    with pytest.raises(ValueError, match="grad_mode must be 'none', 'surrogate' or 'rate'"):
         raw_forward(X, torch.tensor(1.0), grad_mode="bptt")
 
 
@@ -216,15 +216,15 @@ def test_out_buffer_refuses_autograd():
 @needs_extension()
 def test_backward_operator_checks_its_trace():
     grad = torch.randn(4, 2, 3, 5)
-    with pytest.raises(RuntimeError, match="membrane_seq must be the Float tensor of shape"):
+    with pytest.raises(ValueError, match="membrane_seq must be the Float tensor of shape"):
         torch.ops.fastspike.neuron_backward_surrogate(
             grad, None, torch.empty(0), torch.empty(0, dtype=torch.bool), torch.tensor(1.0), 1,
             False, 1e-3, "sigmoid", 4.0)
-    with pytest.raises(RuntimeError, match="negative_open_seq must be the bool tensor"):
+    with pytest.raises(ValueError, match="negative_open_seq must be the bool tensor"):
         torch.ops.fastspike.neuron_backward_surrogate(
             grad, None, torch.zeros(4, 2, 3, 5), torch.empty(0, dtype=torch.bool),
             torch.tensor(1.0), 1, True, 1e-3, "sigmoid", 4.0)
-    with pytest.raises(RuntimeError, match="input_mean must have the shape of one time step"):
+    with pytest.raises(ValueError, match="input_mean must have the shape of one time step"):
         torch.ops.fastspike.neuron_backward_rate(grad, torch.empty(0), torch.tensor(1.0))
 
 

@@ -28,7 +28,7 @@ std::string shape_str(at::IntArrayRef sizes) {
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& x, const char* name) {
-  TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x_seq (",
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on the same device as x_seq (",
               x.device(), "), got ", t.device());
 }
 
@@ -37,9 +37,9 @@ void check_state(const c10::optional<at::Tensor>& state, const at::Tensor& x_seq
   if (!state.has_value()) return;
   const at::Tensor& s = *state;
   check_same_device(s, x_seq, name);
-  TORCH_CHECK(s.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
+  TORCH_CHECK_TYPE(s.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
               x_seq.scalar_type(), ", got ", s.scalar_type());
-  TORCH_CHECK(s.sizes() == x_seq.sizes().slice(1), name,
+  TORCH_CHECK_VALUE(s.sizes() == x_seq.sizes().slice(1), name,
               " must have the shape of one time step of x_seq, ",
               shape_str(x_seq.sizes().slice(1)), ", got ", shape_str(s.sizes()));
 }
@@ -48,16 +48,16 @@ GradMode parse_grad_mode(c10::string_view grad_mode) {
   if (grad_mode == "none") return GradMode::kNone;
   if (grad_mode == "surrogate") return GradMode::kSurrogate;
   if (grad_mode == "rate") return GradMode::kRate;
-  TORCH_CHECK(false, "grad_mode must be 'none', 'surrogate' or 'rate', got '",
+  TORCH_CHECK_VALUE(false, "grad_mode must be 'none', 'surrogate' or 'rate', got '",
               std::string(grad_mode), "'");
 }
 
 int parse_surrogate(c10::string_view surrogate, double alpha) {
-  TORCH_CHECK(std::isfinite(alpha) && alpha > 0,
+  TORCH_CHECK_VALUE(std::isfinite(alpha) && alpha > 0,
               "alpha (surrogate sharpness) must be a finite number > 0, got ", alpha);
   if (surrogate == "sigmoid") return 0;
   if (surrogate == "atan") return 1;
-  TORCH_CHECK(false, "surrogate must be 'sigmoid' or 'atan', got '", std::string(surrogate),
+  TORCH_CHECK_VALUE(false, "surrogate must be 'sigmoid' or 'atan', got '", std::string(surrogate),
               "'");
 }
 
@@ -68,9 +68,9 @@ int64_t neurons_per_step(const at::Tensor& seq) {
 }
 
 void check_neuron_params(int64_t group_size, double neg_margin) {
-  TORCH_CHECK(group_size >= 1 && group_size <= (1 << 20),
+  TORCH_CHECK_VALUE(group_size >= 1 && group_size <= (1 << 20),
               "group_size must be an integer in [1, 2^20] (1 = plain IF), got ", group_size);
-  TORCH_CHECK(std::isfinite(neg_margin) && neg_margin >= 0,
+  TORCH_CHECK_VALUE(std::isfinite(neg_margin) && neg_margin >= 0,
               "neg_margin must be a finite number >= 0, got ", neg_margin);
 }
 
@@ -84,9 +84,9 @@ at::Tensor time_stream(const at::Tensor& seq, bool& constant) {
 
 void check_residual(const at::Tensor& residual, const at::Tensor& x_seq) {
   check_same_device(residual, x_seq, "residual");
-  TORCH_CHECK(residual.scalar_type() == x_seq.scalar_type(), "residual must have x_seq's dtype ",
+  TORCH_CHECK_TYPE(residual.scalar_type() == x_seq.scalar_type(), "residual must have x_seq's dtype ",
               x_seq.scalar_type(), ", got ", residual.scalar_type());
-  TORCH_CHECK(residual.sizes() == x_seq.sizes(), "residual must have x_seq's shape ",
+  TORCH_CHECK_VALUE(residual.sizes() == x_seq.sizes(), "residual must have x_seq's shape ",
               shape_str(x_seq.sizes()), " (no broadcasting), got ", shape_str(residual.sizes()));
 }
 
@@ -102,7 +102,7 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype) {
 ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor& x_seq,
                                   at::ScalarType acc_dtype) {
   check_same_device(threshold, x_seq, "threshold");
-  TORCH_CHECK(is_supported_float(threshold.scalar_type()),
+  TORCH_CHECK_TYPE(is_supported_float(threshold.scalar_type()),
               "threshold must be a floating-point tensor, got ", threshold.scalar_type());
   const auto x_sizes = x_seq.sizes();
   ThresholdLayout layout;
@@ -119,7 +119,7 @@ ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor&
     layout.inner = 1;
     layout.size = threshold.numel();
   } else {
-    TORCH_CHECK(false,
+    TORCH_CHECK_VALUE(false,
                 "threshold must be a scalar, a per-channel tensor of shape [C] with C = "
                 "x_seq.size(2), or a per-neuron tensor of shape x_seq.shape[2:] or "
                 "x_seq.shape[1:]; x_seq has shape ",
@@ -133,7 +133,7 @@ ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor&
     AT_DISPATCH_FLOATING_TYPES(layout.values.scalar_type(), "check_threshold", [&] {
       const scalar_t* values = layout.values.data_ptr<scalar_t>();
       for (int64_t i = 0; i < layout.values.numel(); ++i) {
-        TORCH_CHECK(std::isfinite(values[i]) && values[i] > 0,
+        TORCH_CHECK_VALUE(std::isfinite(values[i]) && values[i] > 0,
                     "threshold must be finite and > 0 everywhere, got ", values[i],
                     " at flat index ", i);
       }
@@ -149,13 +149,13 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          c10::string_view grad_mode, c10::string_view surrogate, double alpha,
                          const c10::optional<at::Tensor>& residual, bool compact) {
   (void)is_signed;
-  TORCH_CHECK(is_supported_float(x_seq.scalar_type()),
+  TORCH_CHECK_TYPE(is_supported_float(x_seq.scalar_type()),
               "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
               x_seq.scalar_type());
-  TORCH_CHECK(x_seq.dim() >= 1,
+  TORCH_CHECK_VALUE(x_seq.dim() >= 1,
               "x_seq must have a leading time axis, shape [T, ...], got a 0-dim tensor");
   check_neuron_params(group_size, neg_margin);
-  TORCH_CHECK(std::isfinite(init_fraction),
+  TORCH_CHECK_VALUE(std::isfinite(init_fraction),
               "init_fraction (initial membrane as a fraction of θ/m) must be finite, got ",
               init_fraction);
   ForwardPlan plan;
@@ -166,10 +166,10 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
   check_state(count_init, x_seq, at::kInt, "count_init");
   if (residual.has_value()) check_residual(*residual, x_seq);
   if (compact) {
-    TORCH_CHECK(plan.grad_mode == GradMode::kNone,
+    TORCH_CHECK_VALUE(plan.grad_mode == GradMode::kNone,
                 "compact spikes (int8 counts) are for inference and have no gradient: grad_mode "
                 "must be 'none', got '", std::string(grad_mode), "'");
-    TORCH_CHECK(group_size <= kMaxCompactGroup, "compact spikes are int8 counts |k| <= group_size, "
+    TORCH_CHECK_VALUE(group_size <= kMaxCompactGroup, "compact spikes are int8 counts |k| <= group_size, "
                 "so group_size must be <= ", kMaxCompactGroup, ", got ", group_size);
   }
   plan.threshold = resolve_threshold(threshold, x_seq, plan.acc_dtype);
@@ -189,11 +189,11 @@ namespace {
 void check_out_buffer(const at::Tensor& buffer, const at::Tensor& x_seq, at::IntArrayRef sizes,
                       at::ScalarType dtype, const char* name) {
   check_same_device(buffer, x_seq, name);
-  TORCH_CHECK(buffer.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
+  TORCH_CHECK_TYPE(buffer.scalar_type() == dtype, name, " must have dtype ", dtype, " for x_seq of dtype ",
               x_seq.scalar_type(), ", got ", buffer.scalar_type());
-  TORCH_CHECK(buffer.sizes() == sizes, name, " must have shape ", shape_str(sizes), ", got ",
+  TORCH_CHECK_VALUE(buffer.sizes() == sizes, name, " must have shape ", shape_str(sizes), ", got ",
               shape_str(buffer.sizes()));
-  TORCH_CHECK(buffer.is_contiguous(), name, " must be contiguous");
+  TORCH_CHECK_VALUE(buffer.is_contiguous(), name, " must be contiguous");
 }
 
 // `allowed_full`: the one tensor `buffer` may coincide with exactly.
@@ -203,7 +203,7 @@ void check_no_overlap(const at::Tensor& buffer, const char* name, const at::Tens
   const auto status = at::get_overlap_status(buffer, other);
   if (status == at::MemOverlapStatus::No) return;
   if (allowed_full && status == at::MemOverlapStatus::Full) return;
-  TORCH_CHECK(false, name, " overlaps ", other_name, " in memory",
+  TORCH_CHECK_VALUE(false, name, " overlaps ", other_name, " in memory",
               allowed_full ? " other than element for element" : "",
               "; pass separate buffers", allowed_full ? " (or exactly the same tensor)" : "");
 }
@@ -263,19 +263,19 @@ SurrogateBackwardPlan plan_surrogate_backward(
     const at::Tensor& membrane_seq, const at::Tensor& negative_open_seq,
     const at::Tensor& threshold, int64_t group_size, bool is_signed, double neg_margin,
     c10::string_view surrogate, double alpha) {
-  TORCH_CHECK(is_supported_float(grad_spikes.scalar_type()),
+  TORCH_CHECK_TYPE(is_supported_float(grad_spikes.scalar_type()),
               "grad_spikes must be a floating-point tensor, got ", grad_spikes.scalar_type());
-  TORCH_CHECK(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
+  TORCH_CHECK_VALUE(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
   check_neuron_params(group_size, neg_margin);
   const auto acc = accumulation_dtype(grad_spikes.scalar_type());
   check_same_device(membrane_seq, grad_spikes, "membrane_seq");
-  TORCH_CHECK(membrane_seq.scalar_type() == acc && membrane_seq.sizes() == grad_spikes.sizes(),
+  TORCH_CHECK_VALUE(membrane_seq.scalar_type() == acc && membrane_seq.sizes() == grad_spikes.sizes(),
               "membrane_seq must be the ", acc, " tensor of shape ", shape_str(grad_spikes.sizes()),
               " recorded by neuron_forward(grad_mode='surrogate'), got ", membrane_seq.scalar_type(),
               " of shape ", shape_str(membrane_seq.sizes()));
   if (is_signed) {
     check_same_device(negative_open_seq, grad_spikes, "negative_open_seq");
-    TORCH_CHECK(negative_open_seq.scalar_type() == at::kBool &&
+    TORCH_CHECK_VALUE(negative_open_seq.scalar_type() == at::kBool &&
                     negative_open_seq.sizes() == grad_spikes.sizes(),
                 "negative_open_seq must be the bool tensor of shape ",
                 shape_str(grad_spikes.sizes()),
@@ -298,9 +298,9 @@ SurrogateBackwardPlan plan_surrogate_backward(
 
 RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Tensor& input_mean,
                                     const at::Tensor& threshold) {
-  TORCH_CHECK(is_supported_float(grad_spikes.scalar_type()),
+  TORCH_CHECK_TYPE(is_supported_float(grad_spikes.scalar_type()),
               "grad_spikes must be a floating-point tensor, got ", grad_spikes.scalar_type());
-  TORCH_CHECK(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
+  TORCH_CHECK_VALUE(grad_spikes.dim() >= 1, "grad_spikes must have a leading time axis [T, ...]");
   const auto acc = accumulation_dtype(grad_spikes.scalar_type());
   check_state(input_mean, grad_spikes, acc, "input_mean");
   RateBackwardPlan plan;

@@ -15,7 +15,7 @@ namespace {
 // order block, thread, stride step: as many calls as the GPU would make.
 template <typename Body>
 void walk_grid(int64_t work_items, int64_t blocks, int64_t threads, const Body& body) {
-  TORCH_CHECK(blocks >= 1 && threads >= 1, "blocks and threads must be >= 1, got ", blocks,
+  TORCH_CHECK_VALUE(blocks >= 1 && threads >= 1, "blocks and threads must be >= 1, got ", blocks,
               " and ", threads);
   const int64_t stride = blocks * threads;
   for (int64_t block = 0; block < blocks; ++block) {
@@ -44,7 +44,7 @@ ForwardResult emulate_cuda_forward(const at::Tensor& x_seq, const at::Tensor& th
     const int width = vector_width > 0
                           ? static_cast<int>(vector_width)
                           : forward_vector_width(args);
-    TORCH_CHECK(width == 1 || (width == kForwardVectorWidth && plan.neurons % width == 0),
+    TORCH_CHECK_VALUE(width == 1 || (width == kForwardVectorWidth && plan.neurons % width == 0),
                 "vector_width must be 0 (launcher's rule), 1, or ", kForwardVectorWidth,
                 " with neurons divisible by it; got ", vector_width, " for ", plan.neurons,
                 " neurons");
