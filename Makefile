@@ -27,7 +27,7 @@ else
 ENV_STAMP :=
 endif
 
-.PHONY: all env build test demo bench sanitize clean
+.PHONY: all env build wheel test demo bench sanitize clean
 
 all: build
 
@@ -45,7 +45,13 @@ $(BUILD_STAMP): $(SOURCES) $(ENV_STAMP)
 	$(PYTHON) -m pip install --no-build-isolation --no-deps -e . 
 	mkdir -p build && touch $@
 
-test: build
+# A wheel of the extension built above (no second compile: FASTSPIKE_PREBUILT=1
+# packages fastspike/_C*.so) with the kernel headers and benchmark scripts the
+# package reads at run time; tests/test_wheel.py installs it in a fresh venv.
+wheel: build
+	rm -rf dist && FASTSPIKE_PREBUILT=1 $(PYTHON) -m pip wheel --quiet --no-build-isolation --no-deps -w dist .
+
+test: wheel
 	$(PYTHON) -m pytest -q tests
 
 # The main job: train, convert and evaluate on digits and synthetic scenes
@@ -63,4 +69,4 @@ bench: build
 	$(PYTHON) benchmarks/bench_neurons.py
 
 clean:
-	rm -rf build fastspike/_C*.so *.egg-info demo-results
+	rm -rf build dist fastspike/_C*.so *.egg-info demo-results

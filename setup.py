@@ -7,12 +7,22 @@ Environment switches:
                            (fails loudly if torch or nvcc lack CUDA)
   FASTSPIKE_DEBUG=1        -O0 -g instead of -O3
   TORCH_CUDA_ARCH_LIST     GPU architectures (the Makefile sets 8.0;9.0+PTX)
+  FASTSPIKE_PREBUILT=1     package the fastspike/_C*.so already built in place
+                           (`make build`) instead of compiling again (`make wheel`)
+
+The wheel carries what the package reads at run time besides its modules: the
+kernel sources the CuPy/NVRTC backend compiles (csrc/neuron/ headers, as
+fastspike/_csrc/) and the benchmark scripts `fastspike bench` runs (as
+fastspike/_benchmarks/).
 """
 
+import glob
 import importlib.util
 import os
+import shutil
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
 from torch.utils import cpp_extension
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -53,7 +63,39 @@ def extension():
     )
 
 
+# Run-time files from outside the package, copied into it in the built tree:
+# (source glob relative to the root, destination package directory).
+RUNTIME_FILES = [("csrc/neuron/**/*.h", "fastspike/_csrc"), ("csrc/neuron/**/*.cuh", "fastspike/_csrc"),
+                 ("benchmarks/bench_*.py", "fastspike/_benchmarks")]
+
+
+class BuildPyWithRuntimeFiles(build_py):
+    def run(self):
+        super().run()
+        for pattern, dest in RUNTIME_FILES:
+            base = pattern.split("/")[0]
+            for path in glob.glob(os.path.join(ROOT, pattern), recursive=True):
+                relative = os.path.relpath(path, os.path.join(ROOT, base))
+                target = os.path.join(self.build_lib, dest, base if base == "csrc" else "", relative)
+                os.makedirs(os.path.dirname(target), exist_ok=True)
+                shutil.copyfile(path, target)
+
+
+class BuildExtension(cpp_extension.BuildExtension):
+    """With FASTSPIKE_PREBUILT=1, packages the in-place build instead of compiling."""
+
+    def build_extension(self, ext):
+        if os.environ.get("FASTSPIKE_PREBUILT") != "1":
+            return super().build_extension(ext)
+        built = glob.glob(os.path.join(ROOT, "fastspike", "_C*.so"))
+        if len(built) != 1:
+            raise RuntimeError(f"FASTSPIKE_PREBUILT=1 needs exactly one fastspike/_C*.so (make build), found {built}")
+        target = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copyfile(built[0], target)
+
+
 setup(
     ext_modules=[extension()],
-    cmdclass={"build_ext": cpp_extension.BuildExtension},
+    cmdclass={"build_ext": BuildExtension, "build_py": BuildPyWithRuntimeFiles},
 )

@@ -5,7 +5,15 @@ import glob
 import os
 from typing import Dict, List
 
-CSRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
+# The kernel sources: the checkout's csrc/, or the copy an installed wheel carries.
+CSRC = (os.path.join(os.path.dirname(_PACKAGE), "csrc")
+        if os.path.isdir(os.path.join(os.path.dirname(_PACKAGE), "csrc", "neuron"))
+        else os.path.join(_PACKAGE, "_csrc", "csrc"))
+# The benchmark scripts `fastspike bench` runs: the checkout's, or the wheel's copy.
+BENCHMARKS = (os.path.join(os.path.dirname(_PACKAGE), "benchmarks")
+              if os.path.isdir(os.path.join(os.path.dirname(_PACKAGE), "benchmarks"))
+              else os.path.join(_PACKAGE, "_benchmarks"))
 
 # -ffp-contract=off: the neuron math must not be fused into multiply-adds, so
 # that CPU, CUDA and the PyTorch reference round alike (DESIGN §2).

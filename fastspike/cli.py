@@ -534,10 +534,11 @@ def cmd_train_snn(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks",
-                          f"bench_{args.suite}.py")
+    from . import _build  # the checkout's benchmarks/, or the copy an installed wheel carries
+
+    script = os.path.join(_build.BENCHMARKS, f"bench_{args.suite}.py")
     if not os.path.isfile(script):
-        raise UsageError(f"the benchmarks live in the source tree ({script} not found): run from a checkout")
+        raise UsageError(f"benchmark script {script} not found (a checkout's benchmarks/ or the wheel's copy)")
     passed = list(args.bench_args)
     sys.argv = [script] + (passed[1:] if passed[:1] == ["--"] else passed)
     runpy.run_path(script, run_name="__main__")
