@@ -32,13 +32,17 @@ import torch.nn.functional as F
 from torch import fx, nn
 from tqdm import tqdm
 
-from .convert import RepeatOverTime, trace
+from .convert import ReadoutOverTime, RepeatOverTime, trace
 from .nn import SpikingNeuron
 from .train import (TrainConfig, _to_device, classification_accuracy, make_loader, make_optimizer,
                     make_schedule, train_model)
 
-__all__ = ["finetune_layerwise", "spiking_layers", "feeding_parameters", "layer_loss", "write_back",
+__all__ = ["READOUT", "finetune_layerwise", "spiking_layers", "feeding_parameters", "layer_loss", "write_back",
            "train_snn", "neuron_grad", "train_only", "FINETUNE_DEFAULTS"]
+
+#: The name of the readout stage of :func:`finetune_layerwise` (``readout=True``): the layers
+#: after the last spiking layers, tuned so that the SNN's output matches the quantized ANN's.
+READOUT = "output"
 
 #: Recipe of the layer-wise fine-tuning unless a config is given: one epoch of Adam per layer.
 FINETUNE_DEFAULTS = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
@@ -83,11 +87,17 @@ def spiking_layers(snn: nn.Module) -> List[str]:
 
 def feeding_parameters(snn: nn.Module, name: str) -> Dict[str, nn.Parameter]:
     """The parameters between the previous spiking layers (or the input) and spiking layer
-    ``name``: the weights (and folded BN biases) that compute its input current."""
+    ``name``: the weights (and folded BN biases) that compute its input current. ``name`` may
+    also be :data:`READOUT`: the parameters between the last spiking layers and the output
+    (the linear head: classifier, detection map, segmentation logits)."""
     gm = _graph_module(snn)
-    nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-    if not nodes or not isinstance(gm.get_submodule(name), SpikingNeuron):
-        raise ValueError(f"layer must name a spiking layer of the SNN ({spiking_layers(gm)}), got {name!r}")
+    if name == READOUT:
+        nodes = [n for n in gm.graph.nodes if n.op == "output"]
+    else:
+        nodes = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+        if not nodes or not isinstance(gm.get_submodule(name), SpikingNeuron):
+            raise ValueError(f"layer must name a spiking layer of the SNN ({spiking_layers(gm)}) or "
+                             f"{READOUT!r}, got {name!r}")
     found: Dict[str, nn.Parameter] = {}
     stack, seen = list(nodes[0].all_input_nodes), set()
     while stack:
@@ -134,16 +144,24 @@ def neuron_grad(model: nn.Module, mode: str, surrogate: Optional[str] = None,
             m.grad, m.surrogate, m.alpha = grad, surr, alpha_
 
 
+def _tensor_output(y: Any) -> torch.Tensor:
+    return y["out"] if isinstance(y, dict) else y
+
+
 def layer_loss(snn: nn.Module, qnet: nn.Module, name: str, x: Any) -> torch.Tensor:
     """MSE between the SNN's time-averaged output of spiking layer ``name`` and the quantized
     ANN's output of the quantizer of the same name, both on input ``x`` (the ANN in eval mode,
-    without gradient). The SNN's neurons keep their own ``grad`` setting; fine-tuning runs this
-    under ``neuron_grad(snn, "rate")``."""
-    layer = snn.get_submodule(name)
+    without gradient); for ``name == READOUT`` between the two networks' outputs (the SNN's
+    readout, ``to_snn(readout="mean")``). The SNN's neurons keep their own ``grad`` setting;
+    fine-tuning runs this under ``neuron_grad(snn, "rate")``."""
     with torch.no_grad():
         was_training = qnet.training
-        target = _output_of(qnet.eval(), name, x)
+        qnet.eval()
+        target = _tensor_output(qnet(x)) if name == READOUT else _output_of(qnet, name, x)
         qnet.train(was_training)
+    if name == READOUT:
+        return F.mse_loss(_tensor_output(snn(x)).float(), target.float())
+    layer = snn.get_submodule(name)
     merged = _output_of(snn, name, x)
     steps = layer.time_steps
     mean = merged.view((steps, merged.shape[0] // steps) + tuple(merged.shape[1:])).mean(0)
@@ -166,6 +184,13 @@ def train_only(model: nn.Module, params: Sequence[nn.Parameter]) -> Iterator[Non
 
 def _first_input(batch: Any) -> Any:
     return batch[0] if isinstance(batch, (list, tuple)) else batch
+
+
+@torch.no_grad()
+def _target_square(qnet: nn.Module, name: str, x: Any) -> float:
+    """Mean square of the quantized ANN's output of layer ``name`` (or of the network) on x."""
+    target = _tensor_output(qnet(x)) if name == READOUT else _output_of(qnet, name, x)
+    return float(target.float().pow(2).mean())
 
 
 @torch.no_grad()
@@ -193,6 +218,7 @@ def finetune_layerwise(
     max_batches: Optional[int] = None,
     device: Optional[torch.device] = None,
     progress: bool = True,
+    readout: bool = False,
 ) -> List[Dict[str, Any]]:
     """Fast-SNN layer-wise fine-tuning of ``snn`` (in place) towards its quantized ANN ``qnet``.
 
@@ -212,11 +238,19 @@ def finetune_layerwise(
         max_batches: batches per epoch (and for the loss-based judgement); default all.
         device: default the SNN's device.
         progress: a tqdm bar per layer.
+        readout: after the spiking layers, also tune the layers after the last ones (the
+            linear head) on the MSE between the SNN's output and the quantized ANN's, as one
+            more stage named :data:`READOUT` (needs ``to_snn(readout="mean")``).
+
+    A layer that already equals its quantized-ANN twin on the first batch (MSE below 1e-12 of
+    the target's mean square, e.g. the first layer at T = L: its input is constant) is left as
+    it is (``skipped``): its gradient is rounding noise, which Adam would scale up to real steps.
 
     Returns:
         one dict per tuned layer: ``layer``, ``parameters`` (count), ``loss_first_epoch`` and
         ``loss_last_epoch`` (mean layer MSE over the batches of the first and last epoch),
-        ``metric_before``, ``metric_after`` (after the update, before any revert) and ``kept``.
+        ``metric_before``, ``metric_after`` (after the update, before any revert), ``kept`` and
+        ``skipped`` (True for an exact layer, not tuned).
     """
     config = config or FINETUNE_DEFAULTS
     config.validate()
@@ -224,11 +258,17 @@ def finetune_layerwise(
     if any(getattr(snn.get_submodule(name), "compact", False) for name in order):
         raise ValueError("snn emits compact spike counts (to_snn(compact_spikes=True)), whose scale is folded "
                          "into the next weights; fine-tune an SNN converted without compact_spikes")
+    if readout:
+        if any(isinstance(m, ReadoutOverTime) and m.mode != "mean" for m in snn.modules()):
+            raise ValueError("readout=True compares the SNN's output with the quantized ANN's: convert with "
+                             "to_snn(readout='mean')")
+        order = order + [READOUT]
     if layers is None:
         layers = order
     unknown = [name for name in layers if name not in order]
     if unknown:
-        raise ValueError(f"layers must name spiking layers of the SNN ({order}), got {unknown}")
+        raise ValueError(f"layers must name spiking layers of the SNN ({order}), got {unknown}"
+                         + (f" ({READOUT!r} needs readout=True)" if READOUT in unknown else ""))
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
@@ -254,6 +294,15 @@ def finetune_layerwise(
         params = feeding_parameters(snn, name)
         if not params:
             continue  # e.g. a neuron right after a pool of an earlier neuron: nothing to tune
+        first = _to_device(_first_input(next(iter(loader))), device)
+        with torch.no_grad():
+            initial = layer_loss(snn, qnet, name, first).item()
+            scale = _target_square(qnet, name, first)
+        if initial <= 1e-12 * max(scale, 1e-30):
+            report.append({"layer": name, "parameters": sum(p.numel() for p in params.values()),
+                           "loss_first_epoch": initial, "loss_last_epoch": initial, "metric_before": current,
+                           "metric_after": current, "kept": False, "skipped": True})
+            continue
         before = current if global_metric else score(name)
         snapshot = {k: p.detach().clone() for k, p in params.items()}
         optimizer = make_optimizer(params.values(), config)
@@ -287,7 +336,7 @@ def finetune_layerwise(
             current = after if kept else before
         report.append({"layer": name, "parameters": sum(p.numel() for p in params.values()),
                        "loss_first_epoch": epoch_losses[0], "loss_last_epoch": epoch_losses[-1],
-                       "metric_before": before, "metric_after": after, "kept": kept})
+                       "metric_before": before, "metric_after": after, "kept": kept, "skipped": False})
     return report
 
 

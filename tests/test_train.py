@@ -383,3 +383,35 @@ def test_cli_train_and_finetune_mistakes_give_one_line_and_exit_2(args, expected
     err = capsys.readouterr().err
     assert expected in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_finetuning_skips_exact_layers_and_tunes_the_readout(trained_qnet, digit_sets):
+    # At T = L the first spiking layer sees the constant image: it equals its quantizer, so it is
+    # skipped (Adam would turn its rounding-noise gradient into real steps); readout=True adds the
+    # head as a last stage, judged here by its own output MSE, which the update lowers.
+    torch.manual_seed(0)
+    scenes = SyntheticScenes(8, 32, seed=0)
+    images, _ = collate_scenes([scenes[i] for i in range(8)])
+    qnet = fastspike.quantize(get_model("tiny_yolov2", 3, width=0.125, num_downsamples=2), levels=4)
+    fastspike.calibrate(qnet, [images])
+    recipe = TrainConfig(epochs=3, batch_size=8, optimizer="adam", lr=1e-2, weight_decay=0, schedule="constant")
+    snn = fastspike.to_snn(qnet, 4, "signed")
+    first = spiking_layers(snn)[0]
+    original = copy.deepcopy(snn.state_dict())
+    report = finetune_layerwise(snn, qnet, scenes, recipe, layers=[first], force=True, collate_fn=collate_scenes,
+                                progress=False)
+    assert report[0]["skipped"] and not report[0]["kept"] and report[0]["loss_first_epoch"] < 1e-12
+    assert all(torch.equal(v, original[k]) for k, v in snn.state_dict().items())
+    snn = fastspike.to_snn(trained_qnet, 2, "signed")  # T < L: the output lags the quantized ANN's
+    original = copy.deepcopy(snn.state_dict())
+    train = Subset(digit_sets[0], range(256))
+    report = finetune_layerwise(snn, trained_qnet, train, TrainConfig(epochs=3, optimizer="adam", lr=1e-3,
+                                                                      weight_decay=0, schedule="constant"),
+                                layers=["output"], readout=True, force=True, progress=False)
+    assert [r["layer"] for r in report] == ["output"]
+    assert not report[0]["skipped"] and report[0]["kept"]
+    assert report[0]["loss_last_epoch"] < report[0]["loss_first_epoch"]
+    moved = {k for k, v in snn.state_dict().items() if not torch.equal(v, original[k])}
+    assert moved == set(feeding_parameters(snn, "output")) and moved
+    with pytest.raises(ValueError, match="readout=True"):
+        finetune_layerwise(snn, trained_qnet, train, layers=["output"], progress=False)
