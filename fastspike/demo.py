@@ -6,6 +6,12 @@
 2. Detection: a small Tiny-YOLOv2 on synthetic scenes, the same path, mAP@0.5.
 3. Segmentation: a small DeepLab on the same scenes, mean IoU.
 
+Every task then runs Fast-SNN's pipeline to its end: the quantization-aware-trained
+network converted with signed IF neurons is tuned layer by layer
+(:func:`fastspike.finetune.finetune_layerwise`, each layer's update kept only if the task's
+own metric on a held-out tuning split did not drop) at every T, and evaluated on the test
+split ("SNN signed fine-tuned" rows; dashed curves in the plot).
+
 Every SNN row also reports images per second with the fused kernels and with
 the pure-PyTorch time loop they replace (same model, :func:`fastspike.use_reference`).
 The table is printed and saved as JSON, with a PNG plot of each metric against T.
@@ -45,7 +51,7 @@ class DemoConfig:
     digits_epochs: int = 30
     digits_finetune_epochs: int = 15
     scenes_train: int = 256
-    scenes_test: int = 128
+    scenes_test: int = 512
     scene_size: int = 64
     detect_epochs: int = 15
     segment_epochs: int = 10
@@ -53,12 +59,24 @@ class DemoConfig:
     batch_size: int = 64
     timing_batch: int = 128
     seed: int = 0
+    # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, at every T):
+    # each layer's MSE to the quantized ANN on `finetune_batches` training batches of
+    # `finetune_batch_size`, kept if the task's metric on the held-out tuning split (digits: the
+    # last `digits_tune` training images, left out of training; scenes: `scenes_tune` scenes of
+    # their own seed) did not drop.
+    finetune_neurons: Sequence[str] = ("signed",)
+    finetune_epochs: int = 1
+    finetune_batches: int = 4
+    finetune_batch_size: int = 32
+    finetune_lr: float = 1e-3
+    digits_tune: int = 300
+    scenes_tune: int = 64
 
     @classmethod
     def quick(cls) -> "DemoConfig":
         return cls(time_steps=(1, 4), levels=4, digits_epochs=3, digits_finetune_epochs=1,
                    scenes_train=32, scenes_test=16, scene_size=32, detect_epochs=1, segment_epochs=1,
-                   timing_batch=16)
+                   timing_batch=16, finetune_batches=1, finetune_batch_size=16, digits_tune=64, scenes_tune=8)
 
 
 # ---------------------------------------------------------------------------
@@ -91,6 +109,7 @@ class _Task:
     metric: str
     train_set: Dataset
     test_set: Dataset
+    tune_set: Dataset  # held out from training and testing: judges the layer-wise fine-tuning
     collate: Optional[Callable]
     model_name: str  # a fastspike.models.get_model name, so the checkpoint reloads
     num_classes: int
@@ -138,6 +157,23 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
             snn = to_snn(qnet, T, kind, group_size=group)
             label = f"{kind} (m={group})" if group else kind
             row(f"SNN {label}", T, snn, timed_reference=True)
+
+    # Fast-SNN: layer-wise fine-tuning, judged by the task's metric on the held-out tuning split.
+    from .finetune import finetune_layerwise
+
+    tune = DataLoader(task.tune_set, cfg.batch_size, collate_fn=task.collate)
+    recipe = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, optimizer="adam",
+                         lr=cfg.finetune_lr, weight_decay=0.0, seed=cfg.seed)
+    for kind in cfg.finetune_neurons:
+        for T in tqdm(cfg.time_steps, desc=f"{task.name}: fine-tuning {kind} SNN", leave=False):
+            snn = to_snn(qnet, T, kind)
+            report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
+                                        collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
+                                        progress=False)
+            row(f"SNN {kind} fine-tuned", T, snn)
+            rows[-1]["layers_kept"] = [r["layer"] for r in report if r["kept"]]
+            rows[-1]["tune_metric"] = [report[0]["metric_before"], max(
+                [report[0]["metric_before"]] + [r["metric_after"] for r in report if r["kept"]])]
     return rows
 
 
@@ -151,10 +187,14 @@ def _accuracy(model: nn.Module, loader: DataLoader) -> float:
 
 
 def _classification(cfg: DemoConfig) -> _Task:
+    from torch.utils.data import Subset
+
     from .data import digits
 
-    return _Task("classification", "accuracy", digits("train", seed=cfg.seed), digits("test", seed=cfg.seed),
-                 None, "digits_cnn", 10, {}, lambda out, y: F.cross_entropy(out, y.to(out.device)),
+    train = digits("train", seed=cfg.seed)
+    fit = len(train) - cfg.digits_tune
+    return _Task("classification", "accuracy", Subset(train, range(fit)), digits("test", seed=cfg.seed),
+                 Subset(train, range(fit, len(train))), None, "digits_cnn", 10, {}, lambda out, y: F.cross_entropy(out, y.to(out.device)),
                  _accuracy, cfg.digits_epochs, cfg.digits_finetune_epochs, 1e-2)
 
 
@@ -177,7 +217,8 @@ def _detection(cfg: DemoConfig) -> _Task:
 
     return _Task("detection", "mAP@0.5",
                  SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
-                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1), collate_scenes,
+                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1),
+                 SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2), collate_scenes,
                  "tiny_yolov2", 3, dict(width=0.25, num_downsamples=downsamples),
                  lambda out, targets: yolo_loss(out, targets, DEFAULT_ANCHORS, 3, size),
                  evaluate, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3)
@@ -202,7 +243,8 @@ def _segmentation(cfg: DemoConfig) -> _Task:
 
     return _Task("segmentation", "mIoU",
                  SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
-                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1), collate_scenes,
+                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1),
+                 SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2), collate_scenes,
                  "small_deeplab", 4, dict(width=8),
                  lambda out, targets: F.cross_entropy(out, masks(targets).to(out.device)),
                  evaluate, cfg.segment_epochs, max(1, cfg.segment_epochs // 3), 3e-3)
@@ -241,9 +283,13 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
             if r["T"] is None:
                 ax.axhline(r["value"], linestyle="--" if r["model"] == "ANN" else ":", color="grey",
                            label=r["model"])
+        colours: Dict[str, Any] = {}
         for model in dict.fromkeys(r["model"] for r in task_rows if r["T"] is not None):
             points = sorted((r["T"], r["value"]) for r in task_rows if r["model"] == model)
-            ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model)
+            kind = model.replace(" fine-tuned", "")  # a curve per neuron kind, its fine-tuned one dashed
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model,
+                            linestyle="--" if model.endswith("fine-tuned") else "-", color=colours.get(kind))
+            colours.setdefault(kind, line.get_color())
         ax.set_xscale("log", base=2)
         ax.set_xlabel("time steps T")
         ax.set_ylabel(task_rows[0]["metric"])

@@ -43,11 +43,11 @@ def test_demo_runs_end_to_end_and_writes_json_and_png(demo_dir):
     cfg = DemoConfig.quick()
     for task in tasks:
         rows = [r for r in saved["rows"] if r["task"] == task]
-        # ANN, quantized ANN, then every neuron kind at every T.
-        assert len(rows) == 2 + len(cfg.neurons) * len(cfg.time_steps)
+        # ANN, quantized ANN, every neuron kind at every T, then the fine-tuned ones at every T.
+        assert len(rows) == 2 + (len(cfg.neurons) + len(cfg.finetune_neurons)) * len(cfg.time_steps)
         for r in rows:
             assert 0.0 <= r["value"] <= 1.0 and r["images_per_s"] > 0
-            if r["T"] is not None:
+            if r["T"] is not None and not r["model"].endswith("fine-tuned"):
                 assert r["images_per_s_reference"] > 0
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
