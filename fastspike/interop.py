@@ -42,6 +42,8 @@ from torch.utils import _pytree as pytree
 
 from . import convert
 from .convert import ConversionError
+from .convert.activations import _is_relu
+from .convert.graph import _describe, _module, _plain_torch_forward, _source_line
 from .nn import SpikingNeuron
 from .ops import neuron as neuron_op
 from .quant import QuantReLU
@@ -169,18 +171,18 @@ def _finish_import(model: nn.Module, source: str, readout: str, hint: str) -> fx
     _refuse(convert.unknown_activations(model), source,
             "Only the modules listed in fastspike.interop's documentation are recognised. " + hint)
     gm = convert.trace(model)
-    relus = [n for n in gm.graph.nodes if convert._is_relu(gm, n)]
+    relus = [n for n in gm.graph.nodes if _is_relu(gm, n)]
     if relus:
         node = relus[0]
         raise ConversionError(
-            f"{source}: node '{node.name}' ({convert._describe(gm, node)}){convert._source_line(node)} is a "
+            f"{source}: node '{node.name}' ({_describe(gm, node)}){_source_line(node)} is a "
             "plain ReLU, which the source's ANN computes unquantized and its SNN turns into a neuron; the "
             "imported network would compute neither. Replace it with the code base's quantizer (as its "
             "training script does) before importing. " + hint)
     if not convert.quantizers(gm):
         raise ConversionError(f"{source}: the model has none of the code base's activation modules. " + hint)
     gm = convert.move_max_pools(gm, strict=True)
-    convert.check_time_rule(gm, lambda n: isinstance(convert._module(gm, n), QuantReLU), inference=False)
+    convert.check_time_rule(gm, lambda n: isinstance(_module(gm, n), QuantReLU), inference=False)
     gm.fastspike_source = source
     gm.fastspike_readout = readout
     return gm
@@ -531,7 +533,7 @@ def from_fastsnn(model: nn.Module, *, time_steps: Optional[int] = None, exact: b
         elif cls in ("QuantAvg", "QuantAvgPool2d") and hasattr(m, "act_alq"):
             pool = nn.AvgPool2d(m.kernel_size, m.stride)
             _set_module(model, path, nn.Sequential(pool, quantizer(m, path, _fastsnn_levels(m, path), True)))
-        elif (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not convert._plain_torch_forward(m)
+        elif (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not _plain_torch_forward(m)
               and hasattr(m, "weight")):
             _set_module(model, path, _plain_layer(m, path))
     gm = _finish_import(model, "Fast-SNN code base", "sum-batch-major", _FASTSNN_HINT)

@@ -25,6 +25,7 @@ from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
+from torch.utils import _pytree as pytree
 
 from . import checks
 from .ops import neuron
@@ -35,7 +36,7 @@ from .reference import DEFAULT_ALPHA, accumulation_dtype, broadcast_threshold
 _RECORDING: contextvars.ContextVar[Optional[Dict["SpikingNeuron", torch.Tensor]]] = contextvars.ContextVar(
     "fastspike_recording", default=None)
 
-__all__ = ["SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
+__all__ = ["RepeatOverTime", "ShapeOverTime", "ReadoutOverTime", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
            "record_spike_trains"]
 
 
@@ -321,3 +322,55 @@ def record_spike_trains(model: nn.Module, *inputs: Any, **kwargs: Any) -> Tuple[
         _RECORDING.reset(token)
     trains = {name: sink[m] for name, m in layers if m in sink}
     return output, trains
+
+
+# ---------------------------------------------------------------------------
+# The time axis of converted networks (inserted by fastspike.to_snn)
+
+
+class RepeatOverTime(nn.Module):
+    """[B, ...] -> [T·B, ...]: the same analog input at every step (time-major)."""
+
+    def __init__(self, time_steps: int):
+        super().__init__()
+        self.time_steps = time_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unsqueeze(0).expand((self.time_steps,) + tuple(x.shape)).reshape(
+            (self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
+
+
+class ShapeOverTime(nn.Module):
+    """[B, ...] -> the torch.Size of the [T·B, ...] tensor RepeatOverTime would
+    make, without making it (a module, so a saved network reloads: fx re-traces
+    with every module kept as one call)."""
+
+    def __init__(self, time_steps: int):
+        super().__init__()
+        self.time_steps = time_steps
+
+    def forward(self, x: torch.Tensor) -> torch.Size:
+        return torch.Size((self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
+
+
+class ReadoutOverTime(nn.Module):
+    """[T·B, ...] -> the mean or sum over T ([B, ...]) or the sequence [T, B, ...],
+    applied to every tensor of a (possibly nested) output."""
+
+    def __init__(self, time_steps: int, mode: str = "mean"):
+        super().__init__()
+        if mode not in ("mean", "sum", "sequence"):
+            raise ValueError(f"readout must be 'mean', 'sum' or 'sequence', got {mode!r}")
+        self.time_steps = time_steps
+        self.mode = mode
+
+    def _one(self, y: Any) -> Any:
+        if not isinstance(y, torch.Tensor) or y.dim() == 0:
+            return y
+        seq = y.view((self.time_steps, y.shape[0] // self.time_steps) + tuple(y.shape[1:]))
+        if self.mode == "sequence":
+            return seq
+        return seq.mean(0) if self.mode == "mean" else seq.sum(0)
+
+    def forward(self, y: Any) -> Any:
+        return pytree.tree_map(self._one, y)

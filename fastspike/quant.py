@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantReLU", "PRESETS", "quantize_tensor"]
+__all__ = ["QuantReLU", "PRESETS", "quantize_tensor", "quantizers"]
 
 PRESETS = ("qcfs", "cs-qcfs", "fastsnn", "lsq")
 
@@ -194,3 +194,8 @@ class QuantReLU(nn.Module):
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, preset={self.preset!r}"
+
+
+def quantizers(model: nn.Module) -> "list[tuple[str, QuantReLU]]":
+    """(module name, quantizer) of every QuantReLU in ``model``, in module order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, QuantReLU)]

@@ -208,7 +208,7 @@ def test_a_module_declared_time_linear_is_accepted_and_kept_whole():
         snet = fastspike.to_snn(fastspike.quantize(model.float(), levels=LEVELS), time_steps=2)
         assert any(isinstance(m, Lerp) for m in snet.modules())  # one call, not traced into
     finally:
-        fastspike.convert._TIME_LINEAR_CLASSES.discard(Lerp)
+        fastspike.convert.graph._TIME_LINEAR_CLASSES.discard(Lerp)
     with pytest.raises(TypeError, match="time_linear expects an nn.Module subclass"):
         fastspike.time_linear(torch.lerp)
 
@@ -283,7 +283,7 @@ def test_batch_norm_after_a_weight_transforming_conv_subclass_is_not_folded_into
         snet = fastspike.to_snn(fastspike.quantize(ConvSubclassBN().eval(), levels=LEVELS), time_steps=1)
         assert sum(isinstance(m, nn.BatchNorm2d) for m in snet.modules()) == 2
     finally:
-        fastspike.convert._TIME_LINEAR_CLASSES.discard(NormalisedConv)
+        fastspike.convert.graph._TIME_LINEAR_CLASSES.discard(NormalisedConv)
 
 
 # ---------------------------------------------------------------------------

@@ -1,0 +1,186 @@
+"""What every pass shares: tracing, graph editing helpers, the error type,
+the registry of user modules declared affine per time step, and reads of a
+node's arguments and of tensor sizes."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, List, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import fx, nn
+
+from ..nn import SpikingNeuron
+from ..quant import QuantReLU
+
+class ConversionError(ValueError):
+    """The model cannot be converted as it is; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------
+# Tracing
+
+_LEAVES: Tuple[Type[nn.Module], ...] = (QuantReLU, SpikingNeuron)
+
+
+class _Tracer(fx.Tracer):
+    """Keeps fastspike's own modules (and any the user names) as leaves."""
+
+    def __init__(self, leaf_modules: Sequence[Type[nn.Module]] = ()):
+        super().__init__()
+        self.extra_leaves = tuple(leaf_modules)
+        self.record_stack_traces = True  # refusals name the user's source line
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if isinstance(m, _LEAVES + self.extra_leaves) or _declared_time_linear(m):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+def trace(model: nn.Module, leaf_modules: Sequence[Type[nn.Module]] = ()) -> fx.GraphModule:
+    """torch.fx trace with an error that says what to do when it fails."""
+    if isinstance(model, fx.GraphModule):
+        return model
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model)
+    except Exception as err:  # fx raises many kinds; all mean the same to the user
+        raise ConversionError(
+            f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}. "
+            "fastspike converts through torch.fx, so forward() must not branch on tensor values "
+            "or sizes. Move such code into a submodule and pass its class in leaf_modules= (it "
+            "is then kept as one opaque call), or decorate the offending function with "
+            "torch.fx.wrap."
+        ) from err
+    return fx.GraphModule(tracer.root, graph, type(model).__name__)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _fresh_name(gm: fx.GraphModule, stem: str) -> str:
+    existing = dict(gm.named_modules())
+    i = 0
+    while f"{stem}_{i}" in existing:
+        i += 1
+    return f"{stem}_{i}"
+
+
+def _replace_with_module(gm: fx.GraphModule, node: fx.Node, stem: str, module: nn.Module) -> fx.Node:
+    """Replaces ``node`` by a call of ``module`` (registered under a fresh name) on its first input."""
+    name = _fresh_name(gm, stem)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        call = gm.graph.call_module(name, (node.args[0],))
+    node.replace_all_uses_with(call)
+    gm.graph.erase_node(node)
+    return call
+
+
+def _finish(gm: fx.GraphModule) -> fx.GraphModule:
+    """Checks the edited graph, drops modules no node calls any more, regenerates forward."""
+    gm.graph.lint()
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    return gm
+
+
+def _describe(gm: fx.GraphModule, node: fx.Node) -> str:
+    if node.op == "call_module":
+        return f"module '{node.target}' ({type(gm.get_submodule(node.target)).__name__})"
+    if node.op == "call_function":
+        return f"function {getattr(node.target, '__name__', node.target)}"
+    return f"method .{node.target}()"
+
+
+# The classes declared with time_linear(); the tracer keeps them whole.
+_TIME_LINEAR_CLASSES: set = set()
+
+
+def time_linear(cls: Type[nn.Module]) -> Type[nn.Module]:
+    """Declares a module class affine in its input at every time step
+    (``f(a·x + b·y) = a·f(x) + b·f(y)`` up to a constant), so the converter
+    keeps it as one call and accepts it on time-varying spikes. Use as a
+    class decorator or call it on a class you do not own::
+
+        @fastspike.time_linear
+        class MyConv(nn.Module): ...
+
+        fastspike.time_linear(ThirdPartyUpsample)
+
+    The declaration is the user's promise: a nonlinear module declared this
+    way makes the SNN compute something other than the quantized network.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise TypeError(f"time_linear expects an nn.Module subclass, got {cls!r}")
+    _TIME_LINEAR_CLASSES.add(cls)
+    return cls
+
+
+def _declared_time_linear(m: Optional[nn.Module]) -> bool:
+    return m is not None and isinstance(m, tuple(_TIME_LINEAR_CLASSES))
+
+
+def _plain_torch_forward(m: nn.Module) -> bool:
+    """``m.forward`` is torch's own (not overridden by a user subclass)."""
+    return getattr(type(m).forward, "__module__", "").startswith("torch.")
+
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+def _source_line(node: fx.Node) -> str:
+    """' (at file, line N, in f: code)' of the user's source that made ``node``:
+    the innermost frame of fx's stack trace that is not torch's own."""
+    lines = [line.strip() for line in (node.stack_trace or "").strip().splitlines()]
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("File ") and _TORCH_DIR not in lines[i]:
+            where = lines[i].replace("File ", "", 1)
+            code = lines[i + 1] if i + 1 < len(lines) and not lines[i + 1].startswith("File ") else ""
+            return f" (at {where}: {code})" if code else f" (at {where})"
+    return ""
+
+
+def _arg_values(node: fx.Node, position: int, name: str) -> Any:
+    return node.kwargs[name] if name in node.kwargs else (
+        node.args[position] if len(node.args) > position else None)
+
+
+def _is_neuron(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return isinstance(_module(gm, node), SpikingNeuron)
+
+
+def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The module ``node`` calls is called from no other node (so per-site settings are safe)."""
+    return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
+
+
+def _placeholder_descendants(gm: fx.GraphModule) -> set:
+    """Nodes computed from the network's inputs (not parameters or constants)."""
+    found = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
+def _size_dims(node: fx.Node) -> List[Any]:
+    """The dim arguments of an ``x.size(...)`` call (none for the whole shape)."""
+    return list(node.args[1:]) + list(node.kwargs.values())
+
+
+def _reads_full_shape(node: fx.Node) -> bool:
+    """``x.shape`` or ``x.size()``: the whole torch.Size."""
+    return ((node.op == "call_function" and node.target is getattr and node.args[1:] == ("shape",))
+            or (node.op == "call_method" and node.target == "size" and not _size_dims(node)))
+
+
+def _skips_batch_dim(index: Any) -> bool:
+    """``shape[index]`` never selects dim 0, whatever the rank: an int >= 1 or
+    a forward slice starting at >= 1 (a negative index may reach dim 0)."""
+    def positive(i: Any) -> bool:
+        return isinstance(i, int) and not isinstance(i, bool) and i >= 1
+    if isinstance(index, slice):
+        return positive(index.start) and (index.step is None or positive(index.step))
+    return positive(index)

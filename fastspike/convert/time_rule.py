@@ -1,0 +1,187 @@
+"""The time rule: which operations may act on time-varying spikes."""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable, List, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _plain_torch_forward,
+                    _source_line)
+from .max_pools import _MAX_POOL_FUNCTIONS
+
+# ---------------------------------------------------------------------------
+# What may act on spikes: the time rule
+#
+# Between the first spiking layer and the readout, a value differs from one
+# time step to the next. An operation there runs once per step, so the SNN
+# computes the quantized network only if the operation commutes with the time
+# average: f(mean_t s_t) = mean_t f(s_t), i.e. f is affine in its one
+# time-varying operand. Those operations are listed here; everything else on
+# a time-varying value is refused (accept by rule, not by exception).
+
+
+# Modules whose forward (torch's own) is affine in the input at every step.
+_AFFINE_MODULES: Tuple[Type[nn.Module], ...] = (
+    nn.modules.conv._ConvNd, nn.Linear, nn.Identity, nn.Flatten, nn.Unflatten,
+    nn.modules.dropout._DropoutNd, nn.modules.pooling._AvgPoolNd, nn.modules.pooling._AdaptiveAvgPoolNd,
+    nn.Upsample, nn.PixelShuffle, nn.PixelUnshuffle, nn.ChannelShuffle,
+    nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
+    nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
+)
+_MAX_POOL_MODULE_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
+
+# Functions and methods that only move, select, copy or cast values.
+_REARRANGING_FUNCTIONS = {
+    operator.getitem, torch.cat, torch.concat, torch.stack, torch.flatten, torch.reshape, torch.permute,
+    torch.transpose, torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze, torch.split,
+    torch.chunk, torch.unbind, torch.narrow, torch.select, torch.index_select, torch.gather, torch.t,
+    torch.flip, torch.roll, torch.tile, torch.repeat_interleave, torch.clone, F.pad, F.pixel_shuffle,
+    F.pixel_unshuffle, F.channel_shuffle, torch.channel_shuffle,
+}
+_REARRANGING_METHODS = {
+    "view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute", "transpose", "t",
+    "swapaxes", "movedim", "squeeze", "unsqueeze", "expand", "expand_as", "repeat", "tile", "chunk",
+    "split", "unbind", "narrow", "select", "index_select", "gather", "contiguous", "clone", "detach",
+    "flip", "roll", "repeat_interleave", "float", "double", "half", "bfloat16", "to", "type_as",
+    "cpu", "cuda", "requires_grad_", "masked_fill",
+}
+# Sums, means, interpolation, pooling and the layers' functional forms: linear.
+_LINEAR_FUNCTIONS = {
+    operator.add, operator.iadd, operator.sub, operator.isub, operator.neg, operator.pos, torch.add,
+    torch.sub, torch.subtract, torch.neg, torch.negative, torch.sum, torch.mean, torch.cumsum,
+    F.avg_pool1d, F.avg_pool2d, F.avg_pool3d, torch.avg_pool1d, F.adaptive_avg_pool1d,
+    F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, torch.adaptive_avg_pool1d, F.interpolate, F.upsample,
+    F.upsample_nearest, F.upsample_bilinear, F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d,
+    F.conv_transpose2d, F.conv_transpose3d, F.linear,
+}
+_LINEAR_METHODS = {"add", "add_", "sub", "sub_", "neg", "neg_", "sum", "mean", "cumsum"}
+# Products: linear while at most one factor varies over time (a divisor never may).
+_PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.multiply, operator.matmul, torch.matmul,
+                      torch.mm, torch.bmm, torch.einsum}
+_PRODUCT_METHODS = {"mul", "mul_", "matmul", "mm", "bmm"}
+_DIVISION_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide}
+_DIVISION_METHODS = {"div", "div_", "true_divide"}
+_DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
+                      F.feature_alpha_dropout}
+# Reads of a tensor's metadata: the value is not the tensor's (see the batch-size rule).
+_METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
+                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full"}
+_METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
+                       torch.full_like}
+
+
+def _reads_metadata(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _METADATA_METHODS
+    return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
+
+
+def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
+                         inference: bool) -> Optional[str]:
+    """None if ``node`` (which reads a time-varying value) computes the same on
+    the spikes of each step as on their rate; else the reason it does not."""
+    inputs: List[fx.Node] = []  # every time-varying operand, repeats counted (y * y)
+    fx.node.map_arg((node.args, node.kwargs), lambda v: inputs.append(v) if v in varying else None)
+    if spiking(node) or node.op == "output" or _reads_metadata(node):
+        return None
+    if node.op == "call_module":
+        m = gm.get_submodule(node.target)
+        if _declared_time_linear(m):
+            return None
+        if isinstance(m, _MAX_POOL_MODULE_TYPES) and node.users and all(spiking(u) for u in node.users):
+            return None  # the documented max-pool rule: the neurons after it read the max of each step's current
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and _plain_torch_forward(m):
+            if m.track_running_stats and m.running_mean is not None:
+                return None  # eval mode: a per-channel affine map
+            return "it normalises with the statistics of the batch, which differ between spikes and rates"
+        if isinstance(m, _AFFINE_MODULES):
+            if _plain_torch_forward(m):
+                return None
+            return (f"{type(m).__name__} overrides forward(), so fastspike cannot tell that it is still "
+                    "affine in its input")
+        return f"{type(m).__name__} is not known to be affine in its input"
+    target = node.target
+    name = getattr(target, "__name__", str(target))
+    if node.op == "call_function":
+        if target in _REARRANGING_FUNCTIONS or target in _LINEAR_FUNCTIONS:
+            if target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
+                          F.conv_transpose3d, F.linear) and any(v in varying for v in node.args[1:3]):
+                return "its weight varies over time"
+            if target in (operator.getitem, torch.index_select, torch.gather) and any(
+                    v in varying for v in node.all_input_nodes if v is not node.args[0]):
+                return "its index varies over time"
+            return None
+        if target in _PRODUCT_FUNCTIONS:
+            return None if len(inputs) <= 1 else "it multiplies two time-varying values"
+        if target in _DIVISION_FUNCTIONS:
+            if _arg_values(node, 2, "rounding_mode") is not None:
+                return "it rounds"
+            divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
+            return "it divides by a time-varying value" if divisor in varying else None
+        if target in _DROPOUT_FUNCTIONS:
+            if not inference or _arg_values(node, 2, "training") is False:
+                return None
+            return "it is called with training=True (traced in training mode), so it drops a new random mask at every step"
+        if target is F.batch_norm:
+            if _arg_values(node, 5, "training") in (None, False) and node.args[1] is not None:
+                return None
+            return "it normalises with the statistics of the batch"
+        if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
+            return None
+        return f"{name} is not affine in its input"
+    if target in _REARRANGING_METHODS or target in _LINEAR_METHODS:
+        if target in ("index_select", "gather", "masked_fill") and any(
+                v in varying for v in node.all_input_nodes if v is not node.args[0]):
+            return "its index, mask or fill value varies over time"
+        return None
+    if target in _PRODUCT_METHODS:
+        return None if len(inputs) <= 1 else "it multiplies two time-varying values"
+    if target in _DIVISION_METHODS:
+        if _arg_values(node, 2, "rounding_mode") is not None:
+            return "it rounds"
+        return "it divides by a time-varying value" if len(node.args) > 1 and node.args[1] in varying else None
+    return f".{target}() is not affine in its input"
+
+
+def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool]) -> set:
+    """The nodes whose value differs between time steps: what a spiking node
+    computes and everything computed from it (metadata reads excepted)."""
+    varying: set = set()
+    for node in gm.graph.nodes:
+        if spiking(node) or (not _reads_metadata(node) and any(v in varying for v in node.all_input_nodes)):
+            varying.add(node)
+    return varying
+
+
+def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], inference: bool) -> None:
+    """Raises :class:`ConversionError` for the first operation on a
+    time-varying value that does not commute with the time average."""
+    varying = _time_varying(gm, spiking)
+    for node in gm.graph.nodes:
+        if node not in varying or spiking(node):
+            continue
+        why = _why_not_time_linear(gm, node, varying, spiking, inference)
+        if why is None:
+            continue
+        raise ConversionError(
+            f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} acts on time-varying spikes "
+            f"(it comes after a spiking layer) and cannot run on them: {why}. In the SNN it would run on "
+            "each time step's spikes, and that differs from running it on their rate, so the SNN would "
+            "not compute the quantized network. Replace it with nn.ReLU (which becomes a spiking layer) "
+            "or an affine operation, move it out of forward() to after the output, or, if it is a module "
+            "that is affine in its input, declare its class with fastspike.time_linear(...).")
+
+
+def _nonlinear_nodes(gm: fx.GraphModule, most: int = 5) -> str:
+    """', whose nonlinear operations are node 'x' (...)' for an error message."""
+    every = set(gm.graph.nodes)
+    found = [n for n in gm.graph.nodes if n.op.startswith("call_")
+             and _why_not_time_linear(gm, n, every, lambda _: False, True) is not None]
+    if not found:
+        return ""
+    return "; its nonlinear operations are " + ", ".join(
+        f"node '{n.name}' ({_describe(gm, n)})" for n in found[:most]) + (", ..." if len(found) > most else "")
