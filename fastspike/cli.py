@@ -181,49 +181,83 @@ def _task_of(model_name: str) -> str:
     return "classification"
 
 
+def _prefix_views(out: Any, steps: Sequence[int]) -> Dict[int, Any]:
+    """{t: the t-step SNN's output} from one output of an SNN converted with
+    readout="sequence" (every tensor [T, B, ...]): the mean of its first t steps
+    (fastspike.evaluate.prefix_readouts), the readout a t-step run makes."""
+    from torch.utils import _pytree as pytree
+
+    from .evaluate import prefix_readouts
+
+    leaves, spec = pytree.tree_flatten(out)
+    per_leaf = [prefix_readouts(leaf, steps) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 else None
+                for leaf in leaves]
+    return {t: pytree.tree_unflatten([p[t] if p is not None else leaf for p, leaf in zip(per_leaf, leaves)], spec)
+            for t in steps}
+
+
 @torch.no_grad()
 def _evaluate(model: torch.nn.Module, loader, task: str, num_classes: int, image_size: int,
-              device: torch.device, distributed: bool, anchors: Optional[Sequence[Sequence[float]]] = None
-              ) -> Dict[str, float]:
+              device: torch.device, distributed: bool, anchors: Optional[Sequence[Sequence[float]]] = None,
+              steps: Optional[Sequence[int]] = None) -> Dict[Any, Any]:
+    """The metric of ``model`` on ``loader``; with ``steps``, ``model`` is an SNN converted with
+    readout="sequence" at T = max(steps) and the result is {t: metric of the t-step SNN} for
+    every t, all from one run (the SNN is causal: its first t steps are the t-step SNN)."""
     import torch.distributed as dist
 
     model.eval()
+    keys: List[Any] = sorted(set(steps)) if steps else [None]
+
+    def views(x: torch.Tensor) -> Dict[Any, Any]:
+        out = model(x.to(device))
+        return _prefix_views(out, keys) if steps else {None: out}
+
+    results: Dict[Any, Dict[str, float]] = {}
     if task == "classification":
-        counts = torch.zeros(2, dtype=torch.float64)
+        counts = {k: torch.zeros(2, dtype=torch.float64) for k in keys}
         for x, y in loader:
-            counts[0] += (model(x.to(device)).argmax(1).cpu() == y).sum()
-            counts[1] += y.numel()
-        if distributed:
-            counts = counts.to(device)
-            dist.all_reduce(counts)
-        return {"accuracy": (counts[0] / counts[1]).item()}
-    if task == "segmentation":
+            for k, out in views(x).items():
+                counts[k][0] += (out.argmax(1).cpu() == y).sum()
+                counts[k][1] += y.numel()
+        for k, c in counts.items():
+            if distributed:
+                c = c.to(device)
+                dist.all_reduce(c)
+            results[k] = {"accuracy": (c[0] / c[1]).item()}
+    elif task == "segmentation":
         from .metrics import SegmentationMeter
 
-        meter = SegmentationMeter(num_classes)
+        meters = {k: SegmentationMeter(num_classes) for k in keys}
         for x, targets in loader:
-            out = model(x.to(device))
-            out = out["out"] if isinstance(out, dict) else out
-            meter.update(out.argmax(1).cpu(), torch.stack([t["mask"] for t in targets]))
-        if distributed:
-            confusion = meter.confusion.to(device)
-            dist.all_reduce(confusion)
-            meter.confusion = confusion.cpu()
-        return {"miou": meter.compute()["miou"]}
-    from .metrics import mean_average_precision
-    from .models.yolo import DEFAULT_ANCHORS, decode_yolo
+            masks = torch.stack([t["mask"] for t in targets])
+            for k, out in views(x).items():
+                out = out["out"] if isinstance(out, dict) else out
+                meters[k].update(out.argmax(1).cpu(), masks)
+        for k, meter in meters.items():
+            if distributed:
+                confusion = meter.confusion.to(device)
+                dist.all_reduce(confusion)
+                meter.confusion = confusion.cpu()
+            results[k] = {"miou": meter.compute()["miou"]}
+    else:
+        from .metrics import mean_average_precision
+        from .models.yolo import DEFAULT_ANCHORS, decode_yolo
 
-    preds: List[Any] = []
-    targets_all: List[Any] = []
-    for x, targets in loader:
-        preds += decode_yolo(model(x.to(device)).cpu(), anchors or DEFAULT_ANCHORS, num_classes, image_size)
-        targets_all += targets
-    if distributed:
-        gathered: List[Any] = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, (preds, targets_all))
-        preds = [p for g in gathered for p in g[0]]
-        targets_all = [t for g in gathered for t in g[1]]
-    return {"mAP@0.5": mean_average_precision(preds, targets_all, num_classes)["map"]}
+        preds: Dict[Any, List[Any]] = {k: [] for k in keys}
+        targets_all: List[Any] = []
+        for x, targets in loader:
+            for k, out in views(x).items():
+                preds[k] += decode_yolo(out.cpu(), anchors or DEFAULT_ANCHORS, num_classes, image_size)
+            targets_all += targets
+        for k in keys:
+            mine, targets_k = preds[k], targets_all
+            if distributed:
+                gathered: List[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, (mine, targets_k))
+                mine = [p for g in gathered for p in g[0]]
+                targets_k = [t for g in gathered for t in g[1]]
+            results[k] = {"mAP@0.5": mean_average_precision(mine, targets_k, num_classes)["map"]}
+    return results if steps else results[None]
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -263,11 +297,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         rows = [{"model": f"quantized ANN (L={ckpt['levels']})", "T": None,
                  **_evaluate(qnet, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
                              anchors)}]
+        # One run at max(T) gives every shorter T (the SNN is causal; fastspike.evaluate).
+        snn = to_snn(qnet, max(args.T), args.neuron, group_size=args.group_size, readout="sequence").to(device)
+        at_steps = _evaluate(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
+                             anchors, steps=args.T)
         for T in args.T:
-            snn = to_snn(qnet, T, args.neuron, group_size=args.group_size).to(device)
-            rows.append({"model": f"SNN {args.neuron}", "T": T,
-                         **_evaluate(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
-                                     anchors)})
+            rows.append({"model": f"SNN {args.neuron}", "T": T, **at_steps[T]})
     finally:
         if distributed:
             dist.destroy_process_group()
@@ -607,7 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="VOC split (a list under ImageSets/Main or ImageSets/Segmentation)")
     p.add_argument("--classes", nargs="+", metavar="NAME",
                    help="VOC detection: object names in the model's label order (default: the 20 VOC classes)")
-    p.add_argument("--T", type=_positive_int, nargs="+", default=[1, 2, 4, 8], help="time steps to evaluate")
+    p.add_argument("--T", type=_positive_int, nargs="+", default=[1, 2, 4, 8], help="time steps to evaluate (one SNN run at the largest gives them all)")
     p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None)
     p.add_argument("--model", help="model name to build instead of the checkpoint's")
