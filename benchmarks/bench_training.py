@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 import fastspike
 from fastspike.finetune import neuron_grad
+from fastspike.nn import NEURON_KINDS
 from fastspike.models import get_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--width", type=int, default=None, help="base_width (64 = ResNet-18; default CPU 16)")
     parser.add_argument("--image-size", type=int, default=32)
     parser.add_argument("--levels", type=int, default=8)
-    parser.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    parser.add_argument("--neuron", choices=sorted(NEURON_KINDS), default="signed")
     parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default CPU 5, GPU 20)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/training-<device>.json)")

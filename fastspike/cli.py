@@ -20,11 +20,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from .nn import NEURON_KINDS
+
 __all__ = ["main"]
 
-_DETECTORS = ("tiny_yolov2", "yolov2_resnet34")
 MAX_GROUP_SIZE = 2**20  # the neuron operator's limit on m
-_SEGMENTERS = ("small_deeplab", "deeplabv3_resnet50")
 
 
 class UsageError(Exception):
@@ -174,11 +174,13 @@ def _dataset(data: str, task: str, image_size: int, num_images: int, num_classes
 
 
 def _task_of(model_name: str) -> str:
-    if model_name in _DETECTORS:
-        return "detection"
-    if model_name in _SEGMENTERS:
-        return "segmentation"
-    return "classification"
+    """The model registry's task of a checkpoint's model (fastspike.models.model_task)."""
+    from .models import model_task
+
+    try:
+        return model_task(model_name)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _prefix_views(out: Any, steps: Sequence[int]) -> Dict[int, Any]:
@@ -606,7 +608,7 @@ def _add_tuning_arguments(p: argparse.ArgumentParser, done: str, data_help: str)
                    help="a quantized-ANN checkpoint (fastspike train, fastspike demo)")
     p.add_argument("--out", required=True, help=f"where to write the {done} checkpoint (with -T/--neuron)")
     p.add_argument("--time-steps", "-T", type=_positive_int, required=True)
-    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    p.add_argument("--neuron", choices=sorted(NEURON_KINDS), default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None, help="m, for the group kinds")
     p.add_argument("--data", default="digits", help=data_help)
     p.add_argument("--model", help="model name to build instead of the checkpoint's")
@@ -629,7 +631,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="where to write the converted checkpoint")
     p.add_argument("--model", help="model name to build instead of the checkpoint's (see fastspike.models)")
     p.add_argument("--time-steps", "-T", type=_positive_int, required=True)
-    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    p.add_argument("--neuron", choices=sorted(NEURON_KINDS), default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None, help="m, for the group kinds")
     p.set_defaults(func=cmd_convert)
 
@@ -643,7 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--classes", nargs="+", metavar="NAME",
                    help="VOC detection: object names in the model's label order (default: the 20 VOC classes)")
     p.add_argument("--T", type=_positive_int, nargs="+", default=[1, 2, 4, 8], help="time steps to evaluate (one SNN run at the largest gives them all)")
-    p.add_argument("--neuron", choices=["if", "signed", "group", "signed-group"], default="signed")
+    p.add_argument("--neuron", choices=sorted(NEURON_KINDS), default="signed")
     p.add_argument("--group-size", type=_positive_int, default=None)
     p.add_argument("--model", help="model name to build instead of the checkpoint's")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -768,15 +770,15 @@ _SIZE_OPTIONS = {"eval": "--T or --batch-size", "convert": "-T", "train": "--bat
 def _check_arguments(args: argparse.Namespace) -> None:
     """Checks that span several options, before any work: a group neuron needs
     --group-size >= 2 and the other kinds none; a quantizer's --threshold is > 0."""
-    from .convert import NEURON_KINDS
-
     neuron = getattr(args, "neuron", None)
     if neuron is not None:
         group_size = getattr(args, "group_size", None)
-        if NEURON_KINDS[neuron][0] is None and (group_size is None or group_size < 2):
+        grouped = NEURON_KINDS[neuron].grouped
+        if grouped and (group_size is None or group_size < 2):
             raise UsageError(f"--neuron {neuron} needs --group-size >= 2, got {group_size}")
-        if NEURON_KINDS[neuron][0] is not None and group_size not in (None, 1):
-            raise UsageError(f"--group-size applies to --neuron group or signed-group, not {neuron}")
+        if not grouped and group_size not in (None, 1):
+            kinds = " or ".join(k.name for k in NEURON_KINDS.values() if k.grouped)
+            raise UsageError(f"--group-size applies to --neuron {kinds}, not {neuron}")
         if group_size is not None and group_size > MAX_GROUP_SIZE:
             raise UsageError(f"--group-size {group_size}: expected at most 2^20 = {MAX_GROUP_SIZE} members")
     device = getattr(args, "device", None)

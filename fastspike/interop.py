@@ -44,7 +44,7 @@ from . import convert
 from .convert import ConversionError
 from .convert.activations import _is_relu
 from .convert.graph import _describe, _module, _plain_torch_forward, _source_line
-from .nn import SpikingNeuron
+from .nn import SpikingNeuron, neuron_kind_name
 from .ops import neuron as neuron_op
 from .quant import QuantReLU
 
@@ -648,7 +648,7 @@ def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
     else:
         kind = neuron
         if group_size is not None and group_size != "auto":
-            kind = "signed-group" if signed_any else "group"
+            kind = neuron_kind_name(signed_any, grouped=True)
         snet = convert.to_snn(qmodel, time_steps, kind, group_size=group_size, readout=readout_kw, **kwargs)
     for name, q in imported.items():
         layer = snet.get_submodule(name)

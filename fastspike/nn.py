@@ -36,7 +36,7 @@ from .reference import DEFAULT_ALPHA, accumulation_dtype, broadcast_threshold
 _RECORDING: contextvars.ContextVar[Optional[Dict["SpikingNeuron", torch.Tensor]]] = contextvars.ContextVar(
     "fastspike_recording", default=None)
 
-__all__ = ["RepeatOverTime", "ShapeOverTime", "ReadoutOverTime", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
+__all__ = ["NEURON_KINDS", "NeuronKind", "resolve_neuron_kind", "neuron_kind_name", "RepeatOverTime", "ShapeOverTime", "ReadoutOverTime", "SpikingNeuron", "IFNeuron", "SignedIFNeuron", "GroupNeuron", "NeuronState",
            "record_spike_trains"]
 
 
@@ -277,6 +277,47 @@ class SpikingNeuron(nn.Module):
 # types: this module's annotations are strings, which TorchScript does not resolve).
 SpikingNeuron.__annotations__ = {"time_steps": Optional[int], "alpha": Optional[float],
                                  "recorded": Optional[torch.Tensor]}
+
+
+class NeuronKind(NamedTuple):
+    """One kind of neuron the converter, the CLI and the benchmarks offer."""
+
+    name: str
+    signed: bool
+    grouped: bool  #: m >= 2 members from the caller's group_size; else m = 1 (IF)
+    doc: str
+
+
+# The one table of neuron kinds: to_snn's `neuron=`, the CLI's --neuron choices and
+# the benchmarks' are its keys. A new kind is one row here (plus its semantics in
+# the kernels, if it needs new dynamics).
+NEURON_KINDS: Dict[str, NeuronKind] = {k.name: k for k in (
+    NeuronKind("if", signed=False, grouped=False, doc="integrate-and-fire (QCFS)"),
+    NeuronKind("signed", signed=True, grouped=False, doc="signed IF, negative spikes (Fast-SNN)"),
+    NeuronKind("group", signed=False, grouped=True, doc="group neurons, m members (Lv et al.)"),
+    NeuronKind("signed-group", signed=True, grouped=True, doc="signed group neurons"),
+)}
+
+
+def neuron_kind_name(signed: bool, grouped: bool) -> str:
+    """The NEURON_KINDS name of a (signed, grouped) combination."""
+    return next(k.name for k in NEURON_KINDS.values() if k.signed == signed and k.grouped == grouped)
+
+
+def resolve_neuron_kind(neuron: str, group_size: Optional[int]) -> Tuple[int, bool]:
+    """(m, signed) for ``neuron=`` and ``group_size=``, with the errors a user
+    gets for a wrong combination."""
+    if neuron not in NEURON_KINDS:
+        raise ValueError(f"neuron must be one of {sorted(NEURON_KINDS)}, got {neuron!r}")
+    kind = NEURON_KINDS[neuron]
+    if kind.grouped:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
+            raise ValueError(f"neuron={neuron!r} needs group_size >= 2, got {group_size!r}")
+        return group_size, kind.signed
+    if group_size not in (None, 1):
+        grouped = " or ".join(repr(k.name) for k in NEURON_KINDS.values() if k.grouped)
+        raise ValueError(f"group_size={group_size} only applies to neuron={grouped}")
+    return 1, kind.signed
 
 
 class IFNeuron(SpikingNeuron):

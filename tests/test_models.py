@@ -135,3 +135,31 @@ def test_pretrained_weights_refused(name, kwargs):
 def test_weights_none_accepted():
     model = get_model("cifar_resnet20", num_classes=5, weights=None, base_width=2)
     assert model.fc.out_features == 5
+
+
+def test_every_registered_model_has_its_task():
+    """One registry: the CLI reads a model's task from it (issue 17 item 3)."""
+    from fastspike.models import TASKS, model_task
+
+    tasks = {name: model_task(name) for name in available_models()}
+    assert set(tasks.values()) == set(TASKS)
+    assert tasks["tiny_yolov2"] == "detection" and tasks["small_deeplab"] == "segmentation"
+    assert tasks["cifar_resnet20"] == "classification" and tasks["resnet18"] == "classification"
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        model_task("nope")
+
+
+def test_neuron_kinds_are_one_table():
+    """to_snn's kinds, the CLI's --neuron choices and the nn layer agree (issue 17 item 3)."""
+    import fastspike.cli
+    from fastspike.nn import NEURON_KINDS, neuron_kind_name, resolve_neuron_kind
+
+    parser = fastspike.cli.build_parser()
+    for kind in NEURON_KINDS.values():
+        assert neuron_kind_name(kind.signed, kind.grouped) == kind.name
+        m, signed = resolve_neuron_kind(kind.name, 3 if kind.grouped else None)
+        assert (m > 1) == kind.grouped and signed == kind.signed
+    with pytest.raises(ValueError, match="neuron must be one of"):
+        resolve_neuron_kind("lif", None)
+    convert = parser._subparsers._group_actions[0].choices["convert"]
+    assert sorted(next(a for a in convert._actions if a.dest == "neuron").choices) == sorted(NEURON_KINDS)

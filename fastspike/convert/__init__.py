@@ -45,14 +45,14 @@ from typing import Optional, Sequence, Tuple, Type, Union
 import torch
 from torch import fx, nn
 
-from ..nn import ReadoutOverTime, RepeatOverTime, ShapeOverTime
+from ..nn import NEURON_KINDS, ReadoutOverTime, RepeatOverTime, ShapeOverTime, neuron_kind_name
 from ..quant import QuantReLU, quantizers
 from .activations import _refuse_unknown_activations, replace_activations, unknown_activations
 from .batch_norm import fold_batch_norms
 from .batch_reads import check_batch_reads
 from .graph import ConversionError, _is_neuron, _module, time_linear, trace
 from .max_pools import move_max_pools
-from .neurons import NEURON_KINDS, insert_neurons
+from .neurons import insert_neurons
 from .residual import fuse_residual_adds
 from .spike_scales import fold_spike_scales
 from .time_axis import add_time_axis
@@ -141,10 +141,8 @@ def _auto_group_size(qmodel: nn.Module, time_steps: int, neuron: str) -> Tuple[s
         raise ValueError(f"group_size='auto' sets m = L / T, but T={time_steps} does not divide "
                          f"L={levels[0]}; pick T among the divisors of L or pass group_size=m")
     members = levels[0] // time_steps
-    signed = neuron in ("signed", "signed-group")
-    if members == 1:
-        return ("signed" if signed else "if"), 1
-    return ("signed-group" if signed else "group"), members
+    signed = NEURON_KINDS[neuron].signed if neuron in NEURON_KINDS else False
+    return neuron_kind_name(signed, grouped=members > 1), members
 
 
 def to_snn(
@@ -168,7 +166,8 @@ def to_snn(
         qmodel: the output of :func:`quantize` (trained or calibrated).
         time_steps: T. IF neurons reproduce the quantized ANN exactly on
             constant input when T = levels; group neurons when m·T = levels.
-        neuron: "if", "signed" (Fast-SNN), "group" or "signed-group".
+        neuron: a key of :data:`fastspike.nn.NEURON_KINDS`: "if", "signed"
+            (Fast-SNN), "group" or "signed-group".
         group_size: m for the group kinds; ``"auto"``: m = L / T (the
             group-neuron paper's rule, L the quantizers' levels, which must
             be the same in every layer and a multiple of T); m = 1 gives

@@ -6,28 +6,18 @@ from typing import Optional
 
 from torch import fx
 
-from ..nn import SpikingNeuron
+from ..nn import NEURON_KINDS, SpikingNeuron, resolve_neuron_kind  # noqa: F401 (NEURON_KINDS re-exported)
 from ..quant import QuantReLU
 from .activations import _is_relu
 from .graph import ConversionError, _describe, _module
 from .time_rule import _nonlinear_nodes
 
-NEURON_KINDS = {"if": (1, False), "signed": (1, True), "group": (None, False), "signed-group": (None, True)}
-
-
 def insert_neurons(gm: fx.GraphModule, time_steps: int, neuron: str = "if",
                    group_size: Optional[int] = None, **neuron_kwargs) -> fx.GraphModule:
     """Replaces every quantizer by a spiking neuron layer with threshold λ
-    (per channel where the quantizer is) in the merged layout."""
-    if neuron not in NEURON_KINDS:
-        raise ValueError(f"neuron must be one of {sorted(NEURON_KINDS)}, got {neuron!r}")
-    members, signed = NEURON_KINDS[neuron]
-    if members is None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 2:
-            raise ValueError(f"neuron={neuron!r} needs group_size >= 2, got {group_size!r}")
-        members = group_size
-    elif group_size not in (None, 1):
-        raise ValueError(f"group_size={group_size} only applies to neuron='group' or 'signed-group'")
+    (per channel where the quantizer is) in the merged layout; ``neuron`` is
+    a key of :data:`fastspike.nn.NEURON_KINDS`."""
+    members, signed = resolve_neuron_kind(neuron, group_size)
     replaced = 0
     for node in list(gm.graph.nodes):
         quant = _module(gm, node)

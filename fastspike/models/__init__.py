@@ -27,7 +27,7 @@ from .deeplab import ASPP, SmallDeepLab, deeplabv3_resnet50
 from .yolo import DEFAULT_ANCHORS, TinyYOLOv2, YOLOv2ResNet34, decode_yolo, yolo_loss
 
 __all__ = [
-    "get_model", "available_models",
+    "get_model", "available_models", "model_task", "TASKS",
     "CifarResNet", "BasicBlock", "cifar_resnet18", "cifar_resnet20",
     "CifarVGG", "VGG16_CFG", "cifar_vgg16",
     "TinyYOLOv2", "YOLOv2ResNet34", "DEFAULT_ANCHORS", "decode_yolo", "yolo_loss",
@@ -51,6 +51,23 @@ _DENSE_MODELS: Dict[str, Callable[..., nn.Module]] = {
 
 # torchvision entry points, built as torchvision.models.<name>(weights=None, num_classes=...).
 _TORCHVISION_MODELS = ("resnet18", "resnet34", "resnet50", "vgg11_bn", "vgg16_bn")
+
+
+# The task of every registered model: what the CLI trains, evaluates and
+# fine-tunes it on (data, loss, metric). A new model is one entry above plus its task here.
+_TASKS: Dict[str, str] = {
+    **{name: "classification" for name in (*_CIFAR_MODELS, *_TORCHVISION_MODELS)},
+    "tiny_yolov2": "detection", "yolov2_resnet34": "detection",
+    "small_deeplab": "segmentation", "deeplabv3_resnet50": "segmentation",
+}
+TASKS = ("classification", "detection", "segmentation")
+
+
+def model_task(name: str) -> str:
+    """'classification', 'detection' or 'segmentation' for a name of :func:`available_models`."""
+    if name not in _TASKS:
+        raise ValueError(f"unknown model {name!r}; available models: {', '.join(available_models())}")
+    return _TASKS[name]
 
 
 def available_models() -> List[str]:
