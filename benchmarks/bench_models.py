@@ -30,6 +30,18 @@ For every model and T, these contenders are timed interleaved round-robin for ``
                    the convolutions round over B images instead of T*B (exact on small nets;
                    max_abs_diff_vs_plain and stepped_equals_plain in the JSON say)
 * ``reference``    ``snn`` under fastspike.use_reference() (the pure-PyTorch neuron loop)
+* ``sj``           SpikingJelly (where installed; skipped with the reason otherwise): the same float
+                   model converted by SpikingJelly's own ann2snn (``Converter`` with
+                   ``RateCodingRecipe(mode="max")`` in 2.x, ``Converter(mode="max")`` in 0.0.0.0.14,
+                   calibrated on the same random images: ``VoltageScaler`` + ``IFNode``, soft reset),
+                   simulated the way SpikingJelly evaluates it: ``functional.reset_net``, then the
+                   network called T times on the image, outputs averaged
+* ``sj_fastspike`` that same SpikingJelly network imported with
+                   ``fastspike.interop.from_spikingjelly`` and run on fastspike's kernels (all T steps
+                   in one call on the [T, B, ...] input, averaged over T); ``max_abs_diff_sj`` in the
+                   JSON is its largest difference from ``sj`` (0.0: bit for bit), and
+                   ``ratios.sj_over_sj_fastspike`` the speed-up. A different network from ``snn``
+                   (SpikingJelly's thresholds and scaling), so it is left out of max_abs_diff_vs_plain.
 
 Peak memory per contender, one warm call each (``peak_bytes``): on CUDA
 torch.cuda.max_memory_allocated (reset before the call) minus the memory allocated before it; on
@@ -45,6 +57,9 @@ spiking layer. Synaptic operations SOPs = MACs x T x (fraction of non-zero input
 steps); layers fed by the analog image still multiply (MACs x T). The 45 nm estimate (Horowitz,
 ISSCC 2014, as used by the conversion papers): 0.9 pJ per accumulate (SOP), 4.6 pJ per MAC.
 
+The stepped network, the MAC/SOP counts, the energy estimate and the peak memory are
+fastspike.analysis's (SteppedSNN, count_macs, spike_statistics, PeakMemory).
+
 Output: a table on stdout and a JSON file (default benchmarks/results/models-<cpu|cuda>-<device name>.json,
 rewritten after every configuration) plus a PNG of time per image against T (--no-plot skips it).
 """
@@ -55,31 +70,27 @@ import argparse
 import contextlib
 import gc
 import inspect
-import itertools
-import json
 import math
 import os
 import statistics
 import sys
-import tempfile
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from torch import fx, nn
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench_neurons, the sibling script
 
 import fastspike  # noqa: E402
+from fastspike.analysis import PJ_PER_MAC, PJ_PER_SOP, PeakMemory, SteppedSNN, count_macs, spike_statistics  # noqa: E402
 from fastspike.models import get_model  # noqa: E402
-from fastspike.nn import SpikingNeuron  # noqa: E402
 
 from bench_neurons import Timer, default_device, device_name, run_header, slug, write_json  # noqa: E402
-
-PJ_PER_SOP = 0.9  # 45 nm accumulate
-PJ_PER_MAC = 4.6  # 45 nm multiply-accumulate
 OPTIONS = ("fuse_residual", "constant_input_once", "compact_spikes")
-CONTENDERS = ("ann", "snn", "snn_plain") + tuple(f"snn+{o}" for o in OPTIONS) + ("snn_all", "stepped", "reference")
+SJ_CONTENDERS = ("sj", "sj_fastspike")
+CONTENDERS = (("ann", "snn", "snn_plain") + tuple(f"snn+{o}" for o in OPTIONS) + ("snn_all", "stepped", "reference")
+              + SJ_CONTENDERS)
 SEED = 0
 
 
@@ -142,263 +153,66 @@ def build_quantized(name: str, levels: int, batch: int, device: torch.device) ->
     return qnet.eval().to(device), x.to(device)
 
 
+def spikingjelly_version() -> Optional[str]:
+    """The installed SpikingJelly's version, or None when it cannot be imported."""
+    try:
+        import spikingjelly.activation_based.ann2snn  # noqa: F401
+        from importlib import metadata
+    except Exception:  # not installed, or broken: the SpikingJelly contenders are skipped
+        return None
+    try:
+        return metadata.version("spikingjelly")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def build_spikingjelly(name: str, device: torch.device) -> Tuple[Optional[nn.Module], Optional[str]]:
+    """(SpikingJelly's ann2snn conversion of model ``name``, None), calibrated on the same seeded
+    random images as build_quantized; or (None, why not) when SpikingJelly is missing or fails."""
+    if spikingjelly_version() is None:
+        return None, "SpikingJelly is not installed"
+    import io
+
+    from spikingjelly.activation_based import ann2snn
+
+    builder, shape = MODELS[name]
+    torch.manual_seed(SEED)
+    net = builder().eval()
+    gen = torch.Generator().manual_seed(SEED)
+    calib = [(torch.rand((4,) + shape, generator=gen), torch.zeros(4, dtype=torch.long)) for _ in range(2)]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # its progress bars
+            if hasattr(ann2snn, "recipes"):  # 2.x
+                snn = ann2snn.Converter(ann2snn.recipes.RateCodingRecipe(calib, mode="max")).convert(net)
+            else:  # 0.0.0.0.14
+                snn = ann2snn.Converter(mode="max", dataloader=calib)(net)
+    except Exception as exc:  # a model SpikingJelly's converter cannot take: reported, not fatal
+        return None, f"SpikingJelly's ann2snn failed: {type(exc).__name__}: {exc}"
+    return snn.eval().to(device), None
+
+
+def spikingjelly_calls(sj_net: nn.Module, T: int) -> Dict[str, Callable]:
+    """The two SpikingJelly contenders on one SpikingJelly network: SpikingJelly's own T-step
+    loop and fastspike's import of it (from_spikingjelly), both returning the mean over T."""
+    from spikingjelly.activation_based import functional as sj_functional
+
+    from fastspike.interop import from_spikingjelly
+
+    imported = from_spikingjelly(sj_net).eval()
+
+    def simulate(x: torch.Tensor) -> Any:
+        sj_functional.reset_net(sj_net)
+        outputs = [sj_net(x) for _ in range(T)]
+        return torch.stack(outputs).mean(0)
+
+    def fused(x: torch.Tensor) -> Any:
+        return imported(x.unsqueeze(0).expand((T,) + tuple(x.shape))).mean(0)
+
+    return {"sj": simulate, "sj_fastspike": fused}
+
+
 def convert(qnet: nn.Module, T: int, neuron: str, options: Dict[str, bool]) -> fx.GraphModule:
     return fastspike.to_snn(qnet, T, neuron, **options).eval()
-
-
-class CarriedState(nn.Module):
-    """A spiking layer of a T = 1 network that carries its (v, count) from one call to the next
-    through SpikingNeuron.step, so calling the network T times runs T time steps."""
-
-    def __init__(self, layer: SpikingNeuron) -> None:
-        super().__init__()
-        self.layer = layer
-        self.state: Optional[fastspike.NeuronState] = None
-
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        # residual: the second operand of a fused residual join (to_snn's fuse_residual)
-        spikes, self.state = self.layer.step(x, self.state, residual)
-        return spikes
-
-
-class SteppedSNN(nn.Module):
-    """The seed papers' evaluation loop: the network converted for one time step, called T times
-    on the same image with every spiking layer's state carried over, outputs averaged over T."""
-
-    def __init__(self, qnet: nn.Module, time_steps: int, neuron: str, options: Dict[str, bool]) -> None:
-        super().__init__()
-        self.time_steps = time_steps
-        self.net = convert(qnet, 1, neuron, options)
-        self.carried: List[CarriedState] = []
-        for name, module in list(self.net.named_modules()):
-            if isinstance(module, SpikingNeuron):
-                wrapper = CarriedState(module)
-                parent, _, attr = name.rpartition(".")
-                setattr(self.net.get_submodule(parent) if parent else self.net, attr, wrapper)
-                self.carried.append(wrapper)
-        if not self.carried:
-            raise ValueError("the converted network has no spiking layer to step")
-
-    def forward(self, x: torch.Tensor) -> Any:
-        for layer in self.carried:
-            layer.state = None
-        outputs = [self.net(x) for _ in range(self.time_steps)]
-        # stack + mean: the same reduction as ReadoutOverTime's mean over the merged sequence
-        return torch.utils._pytree.tree_map(lambda *ys: torch.stack(ys).mean(0), *outputs)
-
-
-# ----------------------------------------------------------------------------- counting
-
-
-def _run_with_hooks(model: nn.Module, x: torch.Tensor, handles: List[Any]) -> None:
-    """One forward without gradients, then removes the hooks ``handles`` (whatever happened)."""
-    try:
-        with torch.no_grad():
-            model(x)
-    finally:
-        for handle in handles:
-            handle.remove()
-
-
-def count_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
-    """Multiply-accumulates per image of every conv and linear layer, from one forward with hooks."""
-    macs: Dict[str, int] = {}
-    handles = []
-
-    def hook(name: str):
-        def record(module: nn.Module, inputs, output):
-            batch = inputs[0].shape[0]
-            if isinstance(module, nn.modules.conv._ConvNd):
-                kernel = math.prod(module.kernel_size) * (module.in_channels // module.groups)
-                macs[name] = macs.get(name, 0) + output.numel() // batch * kernel
-            else:
-                macs[name] = macs.get(name, 0) + output.numel() // batch * module.in_features
-        return record
-
-    for name, module in model.named_modules():
-        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            handles.append(module.register_forward_hook(hook(name)))
-    _run_with_hooks(model, x, handles)
-    return macs
-
-
-def _spiking_fed_layers(snn: fx.GraphModule) -> Dict[str, bool]:
-    """For every conv/linear call in the converted graph: whether a spiking layer precedes it."""
-    fed: Dict[fx.Node, bool] = {}
-    result: Dict[str, bool] = {}
-    for node in snn.graph.nodes:
-        fed[node] = any(fed[i] or _is_spiking(snn, i) for i in node.all_input_nodes)
-        if node.op == "call_module" and isinstance(snn.get_submodule(node.target), (nn.modules.conv._ConvNd, nn.Linear)):
-            result[node.target] = fed[node]
-    return result
-
-
-def _is_spiking(gm: fx.GraphModule, node: fx.Node) -> bool:
-    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingNeuron)
-
-
-def _unit(layer: SpikingNeuron, spikes: torch.Tensor) -> torch.Tensor:
-    """u = θ/m shaped to broadcast against the layer's merged [T·B, C, ...] output."""
-    unit = layer.threshold.to(spikes.device, torch.float64) / layer.group_size
-    if unit.dim() == 1 and spikes.dim() >= 2 and unit.numel() == spikes.shape[1] and unit.numel() > 1:
-        return unit.view((1, -1) + (1,) * (spikes.dim() - 2))
-    return unit
-
-
-def spike_statistics(snn: fx.GraphModule, macs: Dict[str, int], x: torch.Tensor, T: int) -> Dict[str, Any]:
-    """Spike rates per spiking layer, SOPs per conv/linear layer and the 45 nm energy estimate,
-    per image, from one forward of ``snn`` (neurons emitting (k+ - k-)*u)."""
-    rates: Dict[str, Dict[str, float]] = {}
-    nonzero: Dict[str, float] = {}
-    fed = _spiking_fed_layers(snn)
-    handles = []
-
-    def neuron_hook(name: str):
-        def record(module: SpikingNeuron, inputs, output):
-            counts = (output.double() / _unit(module, output)).abs().round()
-            rates[name] = {"rate": float(counts.sum()) / output.numel(), "neurons": output[0].numel(),
-                           "spikes_per_image": float(counts.sum()) / (output.shape[0] // T)}
-        return record
-
-    def layer_hook(name: str):
-        def record(module: nn.Module, inputs):
-            nonzero[name] = float((inputs[0] != 0).sum()) / inputs[0].numel()
-        return record
-
-    for name, module in snn.named_modules():
-        if isinstance(module, SpikingNeuron):
-            handles.append(module.register_forward_hook(neuron_hook(name)))
-        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
-            handles.append(module.register_forward_pre_hook(layer_hook(name)))
-    _run_with_hooks(snn, x, handles)
-    layers = {}
-    sops = mac_ops = 0.0
-    for name, layer_macs in macs.items():
-        if name not in nonzero:
-            continue  # a layer the conversion removed (e.g. folded)
-        spiking_input = fed.get(name, False)
-        entry = {"macs": layer_macs, "spiking_input": spiking_input, "input_nonzero": nonzero[name]}
-        if spiking_input:
-            entry["sops"] = layer_macs * T * nonzero[name]
-            sops += entry["sops"]
-        else:
-            entry["snn_macs"] = layer_macs * T
-            mac_ops += entry["snn_macs"]
-        layers[name] = entry
-    ann_macs = float(sum(macs.values()))
-    snn_pj = sops * PJ_PER_SOP + mac_ops * PJ_PER_MAC
-    # constant_input_once computes the analog-fed layers once instead of T times
-    once_pj = sops * PJ_PER_SOP + mac_ops / T * PJ_PER_MAC
-    return {
-        "spike_rates": rates, "layers": layers, "sops": sops, "snn_macs": mac_ops, "ann_macs": ann_macs,
-        "energy_snn_uj": snn_pj * 1e-6, "energy_snn_constant_input_once_uj": once_pj * 1e-6,
-        "energy_ann_uj": ann_macs * PJ_PER_MAC * 1e-6,
-        "energy_ratio_snn_over_ann": snn_pj / (ann_macs * PJ_PER_MAC) if ann_macs else None,
-    }
-
-
-# ----------------------------------------------------------------------------- memory
-
-
-# Lines kineto (torch.profiler's C++ side) writes to the native stderr on every profiling session,
-# at any KINETO_LOG_LEVEL that still shows errors; its WARNING and ERROR lines pass through.
-_PROFILER_NOISE = ("USDT:", "STAGE:")
-
-
-@contextlib.contextmanager
-def _without_profiler_noise() -> Any:
-    """Sends file descriptor 2 (where C++ std::cerr writes) to a temporary file for the block,
-    then writes every line of it except kineto's noise lines to sys.stderr."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as captured:
-        os.dup2(captured.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            captured.seek(0)
-            lines = captured.read().decode("utf-8", errors="replace").splitlines(keepends=True)
-            kept = "".join(line for line in lines if not line.startswith(_PROFILER_NOISE))
-            if kept:
-                sys.stderr.write(kept)
-                sys.stderr.flush()
-
-
-class PeakMemory:
-    """Peak memory a call adds. ``peak_bytes``: the high-water mark of tensor memory allocated
-    during the call (CUDA: max_memory_allocated; CPU: the running sum of the allocations and
-    frees in torch.profiler's memory events). ``rss_peak_delta_bytes`` (CPU): the process's
-    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident
-    set before the call; glibc keeps freed pages, so this undercounts a call that reuses them
-    (often 0)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.cuda = device.type == "cuda"
-        self.device = device
-
-    @staticmethod
-    def _status_kb(key: str) -> Optional[int]:
-        try:
-            with open("/proc/self/status", encoding="ascii") as status:
-                for line in status:
-                    if line.startswith(key + ":"):
-                        return int(line.split()[1])
-        except OSError:
-            return None
-        return None
-
-    def _rss_delta(self, call: Callable[[], Any]) -> Optional[int]:
-        try:
-            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
-                clear.write("5")  # resets VmHWM to the current resident set
-        except OSError:
-            return None
-        before = self._status_kb("VmRSS")
-        result = call()
-        peak = self._status_kb("VmHWM")
-        del result
-        return None if before is None or peak is None else (peak - before) * 1024
-
-    @staticmethod
-    def _profiled_peak(call: Callable[[], Any]) -> Optional[int]:
-        from torch.profiler import ProfilerActivity, profile
-
-        fd, path = tempfile.mkstemp(suffix=".json")
-        os.close(fd)
-        try:
-            with _without_profiler_noise():  # kineto logs at start, stop and export
-                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-                    result = call()
-                    del result  # freed while profiling, so the profiler's running total sees it
-                prof.export_chrome_trace(path)
-            with open(path, encoding="utf-8") as handle:
-                events = json.load(handle)["traceEvents"]
-        finally:
-            os.unlink(path)
-        memory = [e["args"] for e in sorted(events, key=lambda e: e.get("ts", 0))
-                  if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
-        if not memory:
-            return 0
-        # Each event's "Bytes" is one allocation (+) or free (-). Their running sum is the
-        # tensor memory this call holds; "Total Allocated" is not used because every
-        # allocator reports its own total (fastspike's huge-page outputs have their own).
-        return max(0, max(itertools.accumulate(a["Bytes"] for a in memory)))
-
-    def measure(self, call: Callable[[], Any]) -> Dict[str, Optional[int]]:
-        gc.collect()
-        if self.cuda:
-            torch.cuda.synchronize(self.device)
-            before = torch.cuda.memory_allocated(self.device)
-            torch.cuda.reset_peak_memory_stats(self.device)
-            call()
-            torch.cuda.synchronize(self.device)
-            return {"peak_bytes": torch.cuda.max_memory_allocated(self.device) - before}
-        rss = self._rss_delta(call)
-        gc.collect()
-        return {"peak_bytes": self._profiled_peak(call), "rss_peak_delta_bytes": rss}
 
 
 # ----------------------------------------------------------------------------- one configuration
@@ -409,15 +223,27 @@ def _max_abs_diff(a: Any, b: Any) -> float:
     return max(float((p.double() - q.double()).abs().max()) for p, q in zip(la, lb) if isinstance(p, torch.Tensor))
 
 
-def make_contenders(qnet: nn.Module, T: int, args: argparse.Namespace) -> Tuple[Dict[str, Callable], Dict[str, str], Dict[str, nn.Module]]:
+def make_contenders(qnet: nn.Module, T: int, args: argparse.Namespace,
+                    sj: Tuple[Optional[nn.Module], Optional[str]] = (None, "no SpikingJelly network given")
+                    ) -> Tuple[Dict[str, Callable], Dict[str, str], Dict[str, nn.Module]]:
     """The callables (input -> output) of each contender, the skipped ones with a reason, and the
-    converted networks by name."""
+    converted networks by name. ``sj``: (SpikingJelly network, None) or (None, why there is none)."""
     present = available_options()
     plain = {o: False for o in present}
     nets: Dict[str, nn.Module] = {"ann": qnet}
     skipped: Dict[str, str] = {}
+    sj_calls: Dict[str, Callable] = {}
+    if any(c in SJ_CONTENDERS for c in args.contenders):
+        sj_net, why = sj
+        if sj_net is None:
+            skipped.update({c: str(why) for c in SJ_CONTENDERS if c in args.contenders})
+        else:
+            try:
+                sj_calls = spikingjelly_calls(sj_net, T)
+            except Exception as exc:  # from_spikingjelly refused it: said, not fatal
+                skipped.update({c: f"error: {type(exc).__name__}: {exc}" for c in SJ_CONTENDERS})
     for name in args.contenders:
-        if name in ("ann", "reference"):
+        if name in ("ann", "reference") or name in SJ_CONTENDERS:
             continue
         if name == "snn":
             nets[name] = convert(qnet, T, args.neuron, {})
@@ -451,14 +277,18 @@ def make_contenders(qnet: nn.Module, T: int, args: argparse.Namespace) -> Tuple[
                 with fastspike.use_reference():
                     return snn(x)
             calls[name] = reference
+        elif name in SJ_CONTENDERS:
+            calls[name] = sj_calls[name]
         else:
             calls[name] = nets[name]
     return calls, skipped, nets
 
 
 def bench_model_T(name: str, qnet: nn.Module, x: torch.Tensor, T: int, macs: Dict[str, int],
-                  args: argparse.Namespace, timer: Timer, memory: PeakMemory) -> Dict[str, Any]:
-    calls, skipped, nets = make_contenders(qnet, T, args)
+                  args: argparse.Namespace, timer: Timer, memory: PeakMemory,
+                  sj: Tuple[Optional[nn.Module], Optional[str]] = (None, "no SpikingJelly network given")
+                  ) -> Dict[str, Any]:
+    calls, skipped, nets = make_contenders(qnet, T, args, sj)
     batch = x.shape[0]
     contenders: Dict[str, Dict[str, Any]] = {c: {"skipped": r} for c, r in skipped.items()}
     iters: Dict[str, int] = {}
@@ -507,6 +337,7 @@ def bench_model_T(name: str, qnet: nn.Module, x: torch.Tensor, T: int, macs: Dic
         "stepped_over_snn": ratio(med.get("stepped"), med.get("snn")),
         "reference_over_snn": ratio(med.get("reference"), med.get("snn")),
         "snn_plain_over_snn": ratio(med.get("snn_plain"), med.get("snn")),
+        "sj_over_sj_fastspike": ratio(med.get("sj"), med.get("sj_fastspike")),
     }
     savings: Dict[str, Dict[str, Any]] = {}
     for option in OPTIONS:
@@ -521,10 +352,12 @@ def bench_model_T(name: str, qnet: nn.Module, x: torch.Tensor, T: int, macs: Dic
     reference_out = outputs.get(plain_name)
     if reference_out is not None:
         for cname, out in outputs.items():
-            if cname != "ann" and out is not None:
+            if cname != "ann" and cname not in SJ_CONTENDERS and out is not None:
                 agreement[cname] = _max_abs_diff(out, reference_out)
     if "ann" in outputs and "snn" in outputs:
         agreement["snn_vs_ann"] = _max_abs_diff(outputs["snn"], outputs["ann"])
+    sj_diff = (_max_abs_diff(outputs["sj_fastspike"], outputs["sj"])
+               if "sj" in outputs and "sj_fastspike" in outputs else None)
     for cname in contenders:
         contenders[cname].setdefault("median_s_per_image", None)
     del calls, nets, outputs
@@ -534,6 +367,7 @@ def bench_model_T(name: str, qnet: nn.Module, x: torch.Tensor, T: int, macs: Dic
         "floor_T_ann_s_per_image": floor, "ratios": ratios, "option_savings": savings,
         "plain_network": plain_name, "max_abs_diff_vs_plain": agreement,
         "stepped_equals_plain": agreement.get("stepped") == 0.0 if "stepped" in agreement else None,
+        "max_abs_diff_sj": sj_diff,
         "energy": stats,
     }
 
@@ -552,14 +386,15 @@ def table_row(r: Dict[str, Any]) -> str:
     e = r.get("energy") or {}
     return (f"{r['model']:>15} {r['T']:>2} " + " ".join(ms(c) for c in CONTENDERS)
             + f" {x(r['ratios']['snn_over_T_ann'])} {x(r['ratios']['stepped_over_snn'])}"
+            + f" {x(r['ratios'].get('sj_over_sj_fastspike'))}"
             + f" {x(e.get('energy_ratio_snn_over_ann'))}")
 
 
 def table_header() -> str:
     short = {"snn+fuse_residual": "+fuse", "snn+constant_input_once": "+const", "snn+compact_spikes": "+int8",
-             "snn_plain": "plain", "snn_all": "all", "reference": "ref"}
+             "snn_plain": "plain", "snn_all": "all", "reference": "ref", "sj_fastspike": "sj>fs"}
     return (f"{'model':>15} {'T':>2} " + " ".join(f"{short.get(c, c) + ' ms':>9}" for c in CONTENDERS)
-            + f" {'/T*ann':>7} {'step/snn':>7} {'E s/a':>7}")
+            + f" {'/T*ann':>7} {'step/snn':>7} {'sj/sj>fs':>7} {'E s/a':>7}")
 
 
 def plot(payload: Dict[str, Any], path: str) -> Optional[str]:
@@ -653,7 +488,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         **run_header(device, argv),
         "settings": {"models": args.models, "T": args.T, "contenders": args.contenders, "batch": args.batch,
                      "levels": args.levels, "neuron": args.neuron, "rounds": args.rounds, "min_time": args.min_time,
-                     "to_snn_options_present": available_options(), "seed": SEED},
+                     "to_snn_options_present": available_options(), "seed": SEED,
+                     "spikingjelly": spikingjelly_version()},
         "energy_model": {"pj_per_sop": PJ_PER_SOP, "pj_per_mac": PJ_PER_MAC,
                          "note": "SOPs = MACs x T x non-zero input fraction for layers fed by spikes; "
                                  "layers fed by the analog input count MACs x T"},
@@ -668,8 +504,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for name in args.models:
         qnet, x = build_quantized(name, args.levels, args.batch, device)
         macs = count_macs(qnet, x)
+        sj = (build_spikingjelly(name, device) if any(c in SJ_CONTENDERS for c in args.contenders)
+              else (None, "not asked for"))
         for T in args.T:
-            result = bench_model_T(name, qnet, x, T, macs, args, timer, memory)
+            result = bench_model_T(name, qnet, x, T, macs, args, timer, memory, sj)
             payload["results"].append(result)
             print(table_row(result), flush=True)
             for cname, entry in result["contenders"].items():
@@ -677,7 +515,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                     print(f"    {cname}: skipped ({entry['skipped']})", flush=True)
             payload["elapsed_s"] = time.perf_counter() - started
             write_json(out_path, payload)
-        del qnet, x
+        del qnet, x, sj
     if not args.no_plot:
         png = plot(payload, os.path.splitext(out_path)[0] + ".png")
         payload["plot"] = png

@@ -26,6 +26,18 @@ reported, since shared machines are noisy); each sample repeats the call until i
 * ``seed``      fastspike.reference.seed_style_loop, the boolean-mask loop of published Fast-SNN
                 code (group_size 1, forward only)
 * ``copy``      x.clone() and ``copy_out`` out.copy_(x): memory-bandwidth references (forward only)
+* ``sj_torch``  SpikingJelly's multi-step ``IFNode(v_reset=None, step_mode="m")`` on the same tensor
+                (its memory reset before every call; the IF kind only, since SpikingJelly's IF node has
+                no negative spikes or groups): its torch implementation (on the CPU, the only one).
+                forward_backward uses ``detach_reset=True`` and its default ``Sigmoid`` surrogate (the
+                reset detached as fastspike's is). Skipped cleanly when SpikingJelly is not installed.
+* ``sj_cuda``, ``sj_triton``, ``sj_cupy``  the same node on CUDA with the implementation forced:
+                SpikingJelly 2.x's registered ``cuda`` (native) and ``triton`` kernels (chosen as
+                ``SJ_IF_CUDA_IMPLEMENTATION`` would), or, in SpikingJelly versions whose nodes take a
+                ``backend=`` argument (0.0.0.0.14), its ``cupy`` / ``triton`` backends; each skipped
+                with the reason where the installed SpikingJelly lacks it or the device is the CPU.
+                SpikingJelly starts the membrane at 0: ``sj_equals_fused`` in the JSON says whether
+                its spikes equal fastspike.neuron(x, 1.0, init_fraction=0)'s.
 
 Neuron kinds: ``if`` (group_size 1), ``signed`` (group_size 1, negative spikes), ``group``
 (group_size 4). Directions: ``forward`` (under torch.no_grad()) and ``forward_backward`` (x
@@ -71,8 +83,9 @@ import torch
 import fastspike
 from fastspike.reference import accumulation_dtype, neuron_reference, seed_style_loop
 
-ALL_CONTENDERS = ("fused", "fused_out", "reference", "compiled", "seed", "copy", "copy_out")
-FWD_BWD_CONTENDERS = ("fused", "reference", "compiled")
+SJ_CONTENDERS = ("sj_torch", "sj_cuda", "sj_triton", "sj_cupy")
+ALL_CONTENDERS = ("fused", "fused_out", "reference", "compiled", "seed", "copy", "copy_out") + SJ_CONTENDERS
+FWD_BWD_CONTENDERS = ("fused", "reference", "compiled") + SJ_CONTENDERS
 KINDS: Dict[str, Tuple[int, bool]] = {  # name -> (group_size, signed)
     "if": (1, False),
     "signed": (1, True),
@@ -225,12 +238,106 @@ def copy_bytes(T: int, N: int, dtype: torch.dtype) -> int:
 # ----------------------------------------------------------------------------- contenders
 
 
+def spikingjelly_version() -> Optional[str]:
+    """The installed SpikingJelly's version, or None when it cannot be imported."""
+    try:
+        import spikingjelly.activation_based.neuron  # noqa: F401
+        from importlib import metadata
+    except Exception:  # not installed, or broken: the contenders are skipped
+        return None
+    try:
+        return metadata.version("spikingjelly")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def spikingjelly_if_call(name: str, x: torch.Tensor, direction: str) -> Callable[[], Any]:
+    """A zero-argument callable running SpikingJelly's multi-step IFNode(v_reset=None) on ``x``
+    with the implementation ``name`` names (one of SJ_CONTENDERS); raises RuntimeError with the
+    reason when the installed SpikingJelly or the device cannot run it."""
+    if spikingjelly_version() is None:
+        raise RuntimeError("SpikingJelly is not installed")
+    import inspect
+
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    impl = name.split("_", 1)[1]
+    kw: Dict[str, Any] = dict(v_threshold=THRESHOLD, v_reset=None, step_mode="m",
+                              detach_reset=direction == "forward_backward")
+    force: Optional[Callable[[], None]] = None
+    if "backend" in inspect.signature(sj_neuron.IFNode.__init__).parameters:  # 0.0.0.0.14 and early 2.x
+        node = sj_neuron.IFNode(backend=impl, **kw)
+        supported = tuple(getattr(node, "supported_backends", ()))
+        if impl not in supported:
+            raise RuntimeError(f"this SpikingJelly's IFNode has no {impl!r} backend (it has {supported})")
+        if impl != "torch" and x.device.type != "cuda":
+            raise RuntimeError(f"SpikingJelly's {impl} backend runs on CUDA only")
+    else:  # 2.x with registered implementations: the CPU runs the torch one, CUDA picks cuda > triton > torch
+        node = sj_neuron.IFNode(**kw)
+        if x.device.type != "cuda":
+            if impl != "torch":
+                raise RuntimeError(f"SpikingJelly's {impl} implementation runs on CUDA only")
+        else:
+            force = _force_spikingjelly_cuda_impl(impl, x.device)
+    node = node.to(x.device)
+
+    def forward(x_seq: torch.Tensor) -> torch.Tensor:
+        if force is not None:
+            force()
+        node.reset()  # each call starts from SpikingJelly's initial membrane, as fastspike's does
+        return node(x_seq)
+
+    if direction == "forward":
+        return lambda: forward(x)
+    xg = x.detach().requires_grad_(True)
+
+    def fwd_bwd() -> torch.Tensor:
+        (grad_x,) = torch.autograd.grad(forward(xg).sum(), xg)
+        return grad_x
+
+    return fwd_bwd
+
+
+def _force_spikingjelly_cuda_impl(impl: str, device: torch.device) -> Callable[[], None]:
+    """SpikingJelly 2.x picks its CUDA IF implementation once per device (cuda > triton > torch,
+    or the one SJ_IF_CUDA_IMPLEMENTATION names at import): this selects ``impl`` as that variable
+    would and returns a callable that installs it again before each call (contenders interleave)."""
+    try:
+        from spikingjelly._ops import if_ as sj_if
+
+        selection = sj_if._selection
+        requested, selections = selection._requested, selection._selections
+    except (ImportError, AttributeError) as exc:
+        raise RuntimeError(f"cannot select SpikingJelly's {impl} implementation in this version: {exc}") from None
+    if impl == "cupy":
+        raise RuntimeError("this SpikingJelly (2.x registered kernels) has no cupy implementation")
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    saved = dict(selections)
+    try:
+        selection._requested = impl
+        selections.clear()
+        chosen = selection._get_cuda_selection(device)
+    finally:
+        selection._requested = requested
+        selections.clear()
+        selections.update(saved)
+    if chosen.name != impl:
+        raise RuntimeError(f"SpikingJelly gave its {chosen.name} implementation when {impl} was asked")
+
+    def install() -> None:
+        selections[index] = chosen
+
+    return install
+
+
 def make_calls(
     name: str, x: torch.Tensor, group_size: int, signed: bool, direction: str
 ) -> Callable[[], Any]:
     """A zero-argument callable doing one timed unit of work for `name` (forward contenders run
     under no_grad; forward_backward ones compute d(spikes.sum())/dx)."""
     kw = dict(group_size=group_size, signed=signed)
+    if name in SJ_CONTENDERS:
+        return spikingjelly_if_call(name, x, direction)
     if direction == "forward":
         if name == "fused":
             return lambda: fastspike.neuron(x, THRESHOLD, **kw)
@@ -288,6 +395,17 @@ def applicable(name: str, direction: str, group_size: int) -> Optional[str]:
     return None
 
 
+def sj_applicable(name: str, group_size: int, signed: bool, device: torch.device) -> Optional[str]:
+    """None if the SpikingJelly contender ``name`` can run here, else why not (a skip reason)."""
+    if spikingjelly_version() is None:
+        return "SpikingJelly is not installed"
+    if group_size != 1 or signed:
+        return "SpikingJelly's IFNode has no negative spikes or groups (the if kind only)"
+    if name != "sj_torch" and device.type != "cuda":
+        return f"SpikingJelly's {name[3:]} implementation runs on CUDA only"
+    return None
+
+
 # ----------------------------------------------------------------------------- timing
 
 
@@ -331,6 +449,11 @@ def bench_config(
             continue
         entry: Dict[str, Any] = {"median_s": None, "gbps": None, "samples": []}
         contenders[name] = entry
+        if name in SJ_CONTENDERS:
+            why = sj_applicable(name, group_size, signed, device)
+            if why is not None:
+                entry["skipped"] = why
+                continue
         try:
             call = make_calls(name, x, group_size, signed, direction)
             if name == "compiled":
@@ -374,10 +497,13 @@ def bench_config(
 
     ratios: Dict[str, Optional[float]] = {}
     fused = median("fused")
-    for base in ("reference", "compiled", "seed"):
-        if base in contenders:
+    for base in ("reference", "compiled", "seed") + SJ_CONTENDERS:
+        if base in contenders and not (base in SJ_CONTENDERS and "skipped" in contenders[base]):
             other = median(base)
             ratios[f"fused_speedup_vs_{base}"] = other / fused if fused and other else None
+    sj_times = [median(n) for n in SJ_CONTENDERS if median(n)]
+    if sj_times:
+        ratios["fused_speedup_vs_fastest_sj"] = min(sj_times) / fused if fused else None
     if "copy_out" in contenders:
         copy_bw = gbps("copy_out")
         for name in ("fused_out", "fused"):
@@ -385,18 +511,29 @@ def bench_config(
                 bw = gbps(name)
                 ratios[f"{name}_bw_fraction_of_copy_out"] = bw / copy_bw if bw and copy_bw else None
 
+    # SpikingJelly's node against fastspike's from SpikingJelly's initial membrane (0), bit for bit
+    agreement: Dict[str, bool] = {}
+    if direction == "forward":
+        for name in SJ_CONTENDERS:
+            if name in calls:
+                with torch.no_grad():
+                    ours = fastspike.neuron(x, THRESHOLD, group_size=group_size, signed=signed, init_fraction=0.0)
+                    agreement[name] = bool(torch.equal(calls[name](), ours.spikes))
     del calls, x
     gc.collect()
-    return {
+    result = {
         "T": T, "N": N, "dtype": dtype_name, "kind": kind, "group_size": group_size, "signed": signed,
         "direction": direction, "bytes": neuron_b, "contenders": contenders, "ratios": ratios,
     }
+    if agreement:
+        result["sj_equals_fused"] = agreement
+    return result
 
 
 # ----------------------------------------------------------------------------- output
 
 
-TABLE_CONTENDERS = ("fused", "fused_out", "reference", "compiled", "seed", "copy", "copy_out")
+TABLE_CONTENDERS = ("fused", "fused_out", "reference", "compiled", "seed", "copy", "copy_out") + SJ_CONTENDERS
 SHORT = {"fused_out": "f_out", "reference": "ref", "compiled": "comp", "copy_out": "c_out"}
 
 
@@ -404,7 +541,7 @@ def table_header(contenders: Sequence[str]) -> str:
     cols = [c for c in TABLE_CONTENDERS if c in contenders]
     head = f"{'T':>3} {'N':>9} {'dtype':>8} {'kind':>6} {'dir':>7} "
     head += " ".join(f"{SHORT.get(c, c) + ' ms':>10}" for c in cols)
-    head += f" {'fused GB/s':>10} {'x ref':>7} {'x comp':>7} {'x seed':>7} {'out/copy':>8}"
+    head += f" {'fused GB/s':>10} {'x ref':>7} {'x comp':>7} {'x seed':>7} {'x sj':>7} {'out/copy':>8}"
     return head
 
 
@@ -433,6 +570,7 @@ def table_row(result: Dict[str, Any], contenders: Sequence[str]) -> str:
     row += " " + _fmt_ratio(r.get("fused_speedup_vs_reference"))
     row += " " + _fmt_ratio(r.get("fused_speedup_vs_compiled"))
     row += " " + _fmt_ratio(r.get("fused_speedup_vs_seed"))
+    row += " " + _fmt_ratio(r.get("fused_speedup_vs_fastest_sj"))
     row += " " + _fmt_ratio(r.get("fused_out_bw_fraction_of_copy_out"), 8, pct=True)
     return row
 
@@ -524,6 +662,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             # PyTorch's switch for backing large CPU tensors with transparent huge
             # pages: it decides what a fresh output's page faults cost (README).
             "THP_MEM_ALLOC_ENABLE": os.environ.get("THP_MEM_ALLOC_ENABLE"),
+            "spikingjelly": spikingjelly_version(),
         },
         "bytes_model": BYTES_MODEL,
         "results": [],

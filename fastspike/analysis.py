@@ -25,19 +25,34 @@ quantized ANN's output a of that quantizer. Errors are in the ANN's steps λ/L:
 The last row, ``output``, compares the network outputs (the linear head's readout): ``mae``
 is in units of the ANN output's standard deviation, ``differ`` is the fraction of outputs
 that differ by more than 1e-4 of it.
+
+Also here (used by ``benchmarks/bench_models.py``): :class:`SteppedSNN`, the network
+stepped one time step at a time the way the seed papers evaluate; :func:`count_macs`
+and :func:`spike_statistics` (spike rates, synaptic operations, the 45 nm energy
+estimate); :class:`PeakMemory`, the peak memory of one call.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Iterable, List, Optional
+import contextlib
+import gc
+import itertools
+import json
+import math
+import os
+import sys
+import tempfile
+from typing import Any, Callable, Dict, Iterable, List, Optional
 
 import torch
-from torch import nn
+from torch import fx, nn
 
 from .nn import SpikingNeuron
 from .quant import QuantReLU, quantize_tensor
 
-__all__ = ["layerwise_comparison", "format_comparison", "compare_neurons"]
+__all__ = ["layerwise_comparison", "format_comparison", "compare_neurons",
+           "SteppedSNN", "CarriedState", "count_macs", "spike_statistics", "PeakMemory",
+           "PJ_PER_SOP", "PJ_PER_MAC"]
 
 _SUMS = ("n", "abs", "signed", "differ", "over", "under", "local_differ", "local_over", "local_under",
          "input_abs", "late", "negative")
@@ -218,3 +233,283 @@ def compare_neurons(qnet: nn.Module, inputs: Any, time_steps: int, kinds=("if", 
     return {kind: layerwise_comparison(qnet, to_snn(qnet, time_steps, kind, **to_snn_kwargs), inputs,
                                        max_batches=max_batches)
             for kind in kinds}
+
+
+# ---------------------------------------------------------------------------
+# Stepping, operation counts, spike statistics and peak memory
+# (from benchmarks/bench_models.py, issue 17 item 5)
+
+PJ_PER_SOP = 0.9  # 45 nm accumulate (Horowitz, ISSCC 2014), per synaptic operation
+PJ_PER_MAC = 4.6  # 45 nm multiply-accumulate
+
+
+class CarriedState(nn.Module):
+    """A spiking layer of a T = 1 network that carries its (v, count) from one call to the next
+    through :meth:`SpikingNeuron.step`, so calling the network T times runs T time steps."""
+
+    def __init__(self, layer: SpikingNeuron) -> None:
+        super().__init__()
+        self.layer = layer
+        self.state: Optional[Any] = None
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        # residual: the second operand of a fused residual join (to_snn's fuse_residual)
+        spikes, self.state = self.layer.step(x, self.state, residual)
+        return spikes
+
+
+class SteppedSNN(nn.Module):
+    """The seed papers' evaluation loop: ``qnet`` converted for one time step
+    (``to_snn(qnet, 1, neuron, **options)``), called ``time_steps`` times on the same
+    input with every spiking layer's state carried over, outputs averaged over T
+    (the same reduction as ``to_snn``'s mean readout). The state is reset at every
+    call. Its output equals ``to_snn(qnet, time_steps, neuron, **options)``'s up to
+    how the layers round over B rows instead of T·B (bit for bit on small networks).
+
+    Raises ValueError when the converted network has no spiking layer."""
+
+    def __init__(self, qnet: nn.Module, time_steps: int, neuron: str = "if",
+                 options: Optional[Dict[str, bool]] = None) -> None:
+        super().__init__()
+        from .convert import to_snn
+
+        self.time_steps = time_steps
+        self.net = to_snn(qnet, 1, neuron, **(options or {})).eval()
+        self.carried: List[CarriedState] = []
+        for name, module in list(self.net.named_modules()):
+            if isinstance(module, SpikingNeuron):
+                wrapper = CarriedState(module)
+                parent, _, attr = name.rpartition(".")
+                setattr(self.net.get_submodule(parent) if parent else self.net, attr, wrapper)
+                self.carried.append(wrapper)
+        if not self.carried:
+            raise ValueError("the converted network has no spiking layer to step")
+
+    def forward(self, x: torch.Tensor) -> Any:
+        for layer in self.carried:
+            layer.state = None
+        outputs = [self.net(x) for _ in range(self.time_steps)]
+        return torch.utils._pytree.tree_map(lambda *ys: torch.stack(ys).mean(0), *outputs)
+
+
+def _run_with_hooks(model: nn.Module, x: torch.Tensor, handles: List[Any]) -> None:
+    """One forward without gradients, then removes the hooks ``handles`` (whatever happened)."""
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def count_macs(model: nn.Module, x: torch.Tensor) -> Dict[str, int]:
+    """Multiply-accumulates per image of every conv and linear layer of ``model``
+    ({module name: MACs}), from one forward of the batch ``x`` [B, ...] with hooks."""
+    macs: Dict[str, int] = {}
+    handles = []
+
+    def hook(name: str) -> Callable:
+        def record(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+            batch = inputs[0].shape[0]
+            if isinstance(module, nn.modules.conv._ConvNd):
+                kernel = math.prod(module.kernel_size) * (module.in_channels // module.groups)
+                macs[name] = macs.get(name, 0) + output.numel() // batch * kernel
+            else:
+                macs[name] = macs.get(name, 0) + output.numel() // batch * module.in_features
+        return record
+
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            handles.append(module.register_forward_hook(hook(name)))
+    _run_with_hooks(model, x, handles)
+    return macs
+
+
+def _is_spiking(gm: fx.GraphModule, node: fx.Node) -> bool:
+    return node.op == "call_module" and isinstance(gm.get_submodule(node.target), SpikingNeuron)
+
+
+def _spiking_fed_layers(snn: fx.GraphModule) -> Dict[str, bool]:
+    """For every conv/linear call in the converted graph: whether a spiking layer precedes it."""
+    fed: Dict[fx.Node, bool] = {}
+    result: Dict[str, bool] = {}
+    for node in snn.graph.nodes:
+        fed[node] = any(fed[i] or _is_spiking(snn, i) for i in node.all_input_nodes)
+        if node.op == "call_module" and isinstance(snn.get_submodule(node.target),
+                                                   (nn.modules.conv._ConvNd, nn.Linear)):
+            result[node.target] = fed[node]
+    return result
+
+
+def _unit(layer: SpikingNeuron, spikes: torch.Tensor) -> torch.Tensor:
+    """u = θ/m shaped to broadcast against the layer's merged [T·B, C, ...] output."""
+    unit = layer.threshold.to(spikes.device, torch.float64) / layer.group_size
+    if unit.dim() == 1 and spikes.dim() >= 2 and unit.numel() == spikes.shape[1] and unit.numel() > 1:
+        return unit.view((1, -1) + (1,) * (spikes.dim() - 2))
+    return unit
+
+
+def spike_statistics(snn: fx.GraphModule, macs: Dict[str, int], x: torch.Tensor, time_steps: int
+                     ) -> Dict[str, Any]:
+    """Spike rates, synaptic operations and the 45 nm energy estimate of a converted
+    network ``snn`` (``to_snn(qnet, time_steps, ...)`` with neurons emitting
+    (k+ − k−)·u, e.g. without ``compact_spikes``), per image, from one forward of ``x``.
+
+    ``macs`` is :func:`count_macs` of the quantized ANN. Returns ``spike_rates``
+    ({layer: rate (mean |k| per neuron per step), neurons, spikes_per_image}),
+    ``layers`` ({conv/linear: macs, spiking_input, input_nonzero, and sops =
+    MACs·T·non-zero input fraction for layers fed by spikes or snn_macs = MACs·T
+    for layers fed by the analog input}), the totals ``sops``, ``snn_macs``,
+    ``ann_macs``, and ``energy_snn_uj``, ``energy_snn_constant_input_once_uj``
+    (the analog-fed layers computed once), ``energy_ann_uj``,
+    ``energy_ratio_snn_over_ann`` at :data:`PJ_PER_SOP` / :data:`PJ_PER_MAC`."""
+    T = time_steps
+    rates: Dict[str, Dict[str, float]] = {}
+    nonzero: Dict[str, float] = {}
+    fed = _spiking_fed_layers(snn)
+    handles = []
+
+    def neuron_hook(name: str) -> Callable:
+        def record(module: SpikingNeuron, inputs: Any, output: torch.Tensor) -> None:
+            counts = (output.double() / _unit(module, output)).abs().round()
+            rates[name] = {"rate": float(counts.sum()) / output.numel(), "neurons": output[0].numel(),
+                           "spikes_per_image": float(counts.sum()) / (output.shape[0] // T)}
+        return record
+
+    def layer_hook(name: str) -> Callable:
+        def record(module: nn.Module, inputs: Any) -> None:
+            nonzero[name] = float((inputs[0] != 0).sum()) / inputs[0].numel()
+        return record
+
+    for name, module in snn.named_modules():
+        if isinstance(module, SpikingNeuron):
+            handles.append(module.register_forward_hook(neuron_hook(name)))
+        elif isinstance(module, (nn.modules.conv._ConvNd, nn.Linear)):
+            handles.append(module.register_forward_pre_hook(layer_hook(name)))
+    _run_with_hooks(snn, x, handles)
+    layers = {}
+    sops = mac_ops = 0.0
+    for name, layer_macs in macs.items():
+        if name not in nonzero:
+            continue  # a layer the conversion removed (e.g. folded)
+        spiking_input = fed.get(name, False)
+        entry: Dict[str, Any] = {"macs": layer_macs, "spiking_input": spiking_input, "input_nonzero": nonzero[name]}
+        if spiking_input:
+            entry["sops"] = layer_macs * T * nonzero[name]
+            sops += entry["sops"]
+        else:
+            entry["snn_macs"] = layer_macs * T
+            mac_ops += entry["snn_macs"]
+        layers[name] = entry
+    ann_macs = float(sum(macs.values()))
+    snn_pj = sops * PJ_PER_SOP + mac_ops * PJ_PER_MAC
+    # constant_input_once computes the analog-fed layers once instead of T times
+    once_pj = sops * PJ_PER_SOP + mac_ops / T * PJ_PER_MAC
+    return {
+        "spike_rates": rates, "layers": layers, "sops": sops, "snn_macs": mac_ops, "ann_macs": ann_macs,
+        "energy_snn_uj": snn_pj * 1e-6, "energy_snn_constant_input_once_uj": once_pj * 1e-6,
+        "energy_ann_uj": ann_macs * PJ_PER_MAC * 1e-6,
+        "energy_ratio_snn_over_ann": snn_pj / (ann_macs * PJ_PER_MAC) if ann_macs else None,
+    }
+
+
+# Lines kineto (torch.profiler's C++ side) writes to the native stderr on every profiling session,
+# at any KINETO_LOG_LEVEL that still shows errors; its WARNING and ERROR lines pass through.
+_PROFILER_NOISE = ("USDT:", "STAGE:")
+
+
+@contextlib.contextmanager
+def _without_profiler_noise() -> Any:
+    """Sends file descriptor 2 (where C++ std::cerr writes) to a temporary file for the block,
+    then writes every line of it except kineto's noise lines to sys.stderr."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            captured.seek(0)
+            lines = captured.read().decode("utf-8", errors="replace").splitlines(keepends=True)
+            kept = "".join(line for line in lines if not line.startswith(_PROFILER_NOISE))
+            if kept:
+                sys.stderr.write(kept)
+                sys.stderr.flush()
+
+
+class PeakMemory:
+    """Peak memory a call adds. ``peak_bytes``: the high-water mark of tensor memory allocated
+    during the call (CUDA: max_memory_allocated; CPU: the running sum of the allocations and
+    frees in torch.profiler's memory events). ``rss_peak_delta_bytes`` (CPU): the process's
+    resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs) over the resident
+    set before the call; glibc keeps freed pages, so this undercounts a call that reuses them
+    (often 0)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.device = device
+
+    @staticmethod
+    def _status_kb(key: str) -> Optional[int]:
+        try:
+            with open("/proc/self/status", encoding="ascii") as status:
+                for line in status:
+                    if line.startswith(key + ":"):
+                        return int(line.split()[1])
+        except OSError:
+            return None
+        return None
+
+    def _rss_delta(self, call: Callable[[], Any]) -> Optional[int]:
+        try:
+            with open("/proc/self/clear_refs", "w", encoding="ascii") as clear:
+                clear.write("5")  # resets VmHWM to the current resident set
+        except OSError:
+            return None
+        before = self._status_kb("VmRSS")
+        result = call()
+        peak = self._status_kb("VmHWM")
+        del result
+        return None if before is None or peak is None else (peak - before) * 1024
+
+    @staticmethod
+    def _profiled_peak(call: Callable[[], Any]) -> Optional[int]:
+        from torch.profiler import ProfilerActivity, profile
+
+        fd, path = tempfile.mkstemp(suffix=".json")
+        os.close(fd)
+        try:
+            with _without_profiler_noise():  # kineto logs at start, stop and export
+                with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+                    result = call()
+                    del result  # freed while profiling, so the profiler's running total sees it
+                prof.export_chrome_trace(path)
+            with open(path, encoding="utf-8") as handle:
+                events = json.load(handle)["traceEvents"]
+        finally:
+            os.unlink(path)
+        memory = [e["args"] for e in sorted(events, key=lambda e: e.get("ts", 0))
+                  if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+        if not memory:
+            return 0
+        # Each event's "Bytes" is one allocation (+) or free (-). Their running sum is the
+        # tensor memory this call holds; "Total Allocated" is not used because every
+        # allocator reports its own total (fastspike's huge-page outputs have their own).
+        return max(0, max(itertools.accumulate(a["Bytes"] for a in memory)))
+
+    def measure(self, call: Callable[[], Any]) -> Dict[str, Optional[int]]:
+        """{"peak_bytes": ..., and on the CPU "rss_peak_delta_bytes": ...} of one ``call()``."""
+        gc.collect()
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+            before = torch.cuda.memory_allocated(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            call()
+            torch.cuda.synchronize(self.device)
+            return {"peak_bytes": torch.cuda.max_memory_allocated(self.device) - before}
+        rss = self._rss_delta(call)
+        gc.collect()
+        return {"peak_bytes": self._profiled_peak(call), "rss_peak_delta_bytes": rss}

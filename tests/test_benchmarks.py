@@ -1,8 +1,10 @@
-"""The model benchmark (benchmarks/bench_models.py), the profiling entry point
-(benchmarks/profile_kernels.py) and the GPU check script (benchmarks/gpu_check.sh):
-the benchmark's JSON has its fields with sane values, the stepped network equals
-the fused one, MAC and SOP counts match hand-computed ones, the profiler writes a
-valid Chrome trace, and the script is valid bash."""
+"""The benchmark scripts (benchmarks/bench_models.py, bench_neurons.py), the profiling entry
+point (benchmarks/profile_kernels.py) and the GPU check script (benchmarks/gpu_check.sh):
+the benchmarks' JSON has its fields with sane values (SpikingJelly contenders included),
+the profiler writes a valid Chrome trace, and the script is valid bash. The library code the
+model benchmark uses (fastspike.analysis: the stepped network, MAC/SOP counts, peak memory)
+is tested here too, imported from the package; the scripts themselves are imported from
+benchmarks/ (they are what is tested)."""
 
 import json
 import os
@@ -15,6 +17,7 @@ import torch
 from torch import nn
 
 import fastspike
+from fastspike.analysis import PeakMemory, SteppedSNN, count_macs, spike_statistics
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(ROOT, "benchmarks")
@@ -63,6 +66,9 @@ def test_bench_models_quick_json_has_the_fields_with_sane_values(quick_run):
         assert set(c) == set(bench_models.CONTENDERS)
         defaults_off = not any(bench_models._default_options().values())
         for name, entry in c.items():
+            if name in bench_models.SJ_CONTENDERS and bench_models.spikingjelly_version() is None:
+                assert entry["skipped"] == "SpikingJelly is not installed"
+                continue
             option = name.split("+", 1)[1] if "+" in name else None
             if option is not None and option not in present:
                 assert "has no" in entry["skipped"]
@@ -87,6 +93,12 @@ def test_bench_models_quick_json_has_the_fields_with_sane_values(quick_run):
         for name, diff in diffs.items():
             if name != "snn_vs_ann":
                 assert diff <= 1e-5, (name, diff)
+        assert not set(diffs) & set(bench_models.SJ_CONTENDERS)  # another network: compared with each other
+        if bench_models.spikingjelly_version() is not None:
+            # SpikingJelly's own loop and fastspike's import of the same network: bit for bit
+            assert r["max_abs_diff_sj"] == 0.0
+            assert r["ratios"]["sj_over_sj_fastspike"] == pytest.approx(
+                c["sj"]["median_s_per_image"] / c["sj_fastspike"]["median_s_per_image"])
         assert set(r["option_savings"]) == set(present)
         e = r["energy"]
         assert e["ann_macs"] == sum(layer["macs"] for layer in e["layers"].values())
@@ -103,12 +115,14 @@ def test_bench_models_quick_json_has_the_fields_with_sane_values(quick_run):
 @needs_extension
 @pytest.mark.parametrize("neuron", ["if", "signed"])
 def test_stepped_network_equals_the_fused_one(neuron):
-    """Stepping the T = 1 network T times with carried state gives the fused T-step output."""
+    """Stepping the T = 1 network T times with carried state gives the fused T-step output;
+    the benchmark's stepped contender is fastspike.analysis.SteppedSNN."""
+    assert bench_models.SteppedSNN is SteppedSNN
     qnet, x = bench_models.build_quantized("tiny_cnn", 4, 3, torch.device("cpu"))
     plain = {o: False for o in bench_models.available_options()}
     with torch.no_grad():
         fused = bench_models.convert(qnet, 3, neuron, plain)(x)
-        stepped_net = bench_models.SteppedSNN(qnet, 3, neuron, plain)
+        stepped_net = SteppedSNN(qnet, 3, neuron, plain)
         stepped = stepped_net(x)
         again = stepped_net(x)  # the state is reset per call
     assert len(stepped_net.carried) == 3
@@ -121,7 +135,7 @@ def test_mac_and_sop_counts_match_a_hand_count():
     torch.manual_seed(0)
     net = HandNet().eval()
     x = torch.rand(2, 1, 4, 4) * 4
-    macs = bench_models.count_macs(net, x)
+    macs = count_macs(net, x)
     # conv1: 2x4x4 outputs x 9 taps x 1 channel; conv2: 3x2x2 outputs x 9 x 2; fc: 5 x 12
     assert macs == {"conv1": 288, "conv2": 216, "fc": 60}
     qnet = fastspike.quantize(net, levels=4)
@@ -132,7 +146,7 @@ def test_mac_and_sop_counts_match_a_hand_count():
     for name, module in snn.named_modules():
         if isinstance(module, fastspike.SpikingNeuron):
             module.register_forward_hook(lambda m, i, o, name=name: seen.__setitem__(name, (o.clone(), m.threshold)))
-    stats = bench_models.spike_statistics(snn, macs, x, T)
+    stats = spike_statistics(snn, macs, x, T)
     (name1, (s1, th1)), (name2, (s2, th2)) = sorted(seen.items())
     # IF neurons: every non-zero output is one spike of size θ
     assert torch.all((s1 == 0) | (s1 == th1)) and torch.all((s2 == 0) | (s2 == th2))
@@ -219,7 +233,7 @@ def test_cli_bench_runs_the_chosen_suite_with_its_arguments(monkeypatch):
 def test_cpu_peak_memory_is_the_tensor_high_water_mark_of_one_call():
     """x*2 (4 MB), x+1 (4 MB) and their concatenation (8 MB) are alive together: 16 MB,
     every time (the profiler's running total persists between sessions)."""
-    memory = bench_models.PeakMemory(torch.device("cpu"))
+    memory = PeakMemory(torch.device("cpu"))
     x = torch.randn(1000, 1000)
     peaks = [memory.measure(lambda: torch.cat([x * 2, x + 1])) for _ in range(2)]
     assert [p["peak_bytes"] for p in peaks] == [16_000_000, 16_000_000]
@@ -246,3 +260,44 @@ def test_bench_neurons_json_has_the_contenders_ratios_and_thread_scaling(tmp_pat
     fused_out, copy_out = result["contenders"]["fused_out"], result["contenders"]["copy_out"]
     assert result["ratios"]["fused_out_bw_fraction_of_copy_out"] == pytest.approx(
         fused_out["gbps"] / copy_out["gbps"])
+
+
+def test_bench_neurons_spikingjelly_contenders(tmp_path):
+    """SpikingJelly's multi-step IFNode(v_reset=None) as contenders: timed and equal to fastspike's
+    neuron from a zero membrane where SpikingJelly is installed, skipped with the reason elsewhere
+    (other kinds, CUDA-only implementations on the CPU, SpikingJelly missing)."""
+    out = tmp_path / "neurons-sj.json"
+    assert bench_neurons.main(["--T", "3", "--N", "1000", "--kinds", "if", "signed", "--dtypes", "float32",
+                               "--directions", "forward", "forward_backward", "--device", "cpu",
+                               "--contenders", "fused", *bench_neurons.SJ_CONTENDERS,
+                               "--rounds", "1", "--min-time", "0", "--out", str(out)]) == 0
+    payload = json.loads(out.read_text())
+    installed = bench_neurons.spikingjelly_version()
+    assert payload["settings"]["spikingjelly"] == installed
+    for r in payload["results"]:
+        c = r["contenders"]
+        assert c["fused"]["median_s"] > 0
+        for name in ("sj_cuda", "sj_triton", "sj_cupy"):
+            assert "skipped" in c[name]
+        if installed is None:
+            assert all(c[n]["skipped"] == "SpikingJelly is not installed" for n in bench_neurons.SJ_CONTENDERS)
+        elif r["kind"] == "signed":
+            assert "if kind only" in c["sj_torch"]["skipped"] and "fused_speedup_vs_sj_torch" not in r["ratios"]
+        else:
+            assert c["sj_torch"]["median_s"] > 0
+            assert r["ratios"]["fused_speedup_vs_sj_torch"] == pytest.approx(
+                c["sj_torch"]["median_s"] / c["fused"]["median_s"])
+            assert "CUDA only" in c["sj_cuda"]["skipped"]
+            if r["direction"] == "forward":
+                assert r["sj_equals_fused"] == {"sj_torch": True}
+
+
+def test_bench_models_spikingjelly_skipped_cleanly_without_it(monkeypatch, tmp_path):
+    monkeypatch.setattr(bench_models, "spikingjelly_version", lambda: None)
+    out = tmp_path / "models.json"
+    assert bench_models.main(["--quick", "--T", "1", "--device", "cpu", "--rounds", "1", "--min-time", "0",
+                              "--contenders", "ann", "sj", "sj_fastspike", "--no-plot", "--out", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["contenders"]["sj"] == {"skipped": "SpikingJelly is not installed", "median_s_per_image": None}
+    assert r["contenders"]["sj_fastspike"]["skipped"] == "SpikingJelly is not installed"
+    assert r["ratios"]["sj_over_sj_fastspike"] is None and r["max_abs_diff_sj"] is None

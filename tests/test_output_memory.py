@@ -11,12 +11,11 @@ import pytest
 import torch
 
 import fastspike
+from fastspike.analysis import PeakMemory
 from fastspike.reference import neuron_reference
 
 from conftest import assert_same_result, needs_extension
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
-import bench_models  # noqa: E402
 
 pytestmark = [
     needs_extension(),
@@ -154,7 +153,7 @@ def test_profiler_sees_large_outputs():
     x = large_input(4)
     expected = x.numel() * 4 + 2 * NEURONS * 4
     with torch.no_grad():
-        peak = bench_models.PeakMemory(torch.device("cpu")).measure(lambda: fastspike.neuron(x, 0.9))
+        peak = PeakMemory(torch.device("cpu")).measure(lambda: fastspike.neuron(x, 0.9))
     assert expected <= peak["peak_bytes"] < expected + 1024  # plus the 4-byte threshold tensor
 
 
