@@ -25,6 +25,7 @@ from .nn import NEURON_KINDS
 __all__ = ["main"]
 
 MAX_GROUP_SIZE = 2**20  # the neuron operator's limit on m
+TUNE_SEED = 2  # the held-out tuning scenes of finetune (training uses seed 0, the demo's test scenes 1)
 
 
 class UsageError(Exception):
@@ -457,12 +458,28 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     task = _task_of(ckpt["model"])
     dataset, _, _, collate = _training_set(args.data, task, args.image_size, args.num_images)
     qnet, snn, device = _converted(args, ckpt)
-    # Classifiers are judged by their accuracy on the tuning data, other models by each layer's loss.
+    # Each layer's update is kept only if the task's metric did not drop (Fast-SNN's pipeline):
+    # classifiers by their accuracy on the tuning data; detectors (mAP@0.5) and segmenters (mIoU)
+    # on --tune-images held-out scenes of their own seed, neither trained nor tested on.
+    metric_fn, metric = None, "train accuracy"
+    if task != "classification":
+        from torch.utils.data import DataLoader
+
+        from .data import SyntheticScenes
+
+        tune = DataLoader(SyntheticScenes(args.tune_images, args.image_size, seed=TUNE_SEED), args.batch_size,
+                          collate_fn=collate)
+        anchors = (ckpt.get("model_kwargs") or {}).get("anchors")
+        metric = "held-out mAP@0.5" if task == "detection" else "held-out mIoU"
+
+        def metric_fn(model: torch.nn.Module) -> float:
+            scores = _evaluate(model, tune, task, ckpt["num_classes"], args.image_size, device, False, anchors)
+            return next(iter(scores.values()))
+
     report = finetune_layerwise(snn, qnet, dataset, _train_config(args), force=args.force, collate_fn=collate,
-                                val_set=dataset if task == "classification" else None,
+                                val_set=dataset if task == "classification" else None, metric=metric_fn,
                                 max_batches=args.max_batches, device=device, progress=not args.no_progress)
     _save_tuned(args, ckpt, qnet, snn)
-    metric = "train accuracy" if task == "classification" else "-layer MSE"
     print(f"{'layer':16s} {'params':>8s} {'MSE first':>10s} {'MSE last':>10s} {metric + ' before':>22s} "
           f"{'after':>8s}  kept")
     for r in report:
@@ -675,6 +692,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true", help="keep every layer's update even if the metric drops")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="batches per layer and epoch")
     p.add_argument("--num-images", type=_positive_int, default=128, help="synthetic scenes to tune on")
+    p.add_argument("--tune-images", type=_positive_int, default=64,
+                   help="held-out synthetic scenes (their own seed) that judge a detector's or segmenter's "
+                        "layer updates by mAP@0.5 / mIoU")
     _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
     p.set_defaults(func=cmd_finetune)
 

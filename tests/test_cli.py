@@ -546,3 +546,24 @@ def test_train_snn_mistakes_give_one_line_and_exit_2(args, expected, demo_dir, t
     assert expected in err, err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert not os.path.exists(tmp_path / "o.pt") and not os.path.exists(tmp_path / "o.pt.state")
+
+
+@pytest.mark.parametrize("task, metric", [("detection", "held-out mAP@0.5"), ("segmentation", "held-out mIoU")])
+def test_finetune_judges_detectors_and_segmenters_by_their_task_metric(demo_dir, tmp_path, capsys, task, metric):
+    """Fast-SNN's pipeline from the command line (issue 20): a layer's update is kept only if
+    the task's metric on held-out scenes did not drop."""
+    from fastspike.cli import main
+
+    out, _ = demo_dir
+    tuned = tmp_path / "tuned.pt"
+    size = DemoConfig.quick().scene_size
+    assert main(["finetune", str(out / f"{task}.pt"), "-T", "2", "--neuron", "signed", "--out", str(tuned),
+                 "--data", "scenes", "--image-size", str(size), "--num-images", "8", "--tune-images", "4",
+                 "--batch-size", "4", "--max-batches", "1", "--epochs", "1", "--no-progress"]) == 0
+    printed = capsys.readouterr().out
+    assert f"{metric} before" in printed and tuned.is_file()
+    rows = [line.split() for line in printed.splitlines() if line.rstrip().endswith((" yes", " no"))]
+    assert rows
+    for row in rows:
+        before, after, kept = float(row[-3]), float(row[-2]), row[-1]
+        assert (kept == "yes") == (after >= before)  # the metric decides
