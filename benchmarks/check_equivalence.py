@@ -16,7 +16,7 @@ levels), the same input runs through
 and each is compared bit for bit (spikes, v, count) with the reference loop on the CPU, in five
 forms: plain, ``residual=``, ``compact=True`` (int8 counts), ``out=`` in place over x, and chunked
 (T = 2 + rest, the second call from the first's state). The thresholds are drawn so that about a
-third of them give a unit θ/3 that CUDA's reciprocal division would round differently (DESIGN §4).
+third of them give a unit θ/3 that CUDA's reciprocal division would round differently (docs/design.md §4).
 
 Gradients (grad="surrogate" and "rate", float32 and float64): the kernels' input gradient on
 --device and on the CPU against the CPU reference's, within tests/test_backward.py's tolerances

@@ -16,7 +16,7 @@ BENCHMARKS = (os.path.join(os.path.dirname(_PACKAGE), "benchmarks")
               else os.path.join(_PACKAGE, "_benchmarks"))
 
 # -ffp-contract=off: the neuron math must not be fused into multiply-adds, so
-# that CPU, CUDA and the PyTorch reference round alike (DESIGN §2).
+# that CPU, CUDA and the PyTorch reference round alike (docs/design.md §2).
 # -fno-trapping-math: floating-point exceptions are never observed, so GCC may
 # evaluate both sides of a select; without it the lane loops of the group
 # neurons are not vectorised. It changes no rounding: results stay bit-exact.

@@ -20,7 +20,7 @@ compare the two builds on one machine).
 
 Rounding: NVRTC gets ``--fmad=false`` as nvcc does, and the math uses the
 explicitly rounded intrinsics, so results agree bit for bit with the
-reference (DESIGN §2).
+reference (docs/design.md §2).
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ THREADS_PER_BLOCK = 256
 FORWARD_VECTOR_WIDTH = 4
 BLOCKS_PER_SM = 32
 
-# --fmad=false: no contraction into fused multiply-adds (DESIGN §2), as the
+# --fmad=false: no contraction into fused multiply-adds (docs/design.md §2), as the
 # nvcc build; no --use_fast_math. CuPy adds -arch for the current device.
 NVRTC_OPTIONS: Tuple[str, ...] = ("-std=c++17", "--fmad=false")
 

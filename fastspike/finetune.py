@@ -11,7 +11,7 @@ For each spiking layer k in order, the SNN's time-averaged output of layer k is 
 the quantized ANN's output of the same layer (quantizer k: the converter gives neuron k the
 quantizer's module name) on the same input, with an MSE loss. Only the weights feeding layer k
 (the convs/linears between the previous spiking layers and it, BatchNorm already folded into
-them) are trained; thresholds are buffers and stay. The neurons run with ``grad="rate"`` (DESIGN
+them) are trained; thresholds are buffers and stay. The neurons run with ``grad="rate"`` (docs/design.md
 §2): the forward value is the SNN's, the gradient the one of the layer's quantized-ANN twin on the
 mean input (straight through). After the layer's epochs a metric decides: the update is kept
 only if the metric did not get worse (``force=True`` keeps it anyway). Everything runs on the

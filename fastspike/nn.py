@@ -48,7 +48,7 @@ class NeuronState(NamedTuple):
 
 
 class SpikingNeuron(nn.Module):
-    """A layer of generalised spiking neurons (DESIGN §2) run by the fused ops.
+    """A layer of generalised spiking neurons (docs/design.md §2) run by the fused ops.
 
     Args:
         threshold: θ, a number or a tensor ([C] per channel, or per neuron);

@@ -1,4 +1,4 @@
-"""Quantized-ReLU activations of the published ANN-to-SNN methods (DESIGN §1).
+"""Quantized-ReLU activations of the published ANN-to-SNN methods (docs/design.md §1).
 
 Every preset computes the same forward function
 

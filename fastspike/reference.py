@@ -1,4 +1,4 @@
-"""The pure-PyTorch time loop of the generalised spiking neuron (DESIGN §2).
+"""The pure-PyTorch time loop of the generalised spiking neuron (docs/design.md §2).
 
 This module defines what fastspike computes. It is
 
@@ -57,7 +57,7 @@ class NeuronResult(NamedTuple):
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for float16/bfloat16/float32, float64 for float64 (DESIGN §2)."""
+    """float32 for float16/bfloat16/float32, float64 for float64 (docs/design.md §2)."""
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
@@ -250,7 +250,7 @@ def exact_div(a: torch.Tensor, n: Union[int, float]) -> torch.Tensor:
     div_rn. Dividing by the Python number n would not be: PyTorch's CUDA div
     of a tensor by a CPU scalar multiplies by the rounded reciprocal 1/n (one
     ulp off for about a third of the values when n = 3), while the CPU divides
-    (DESIGN §4). A 0-dim tensor on a's own device is no CPU scalar, so CUDA
+    (docs/design.md §4). A 0-dim tensor on a's own device is no CPU scalar, so CUDA
     divides too. ``a`` must be in its accumulation dtype (float32/float64)."""
     return a / torch.scalar_tensor(n, dtype=a.dtype, device=a.device)
 

@@ -128,7 +128,7 @@ def test_kernel_source_compiles_under_nvrtc():
 
 def test_forward_math_is_never_contracted_into_fma():
     """Even with nvcc's default --fmad=true, the explicitly rounded intrinsics
-    keep v − k⁺·u a separate multiply and subtract (DESIGN §2)."""
+    keep v − k⁺·u a separate multiply and subtract (docs/design.md §2)."""
     header = open(os.path.join(ROOT, "csrc", "neuron", "neuron_math.h")).read()
     include = os.path.join(CUDA_HOME, "include")
     status, log, ptx, _ = nvrtc_compile(header + FORWARD_KERNELS, ["-arch=compute_90", f"-I{include}", "--fmad=true"])

@@ -24,7 +24,7 @@ DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 def test_runtime_kernel_source_compiles_under_nvrtc_without_fma(dtype):
     """The exact program and options the CuPy path hands NVRTC (plus the
     -arch and include path CuPy adds) compile, every kernel it launches is in
-    the PTX, and --fmad=false leaves no fused multiply-add (DESIGN §2)."""
+    the PTX, and --fmad=false leaves no fused multiply-add (docs/design.md §2)."""
     names = cupy_backend.kernel_names(dtype)
     options = list(cupy_backend.NVRTC_OPTIONS) + cupy_backend.include_options() + ["-arch=compute_90"]
     assert cupy_backend.include_options(), "no cuda_fp16.h found for NVRTC"

@@ -2,7 +2,7 @@
 gradient's time averages) the same way on every device, as the kernels do.
 
 PyTorch's CUDA `div` of a tensor by a Python number multiplies by the
-reciprocal 1/n rounded to the op's math type; the CPU divides (DESIGN §4). A
+reciprocal 1/n rounded to the op's math type; the CPU divides (docs/design.md §4). A
 reference dividing by Python numbers therefore passes every CPU test and fails
 the bit-for-bit CUDA ones (u one ulp off for about a third of the thresholds
 when m = 3). With no GPU here, `CudaScalarDivision` emulates that rule on the
@@ -156,6 +156,6 @@ def test_exact_div_agrees_across_devices(device):
     theta = reciprocal_sensitive_thresholds(300)
     expected = (theta.double() / 3).float()
     assert torch.equal(exact_div(theta.to(device), 3).cpu(), expected)
-    if device == "cuda":  # the rule exact_div avoids (DESIGN §4), as this test's emulation has it
+    if device == "cuda":  # the rule exact_div avoids (docs/design.md §4), as this test's emulation has it
         emulated = theta * (torch.ones(()) / 3)
         assert torch.equal((theta.to(device) / 3).cpu(), emulated)

@@ -1,4 +1,4 @@
-"""The fused forward equals the reference loop bit for bit (DESIGN §2)."""
+"""The fused forward equals the reference loop bit for bit (docs/design.md §2)."""
 
 import os
 import platform

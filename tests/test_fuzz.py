@@ -254,7 +254,7 @@ def test_fuzz_quant_relu_presets_compute_quantize_tensor(preset, levels, lam, sh
     group_size=st.sampled_from([1, 2, 4]),
 )
 def test_fuzz_neuron_on_constant_input_equals_quantizer(z, theta, time_steps, group_size):
-    """DESIGN §1: an IF (group) neuron with v0 = u/2 fed z for T steps emits
+    """docs/design.md §1: an IF (group) neuron with v0 = u/2 fed z for T steps emits
     quantize(z; θ, L = m·T)·T in total, away from the rounding edges."""
     z = torch.tensor(z, dtype=torch.float64) * theta
     levels = group_size * time_steps

@@ -1,5 +1,5 @@
-"""The published facts the neuron must reproduce (DESIGN §1) and the chunking
-property (DESIGN §2), checked on the fused operators."""
+"""The published facts the neuron must reproduce (docs/design.md §1) and the chunking
+property (docs/design.md §2), checked on the fused operators."""
 
 import math
 

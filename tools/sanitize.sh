@@ -32,7 +32,7 @@ PYTHON=${PYTHON:-.venv/bin/python}
 SANITIZE_DIR=${SANITIZE_DIR:-build/sanitize}
 MAX_JOBS=${MAX_JOBS:-2}
 MODE=${1:-cpu}
-export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # where torch should look (DESIGN §4)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}  # where torch should look (docs/design.md §4)
 LIB="$SANITIZE_DIR/libfastspike_sanitized.so"
 # The operator and converter tests (what exercises csrc/), plus the fuzz and
 # hardening tests. Two kinds skip themselves via FASTSPIKE_SANITIZED: the >2^31

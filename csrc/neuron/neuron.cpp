@@ -313,7 +313,7 @@ RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Ten
 }
 
 TORCH_LIBRARY(fastspike, m) {
-  // Runs all T steps of the generalised neuron (DESIGN §2) in one call.
+  // Runs all T steps of the generalised neuron (docs/design.md §2) in one call.
   // Returns (spikes, v_final, count_final, membrane_seq, negative_open_seq,
   // input_mean); the last three are what the backward of grad_mode needs and
   // are empty ([0]) otherwise. residual (x_seq's shape and dtype): charge with

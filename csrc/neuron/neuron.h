@@ -58,7 +58,7 @@ struct ForwardOutputs {
   }
 };
 
-// float32 for float16/bfloat16/float32, float64 for float64 (DESIGN §2).
+// float32 for float16/bfloat16/float32, float64 for float64 (docs/design.md §2).
 at::ScalarType accumulation_dtype(at::ScalarType dtype);
 
 ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,

@@ -1,5 +1,5 @@
 // The neuron math of fastspike, written once for the CPU kernel, the CUDA
-// kernel and NVRTC (DESIGN §2). Everything here is a host-and-device function
+// kernel and NVRTC (docs/design.md §2). Everything here is a host-and-device function
 // of plain values and pointers: no ATen, no standard library beyond <cstdint>,
 // so the CPU test suite exercises exactly the arithmetic the GPU runs.
 //
@@ -157,7 +157,7 @@ FASTSPIKE_HD acc_t neuron_unit(acc_t threshold, int group_size) {
 }
 
 // ---------------------------------------------------------------------------
-// Spike counts of a group of m members, defined by comparisons (DESIGN §2):
+// Spike counts of a group of m members, defined by comparisons (docs/design.md §2):
 //   k⁺ = #{j ∈ 1..m : h ≥ j·u}          n⁻ = #{j ∈ 1..m : v ≤ −ε − (j−1)·u}
 // Each set is a prefix of 1..m (the rounded levels are monotone in j), so the
 // count is found from a quotient estimate corrected by one comparison either
@@ -218,7 +218,7 @@ FASTSPIKE_HD int32_t wrapping_sub(int32_t a, int32_t b) {
 }
 
 // ---------------------------------------------------------------------------
-// One time step of the generalised neuron (DESIGN §2). `unit` is u = θ/m.
+// One time step of the generalised neuron (docs/design.md §2). `unit` is u = θ/m.
 // Updates (v, count) in place and returns k⁺ − k⁻ in acc_t (as the reference
 // computes it, so a count that wrapped around int32 gives no integer overflow;
 // the count itself wraps as torch's int32 arithmetic does). `charged` receives the

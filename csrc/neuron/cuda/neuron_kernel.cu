@@ -5,7 +5,7 @@
 // for the CuPy path): the per-element work is in neuron_math.h,
 // shared with the CPU kernels and walked on the CPU by grid_emulation.cpp.
 //
-// Light headers only (DESIGN §4): torch/extension.h or ATen/cuda/CUDAContext.h
+// Light headers only (docs/design.md §4): torch/extension.h or ATen/cuda/CUDAContext.h
 // would make this file several times slower to compile.
 #include "../neuron_dispatch.h"
 #include "neuron_kernels.cuh"  // the __global__ kernels, shared with the CuPy/NVRTC path
