@@ -25,13 +25,14 @@ from __future__ import annotations
 import math
 import numbers
 import weakref
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
 __all__ = ["FLOAT_DTYPES", "MAX_GROUP_SIZE", "MAX_COMPACT_GROUP", "check_x", "check_real", "check_int",
            "check_bool", "check_choice", "check_threshold", "check_threshold_values", "check_state",
-           "check_like_x", "check_compact", "check_neuron_call"]
+           "check_like_x", "check_compact", "check_neuron_call", "check_residual",
+           "check_out_overlaps"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_GROUP_SIZE = 2**20
@@ -298,3 +299,45 @@ def check_neuron_call(x_seq: Any, threshold: Any, group_size: Any, signed: Any, 
         check_like_x(residual, x_seq, "residual")
     if compact is not False and compact is not True:
         check_bool(compact, "compact")
+
+
+def check_residual(residual: Optional[torch.Tensor], x_seq: torch.Tensor) -> None:
+    """A residual operand must match x_seq exactly: it is added elementwise in
+    the kernel, with no broadcasting or type promotion."""
+    if residual is not None:
+        check_like_x(residual, x_seq, "residual")
+
+
+def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
+    """[first, last) bytes a tensor's elements can touch."""
+    if t.numel() == 0:
+        return (t.data_ptr(), t.data_ptr())
+    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
+    return (t.data_ptr(), t.data_ptr() + extent * t.element_size())
+
+
+def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
+                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
+    """The overlap rules of the out= form, as check_forward_out in
+    csrc/neuron/neuron.cpp: the (spikes, v, count) buffers may coincide exactly
+    with what they replace element for element (x, v_init, count_init), and
+    overlap nothing else the kernel reads or writes. x, v_init and count_init are
+    the tensors the kernel reads (contiguous)."""
+    spikes, v, count = buffers
+    names = {id(spikes): "spikes (the out= tensor)", id(v): "v (the out= state)",
+             id(count): "count (the out= state)", id(x): "x_seq", id(v_init): "v_init",
+             id(count_init): "count_init"}
+    pairs = [(spikes, x, True), (v, x, False), (v, spikes, False), (v, v_init, True),
+             (v, count_init, False), (count, x, False), (count, spikes, False), (count, v, False),
+             (count, count_init, True), (count, v_init, False)]
+    for buffer, other, allowed_full in pairs:
+        if other is None or buffer.numel() == 0 or other.numel() == 0:
+            continue
+        (a0, a1), (b0, b1) = _byte_span(buffer), _byte_span(other)
+        if a1 <= b0 or b1 <= a0:
+            continue
+        if allowed_full and (a0, a1) == (b0, b1) and buffer.stride() == other.stride():
+            continue
+        raise ValueError(f"{names[id(buffer)]} overlaps {names[id(other)]} in memory"
+                         + (" other than element for element" if allowed_full else "")
+                         + "; pass separate buffers" + (" (or exactly the same tensor)" if allowed_full else ""))

@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from . import _build
-from .reference import _FLOATS, accumulation_dtype, broadcast_threshold, check_out_overlaps, check_state
+from .checks import check_compact, check_out_overlaps, check_residual, check_state
+from .reference import _FLOATS, accumulation_dtype, broadcast_threshold
 
 __all__ = [
     "NVRTC_OPTIONS",
@@ -419,7 +420,6 @@ def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_
     fields = {name for name, _ in struct_fields("ForwardArgs")}
     if residual is not None or compact:
         # the residual/compact checks live beside the reference's (added with those options)
-        from .reference import check_compact, check_residual
         check_residual(residual, x_seq)
         check_compact(compact, group_size, grad_mode)
     values, inner, size = threshold_layout(threshold, x_seq)

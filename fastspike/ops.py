@@ -44,17 +44,18 @@ import torch
 
 from . import _backend, cupy_backend
 from .checks import check_neuron_call
+from .checks import (
+    check_compact,
+    check_like_x,
+    check_out_overlaps,
+    check_residual,
+    check_state,
+)
 from .reference import (
     DEFAULT_ALPHA,
     NeuronResult,
     Threshold,
     accumulation_dtype,
-    check_compact,
-    check_like_x,
-    check_neuron_args,
-    check_out_overlaps,
-    check_residual,
-    check_state,
     neuron_reference,
     threshold_tensor,
 )

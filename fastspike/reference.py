@@ -28,9 +28,11 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Sequence, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+
+from .checks import MAX_COMPACT_GROUP, check_compact, check_state  # noqa: F401 (MAX_COMPACT_GROUP re-exported)
 
 __all__ = [
     "NeuronResult",
@@ -62,22 +64,6 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-
-
-def check_neuron_args(
-    x_seq: torch.Tensor,
-    group_size: int,
-    neg_margin: float,
-    init_fraction: float,
-    grad: str,
-    surrogate: str,
-    alpha: float,
-) -> None:
-    """The argument checks of the compiled operators, for the Python paths
-    (fastspike.checks; symbolic numbers under torch.compile pass unchecked)."""
-    from .checks import check_neuron_params
-
-    check_neuron_params(x_seq, group_size, False, init_fraction, neg_margin, grad, surrogate, alpha)
 
 
 def threshold_tensor(threshold: Threshold, x_seq: torch.Tensor) -> torch.Tensor:
@@ -124,90 +110,6 @@ def broadcast_threshold(threshold: torch.Tensor, x_seq: torch.Tensor) -> torch.T
     # Values are read on the CPU only, and not while torch.compile/export trace.
     check_threshold_values(threshold, acc)
     return out.to(acc)
-
-
-def check_state(state: Optional[torch.Tensor], x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    if state is None:
-        return
-    if state.device != x_seq.device:
-        raise ValueError(f"{name} must be on the same device as x_seq ({x_seq.device}), got {state.device}")
-    if state.dtype != dtype:
-        raise TypeError(f"{name} must have dtype {dtype} for x_seq of dtype {x_seq.dtype}, got {state.dtype}")
-    if state.shape != x_seq.shape[1:]:
-        raise ValueError(
-            f"{name} must have the shape of one time step of x_seq, {list(x_seq.shape[1:])}, "
-            f"got {list(state.shape)}"
-        )
-
-
-def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
-    """[first, last) bytes a tensor's elements can touch."""
-    if t.numel() == 0:
-        return (t.data_ptr(), t.data_ptr())
-    extent = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride())) + 1
-    return (t.data_ptr(), t.data_ptr() + extent * t.element_size())
-
-
-def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
-                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
-    """The overlap rules of the out= form, as check_forward_out in
-    csrc/neuron/neuron.cpp: the (spikes, v, count) buffers may coincide exactly
-    with what they replace element for element (x, v_init, count_init), and
-    overlap nothing else the kernel reads or writes. x, v_init and count_init are
-    the tensors the kernel reads (contiguous)."""
-    spikes, v, count = buffers
-    names = {id(spikes): "spikes (the out= tensor)", id(v): "v (the out= state)",
-             id(count): "count (the out= state)", id(x): "x_seq", id(v_init): "v_init",
-             id(count_init): "count_init"}
-    pairs = [(spikes, x, True), (v, x, False), (v, spikes, False), (v, v_init, True),
-             (v, count_init, False), (count, x, False), (count, spikes, False), (count, v, False),
-             (count, count_init, True), (count, v_init, False)]
-    for buffer, other, allowed_full in pairs:
-        if other is None or buffer.numel() == 0 or other.numel() == 0:
-            continue
-        (a0, a1), (b0, b1) = _byte_span(buffer), _byte_span(other)
-        if a1 <= b0 or b1 <= a0:
-            continue
-        if allowed_full and (a0, a1) == (b0, b1) and buffer.stride() == other.stride():
-            continue
-        raise ValueError(f"{names[id(buffer)]} overlaps {names[id(other)]} in memory"
-                         + (" other than element for element" if allowed_full else "")
-                         + "; pass separate buffers" + (" (or exactly the same tensor)" if allowed_full else ""))
-
-
-# int8 holds the signed counts |k⁺ − k⁻| ≤ m only up to m = 127.
-MAX_COMPACT_GROUP = 127
-
-
-def check_like_x(tensor: torch.Tensor, x_seq: torch.Tensor, name: str) -> None:
-    """``tensor`` must have x_seq's device, dtype and shape (out=, residual=)."""
-    if not isinstance(tensor, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or None, got {type(tensor).__name__}")
-    if tensor.device != x_seq.device:
-        raise ValueError(f"{name} must be on the same device as x_seq ({x_seq.device}), got {tensor.device}")
-    if tensor.dtype != x_seq.dtype:
-        raise TypeError(f"{name} must have x_seq's dtype {x_seq.dtype}, got {tensor.dtype}")
-    if tensor.shape != x_seq.shape:
-        raise ValueError(f"{name} must have x_seq's shape {list(x_seq.shape)}, got {list(tensor.shape)}")
-
-
-def check_residual(residual: Optional[torch.Tensor], x_seq: torch.Tensor) -> None:
-    """A residual operand must match x_seq exactly: it is added elementwise in
-    the kernel, with no broadcasting or type promotion."""
-    if residual is not None:
-        check_like_x(residual, x_seq, "residual")
-
-
-def check_compact(compact: bool, group_size: int, grad: str) -> None:
-    """Compact spikes are int8 counts without a gradient."""
-    if not compact:
-        return
-    if grad != "none":
-        raise ValueError("compact spikes (int8 counts) are for inference and have no gradient: "
-                         f"grad must be 'none' (or no input may require grad), got {grad!r}")
-    if group_size > MAX_COMPACT_GROUP:
-        raise ValueError(f"compact spikes are int8 counts |k| <= group_size, so group_size must be "
-                         f"<= {MAX_COMPACT_GROUP}, got {group_size}")
 
 
 def surrogate_derivative(z: torch.Tensor, kind: str, alpha: float) -> torch.Tensor:

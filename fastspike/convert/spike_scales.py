@@ -7,7 +7,7 @@ from typing import List, Optional, Tuple
 import torch
 from torch import fx, nn
 
-from ..reference import MAX_COMPACT_GROUP
+from ..checks import MAX_COMPACT_GROUP
 from .graph import _called_once, _is_neuron, _module
 
 # ---------------------------------------------------------------------------
