@@ -25,7 +25,7 @@ def prefix_readouts(seq: torch.Tensor, steps: Sequence[int], readout: str = "mea
     """{t: readout of seq[:t]} for each t in ``steps`` from one [T, B, ...]
     sequence: ``"mean"``/``"sum"`` as ``to_snn``'s readouts (``seq[:t].mean(0)``,
     the same reduction a t-step run makes), ``"running-sum"`` and
-    ``"sum-batch-major"`` as :class:`fastspike.interop.SourceReadout`."""
+    ``"sum-batch-major"`` as :func:`fastspike.nn.sum_in_order`."""
     if readout not in READOUTS:
         raise ValueError(f"readout must be one of {READOUTS}, got {readout!r}")
     if seq.dim() < 2:
@@ -43,7 +43,7 @@ def prefix_readouts(seq: torch.Tensor, steps: Sequence[int], readout: str = "mea
             if t in steps:
                 out[t] = running.clone()
         return out
-    from .interop import sum_in_order
+    from .nn import sum_in_order
     for t in steps:
         head = seq[:t]
         if readout == "mean":

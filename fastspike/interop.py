@@ -51,7 +51,6 @@ from .quant import QuantReLU
 __all__ = [
     "ImportedQuantReLU",
     "NormalisedNeuron",
-    "SourceReadout",
     "SpikingJellyNet",
     "from_qcfs",
     "from_fastsnn",
@@ -563,38 +562,6 @@ class NormalisedNeuron(nn.Module):
         return f"scale={self.scale}"
 
 
-class SourceReadout(nn.Module):
-    """[T·B, ...] -> the readout of a code base, in its own summation order:
-    ``"running-sum"`` (QCFS, GN: ``spikes += out`` step after step),
-    ``"sum-batch-major"`` (Fast-SNN: ``x.sum(dim=1)`` of the [B, T, ...] tensor)."""
-
-    def __init__(self, time_steps: int, mode: str):
-        super().__init__()
-        if mode not in ("running-sum", "sum-batch-major"):
-            raise ValueError(f"mode must be 'running-sum' or 'sum-batch-major', got {mode!r}")
-        self.time_steps = time_steps
-        self.mode = mode
-
-    def _one(self, y: Any) -> Any:
-        if not isinstance(y, torch.Tensor) or y.dim() == 0:
-            return y
-        seq = y.view((self.time_steps, y.shape[0] // self.time_steps) + tuple(y.shape[1:]))
-        return sum_in_order(seq, self.mode)
-
-    def forward(self, y: Any) -> Any:
-        return pytree.tree_map(self._one, y)
-
-
-def sum_in_order(seq: torch.Tensor, mode: str) -> torch.Tensor:
-    """Σ_t seq[t] of a [T, B, ...] tensor in a code base's order (see :class:`SourceReadout`)."""
-    if mode == "sum-batch-major":
-        return seq.transpose(0, 1).contiguous().sum(dim=1)
-    total = seq[0].clone()
-    for t in range(1, seq.shape[0]):
-        total += seq[t]
-    return total
-
-
 _READOUT_FAST = {"running-sum": "sum", "sum-batch-major": "sum"}
 
 
@@ -610,7 +577,7 @@ def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
     ``exact=True`` reproduces the code base's own simulation bit for bit:
     BatchNorm stays unfolded (``fold_bn=False``), QCFS's neurons divide their
     input by λ and fire at 1 (:class:`NormalisedNeuron`), and the readout
-    sums the steps in the source's order (:class:`SourceReadout`). It relies
+    sums the steps in the source's order (:class:`fastspike.nn.ReadoutOverTime`'s source orders). It relies
     on the layers computing each sample as the source's per-step calls do
     (the same BLAS/convolution kernels for T·B rows as for B rows); on the
     development CPU that holds for batches of 2 or more, not for a batch of 1.
@@ -633,7 +600,7 @@ def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
         kwargs.setdefault("fold_bn", False)
         kwargs.setdefault("compact_spikes", False)
     if readout is None:
-        readout_kw = "sequence" if exact else _READOUT_FAST[source_readout]
+        readout_kw = source_readout if exact else _READOUT_FAST[source_readout]
     else:
         readout_kw = readout
     if group_size == -1:
@@ -663,16 +630,6 @@ def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
                                       "has one λ")
             layer.threshold = torch.ones_like(layer.threshold)
             _set_module(snet, name, NormalisedNeuron(layer, scale))
-    if exact and readout is None:
-        # The ReadoutOverTime call (sequence mode) gives way to the source's sum.
-        output = next(n for n in snet.graph.nodes if n.op == "output")
-        readout_node = output.args[0]
-        snet.add_submodule("source_readout", SourceReadout(time_steps, source_readout))
-        with snet.graph.inserting_before(output):
-            summed = snet.graph.call_module("source_readout", (readout_node.args[0],))
-        output.args = (summed,)
-        snet.graph.erase_node(readout_node)
-        snet.delete_all_unused_submodules()
     snet.graph.lint()
     snet.recompile()
     return snet

@@ -21,7 +21,7 @@ takes and returns the state explicitly::
 from __future__ import annotations
 
 import contextvars
-from typing import Any, Dict, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -29,7 +29,7 @@ from torch.utils import _pytree as pytree
 
 from . import checks
 from .ops import neuron
-from .reference import DEFAULT_ALPHA, accumulation_dtype, broadcast_threshold
+from .reference import accumulation_dtype, broadcast_threshold, exact_div
 
 # {SpikingNeuron: int8 counts} of the record_spike_trains call running in this
 # thread (or asyncio task): recording per call, never through shared module state.
@@ -170,7 +170,7 @@ class SpikingNeuron(nn.Module):
 
     def spike_scale(self) -> torch.Tensor:
         """u = θ/m (float32, the threshold's shape): what one count is worth."""
-        return self.threshold.float() / self.group_size
+        return exact_div(self.threshold.float(), self.group_size)  # as the kernels round u = θ/m
 
     @torch.jit.unused
     def _run(self, x: torch.Tensor, state: Optional[NeuronState], residual: Optional[torch.Tensor] = None):
@@ -207,7 +207,7 @@ class SpikingNeuron(nn.Module):
                 spikes = counts.to(x_seq.dtype)
             else:  # (k⁺ − k⁻)·u rounded as the kernel does: u and the product in the acc dtype
                 acc = accumulation_dtype(x_seq.dtype)
-                unit = broadcast_threshold(self.threshold, x_seq).to(acc) / self.group_size
+                unit = exact_div(broadcast_threshold(self.threshold, x_seq).to(acc), self.group_size)
                 spikes = (counts.to(acc) * unit).to(x_seq.dtype)
         else:
             result = neuron(x_seq, self.threshold, grad=self.grad, surrogate=self.surrogate,
@@ -377,41 +377,79 @@ class RepeatOverTime(nn.Module):
         self.time_steps = time_steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.unsqueeze(0).expand((self.time_steps,) + tuple(x.shape)).reshape(
-            (self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
+        shape: List[int] = list(x.shape)  # lists, not tuples of torch.Size: TorchScript compiles it
+        return x.unsqueeze(0).expand([self.time_steps] + shape).reshape([self.time_steps * shape[0]] + shape[1:])
 
 
 class ShapeOverTime(nn.Module):
     """[B, ...] -> the torch.Size of the [T·B, ...] tensor RepeatOverTime would
     make, without making it (a module, so a saved network reloads: fx re-traces
-    with every module kept as one call)."""
+    with every module kept as one call). Under TorchScript, a List[int]."""
 
     def __init__(self, time_steps: int):
         super().__init__()
         self.time_steps = time_steps
 
-    def forward(self, x: torch.Tensor) -> torch.Size:
-        return torch.Size((self.time_steps * x.shape[0],) + tuple(x.shape[1:]))
+    def forward(self, x: torch.Tensor) -> List[int]:
+        shape: List[int] = list(x.shape)
+        sizes = [self.time_steps * shape[0]] + shape[1:]
+        if torch.jit.is_scripting():
+            return sizes
+        return self._as_size(sizes)
+
+    @torch.jit.unused
+    def _as_size(self, sizes: List[int]) -> List[int]:
+        return torch.Size(sizes)  # eager callers read it as a shape (.numel(), slices)
+
+
+def sum_in_order(seq: torch.Tensor, mode: str) -> torch.Tensor:
+    """Σ_t seq[t] of a [T, B, ...] tensor in a published code base's order:
+    "running-sum" (a Python loop adding step after step, as the QCFS and GN code
+    bases do) or "sum-batch-major" (the sum over dim 1 of [B, T, ...], as
+    SpikingJelly-style code does); float additions round differently by order."""
+    if mode == "sum-batch-major":
+        return seq.transpose(0, 1).contiguous().sum(dim=1)
+    total = seq[0].clone()
+    for t in range(1, seq.shape[0]):
+        total += seq[t]
+    return total
+
+
+READOUTS = ("mean", "sum", "sequence", "running-sum", "sum-batch-major")
 
 
 class ReadoutOverTime(nn.Module):
     """[T·B, ...] -> the mean or sum over T ([B, ...]) or the sequence [T, B, ...],
-    applied to every tensor of a (possibly nested) output."""
+    applied to every tensor of a (possibly nested) output. "running-sum" and
+    "sum-batch-major" sum in a source code base's order (:func:`sum_in_order`,
+    the exact reproduction mode of :mod:`fastspike.interop`). Under
+    TorchScript the output must be one tensor."""
 
     def __init__(self, time_steps: int, mode: str = "mean"):
         super().__init__()
-        if mode not in ("mean", "sum", "sequence"):
-            raise ValueError(f"readout must be 'mean', 'sum' or 'sequence', got {mode!r}")
+        if mode not in READOUTS:
+            raise ValueError(f"readout must be one of {', '.join(map(repr, READOUTS))}, got {mode!r}")
         self.time_steps = time_steps
         self.mode = mode
 
-    def _one(self, y: Any) -> Any:
-        if not isinstance(y, torch.Tensor) or y.dim() == 0:
+    def _one(self, y: torch.Tensor) -> torch.Tensor:
+        if y.dim() == 0:
             return y
-        seq = y.view((self.time_steps, y.shape[0] // self.time_steps) + tuple(y.shape[1:]))
+        shape: List[int] = list(y.shape)
+        seq = y.view([self.time_steps, shape[0] // self.time_steps] + shape[1:])
         if self.mode == "sequence":
             return seq
-        return seq.mean(0) if self.mode == "mean" else seq.sum(0)
+        if self.mode == "mean":
+            return seq.mean(0)
+        if self.mode == "sum":
+            return seq.sum(0)
+        return sum_in_order(seq, self.mode)
 
-    def forward(self, y: Any) -> Any:
-        return pytree.tree_map(self._one, y)
+    @torch.jit.unused
+    def _nested(self, y: Any) -> Any:
+        return pytree.tree_map(lambda v: self._one(v) if isinstance(v, torch.Tensor) else v, y)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._one(y)
+        return self._nested(y)  # eager: any nesting (DeepLab's {"out": ...})

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import fastspike
+import fastspike.models
 from fastspike.nn import SpikingNeuron, record_spike_trains
 from fastspike.reference import neuron_reference
 
@@ -214,11 +215,12 @@ def test_converted_network_traces_and_passes_the_trace_check():
 
 
 @needs_extension()
-@pytest.mark.xfail(strict=True, raises=Exception,
-                   reason="the converter's own modules (RepeatOverTime, ShapeOverTime, ReadoutOverTime in "
-                          "fastspike/convert.py) do not script yet; SpikingNeuron does (test above)")
-def test_converted_network_scripts():
-    snn = _small_snn()
+@pytest.mark.parametrize("once", [True, False])
+def test_converted_network_scripts(once):
+    torch.manual_seed(0)
+    net = fastspike.models.get_model("digits_cnn", 10, in_channels=1)
+    qnet = fastspike.quantize(net, levels=4, example_input=torch.randn(2, 1, 8, 8))
+    snn = fastspike.to_snn(qnet, 4, "signed", constant_input_once=once).eval()
     scripted = torch.jit.script(snn)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(10))
     with torch.no_grad():

@@ -172,7 +172,8 @@ def to_snn(
             group-neuron paper's rule, L the quantizers' levels, which must
             be the same in every layer and a multiple of T); m = 1 gives
             plain (or signed) IF neurons.
-        readout: "mean" (default), "sum" or "sequence" ([T, B, ...]).
+        readout: "mean" (default), "sum" or "sequence" ([T, B, ...]); "running-sum" and
+            "sum-batch-major" sum in a source code base's order (exact reproduction).
         fuse_residual: emit one neuron call for each ``add -> activation``
             (ResNet residual joins), so the sum is never stored
             (:func:`fuse_residual_adds`). Same outputs, bit for bit.
@@ -213,5 +214,8 @@ def to_snn(
     gm = add_time_axis(gm, time_steps, readout, constant_input_once)
     if compact_spikes:
         gm = fold_spike_scales(gm)
+    for node in gm.graph.nodes:
+        node.type = None  # the user's annotations name types TorchScript cannot resolve in fx's code
+    gm.recompile()
     gm.time_steps = time_steps
     return gm
