@@ -461,7 +461,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # Each layer's update is kept only if the task's metric did not drop (Fast-SNN's pipeline):
     # classifiers by their accuracy on the tuning data; detectors (mAP@0.5) and segmenters (mIoU)
     # on --tune-images held-out scenes of their own seed, neither trained nor tested on.
-    metric_fn, metric = None, "train accuracy"
+    metric_fn, metric = None, "train accuracy"  # classifiers: finetune_layerwise scores val_set
     if task != "classification":
         from torch.utils.data import DataLoader
 
@@ -472,9 +472,11 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         anchors = (ckpt.get("model_kwargs") or {}).get("anchors")
         metric = "held-out mAP@0.5" if task == "detection" else "held-out mIoU"
 
-        def metric_fn(model: torch.nn.Module) -> float:
+        def held_out_metric(model: torch.nn.Module) -> float:
             scores = _evaluate(model, tune, task, ckpt["num_classes"], args.image_size, device, False, anchors)
             return next(iter(scores.values()))
+
+        metric_fn = held_out_metric
 
     report = finetune_layerwise(snn, qnet, dataset, _train_config(args), force=args.force, collate_fn=collate,
                                 val_set=dataset if task == "classification" else None, metric=metric_fn,
