@@ -363,3 +363,161 @@ def test_values_built_from_the_batch_size_are_refused_by_name(where):
 def test_batch_size_read_only_for_shapes_converts_exactly(where):
     torch.manual_seed(0)
     assert_converts_exactly(BatchIndex(where), torch.randn(3, 3, 8, 8))
+
+
+# ---------------------------------------------------------------------------
+# Found by a red-team pass after the first version of these rules
+
+
+class TiedDecoder(nn.Module):
+    """A conv-BN encoder whose weight the decoder reuses: folding the BN into the
+    encoder would change the decoder's weight too."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 3, padding=1)
+        self.enc = nn.Conv2d(6, 8, 3, padding=1)
+        self.bn = _bn_with_statistics(8)
+
+    def forward(self, x):
+        z = F.relu(self.bn(self.enc(F.relu(self.stem(x)))))
+        return F.conv_transpose2d(z, self.enc.weight, padding=1)
+
+
+class TokensBN1d(nn.Module):
+    """Linear on tokens [B, N, C] then BatchNorm1d(N): the BN normalises dim 1,
+    not the linear's outputs, so it must not be folded into the linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc0, self.fc, self.out = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.bn = nn.BatchNorm1d(8)
+        with torch.no_grad():
+            self.bn.running_mean.uniform_(-0.5, 0.5)
+            self.bn.running_var.uniform_(0.5, 2.0)
+
+    def forward(self, x):
+        return self.out(F.relu(self.bn(self.fc(F.relu(self.fc0(x))))))
+
+
+class ReluOfParameter(nn.Module):
+    """F.relu on a parameter (a positivity constraint) is weight arithmetic, not an activation."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 1)
+        self.offset = nn.Parameter(torch.randn(4, 1, 1))
+
+    def forward(self, x):
+        return self.c2(F.relu(self.c1(x)) + F.relu(self.offset))
+
+
+@pytest.mark.parametrize("model, shape", [(TiedDecoder, (2, 3, 6, 6)), (TokensBN1d, (2, 8, 8)),
+                                          (ReluOfParameter, (2, 3, 6, 6))])
+def test_red_team_models_convert_exactly(model, shape):
+    torch.manual_seed(0)
+    net = model()
+    assert_converts_exactly(net, torch.randn(*shape))
+    if model is ReluOfParameter:  # one quantizer: the parameter's ReLU stays a ReLU
+        assert len(fastspike.convert.quantizers(fastspike.quantize(net.float(), levels=LEVELS))) == 1
+
+
+@torch.no_grad()
+def test_relu_of_a_parameter_stays_exact_over_time():
+    """IF at T = L = 4 with one spiking layer on a constant input equals the quantized ANN."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    qnet = fastspike.quantize(ReluOfParameter().eval(), levels=4, threshold=1.0)
+    fastspike.calibrate(qnet, [x])
+    y = qnet(x)
+    assert ((fastspike.to_snn(qnet, time_steps=4)(x) - y).norm() / y.norm()).item() < 1e-5
+
+
+class OnSpikes(nn.Module):
+    """conv -> ReLU -> op(spikes) -> the output: ops that act along dim 0 of the
+    merged [T·B, ...] layout, or are wrong there in other ways."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.w = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.op(self, y)
+
+
+ON_SPIKES = {
+    "chunk(2) of the batch": (lambda m, y: y.chunk(2)[0] - y.chunk(2)[1], "node 'chunk'"),
+    "cumsum over dim 0": (lambda m, y: y.cumsum(0), "node 'cumsum'"),
+    "sum of everything": (lambda m, y: y.sum(), "node 'sum'"),
+    "rows sliced": (lambda m, y: y[:1], "node 'getitem'"),
+    "cat along dim 0": (lambda m, y: torch.cat([y, y]), "node 'cat'"),
+    "transpose of dim 0": (lambda m, y: y.flatten(1).t(), "node 't'"),
+    "Gram matrix of the batch": (lambda m, y: y.flatten(1) @ y.flatten(1).T, "node 'matmul'"),
+    "varying operand on the right": (lambda m, y: m.w @ y.flatten(2).mean(2).T, "node 'getattr"),
+    "regrouped rows": (lambda m, y: y.view(2, -1, 4).mean(0), "node 'view'"),
+    "cast to bool": (lambda m, y: y.to(torch.bool).to(y.dtype), "node 'to'"),
+    "batch-size ones summed over rows": (lambda m, y: y * y.new_ones((y.shape[0], 1, 1, 1)).cumsum(0), "cumsum"),
+}
+
+
+@pytest.mark.parametrize("name", list(ON_SPIKES))
+def test_ops_along_the_merged_batch_dim_are_refused_by_name(name):
+    op, named = ON_SPIKES[name]
+    for once in (True, False):  # by quantize (the time rule) or by to_snn (the batch rules)
+        assert_refused(lambda: fastspike.to_snn(fastspike.quantize(OnSpikes(op), levels=LEVELS), time_steps=4,
+                                                constant_input_once=once), named)
+
+
+class Siamese(nn.Module):
+    """Two views through one backbone pass, split again on the batch dim."""
+
+    def __init__(self):
+        super().__init__()
+        self.bb = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 1))
+
+    def forward(self, a, b):
+        fa, fb = self.bb(torch.cat([a, b])).chunk(2)
+        return fa - fb
+
+
+def test_two_views_split_on_the_batch_dim_are_refused():
+    qnet = fastspike.quantize(Siamese(), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "node 'chunk'", "merged [T·B, ...] layout")
+
+
+class InPlaceIntoConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        s0 = self.c1(x)
+        h = F.relu(s0)
+        s0.add_(self.c2(h))  # spikes written into a tensor from before the first spiking layer
+        return self.c3(F.relu(s0))
+
+
+def test_in_place_write_of_spikes_into_the_constant_part_is_refused_or_exact():
+    torch.manual_seed(0)
+    qnet = fastspike.quantize(InPlaceIntoConstant(), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=2), "written in place", "constant_input_once=False")
+    assert_converts_exactly(InPlaceIntoConstant(), torch.randn(2, 3, 4, 4), variants=(False,))
+
+
+class InPlaceThroughCast(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 4, 1)
+        self.act = nn.ReLU(inplace=True)
+
+    def forward(self, x):
+        h = self.c1(x)
+        self.act(h.float())  # float32 already: .float() returns h itself, so this rectifies h
+        return self.c2(h)
+
+
+def test_in_place_relu_through_an_aliasing_cast_is_refused():
+    assert_refused(lambda: fastspike.quantize(InPlaceThroughCast(), levels=LEVELS), "in-place ReLU", "shares memory")

@@ -39,7 +39,6 @@ the quantizers, the time-axis modules in :mod:`fastspike.nn`.
 
 from __future__ import annotations
 
-import copy
 from typing import Optional, Sequence, Tuple, Type, Union
 
 import torch
@@ -50,7 +49,7 @@ from ..quant import QuantReLU, quantizers
 from .activations import _refuse_unknown_activations, replace_activations, unknown_activations
 from .batch_norm import fold_batch_norms
 from .batch_reads import check_batch_reads
-from .graph import ConversionError, _is_neuron, _module, time_linear, trace
+from .graph import ConversionError, _is_neuron, _module, copy_model, time_linear, trace
 from .max_pools import move_max_pools
 from .neurons import insert_neurons
 from .residual import fuse_residual_adds
@@ -102,7 +101,7 @@ def quantize(
     ("cs-qcfs") create their parameters now rather than on the first batch.
     """
     _refuse_unknown_activations(model)
-    gm = trace(copy.deepcopy(model), leaf_modules)
+    gm = trace(copy_model(model), leaf_modules)
     gm = replace_activations(gm, lambda: QuantReLU(levels, preset, threshold))
     if not quantizers(gm):
         raise ConversionError(f"quantize found no ReLU in {type(model).__name__}: fastspike converts ReLU "
@@ -201,14 +200,14 @@ def to_snn(
     if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
         raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
     _refuse_unknown_activations(qmodel)
-    gm = trace(copy.deepcopy(qmodel), leaf_modules).eval()
+    gm = trace(copy_model(qmodel), leaf_modules).eval()
     if group_size == "auto":
         neuron, group_size = _auto_group_size(qmodel, time_steps, neuron)
     if fold_bn:
         gm = fold_batch_norms(gm)
     gm = insert_neurons(gm, time_steps, neuron, group_size, **neuron_kwargs)
     check_time_rule(gm, lambda n: _is_neuron(gm, n), inference=True)
-    check_batch_reads(gm)
+    check_batch_reads(gm, constant_input_once)
     if fuse_residual:
         gm = fuse_residual_adds(gm)
     gm = add_time_axis(gm, time_steps, readout, constant_input_once)

@@ -14,7 +14,7 @@ from torch import fx, nn
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
 from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _finish, _module,
-                    _plain_torch_forward, _replace_with_module, _source_line)
+                    _placeholder_descendants, _plain_torch_forward, _replace_with_module, _source_line)
 
 # ---------------------------------------------------------------------------
 # Pass: ReLU call sites -> quantizers
@@ -44,12 +44,17 @@ def _relu_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
 # Operations whose result may share memory with their first argument: an
 # in-place ReLU on any of them changes the others too.
 _ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
-                     "transpose", "t", "swapaxes", "movedim", "squeeze", "unsqueeze", "expand", "expand_as",
-                     "narrow", "select", "split", "chunk", "unbind", "contiguous", "detach", "as_strided"}
-_ALIASING_FUNCTIONS = {operator.getitem, torch.flatten, torch.reshape, torch.permute, torch.transpose,
-                       torch.swapaxes, torch.movedim, torch.squeeze, torch.unsqueeze, torch.narrow,
-                       torch.select, torch.split, torch.chunk, torch.unbind, torch.t, torch.detach,
-                       torch.as_strided, operator.iadd, operator.isub, operator.imul, operator.itruediv}
+                     "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "squeeze", "unsqueeze",
+                     "expand", "expand_as", "narrow", "select", "split", "tensor_split", "hsplit", "vsplit",
+                     "dsplit", "chunk", "unbind", "contiguous", "detach", "as_strided", "diagonal",
+                     # casts and moves return the tensor itself when nothing changes
+                     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"}
+_ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.flatten, torch.unflatten, torch.reshape, torch.permute,
+                       torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+                       torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split,
+                       torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
+                       torch.t, torch.detach, torch.diagonal, torch.as_strided, operator.iadd, operator.isub,
+                       operator.imul, operator.itruediv}
 _ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 
 
@@ -146,11 +151,13 @@ def _refuse_unknown_activations(model: nn.Module) -> None:
 def replace_activations(gm: fx.GraphModule, make_quantizer: Callable[[], nn.Module]) -> fx.GraphModule:
     """Gives every ReLU call site its own quantizer from ``make_quantizer``.
     An in-place ReLU keeps its meaning: later reads of the tensor it
-    overwrote read the quantizer's output (refused where a view shares it)."""
+    overwrote read the quantizer's output (refused where a view shares it).
+    A ReLU of values not computed from the inputs (parameters) stays a ReLU."""
     order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    inputs = _placeholder_descendants(gm)
     for node in list(gm.graph.nodes):
-        if not _is_relu(gm, node):
-            continue
+        if not _is_relu(gm, node) or node.args[0] not in inputs:
+            continue  # a ReLU of parameters (F.relu(self.scale)) is weight arithmetic, not an activation
         overwritten = _later_reads_of_overwritten(gm, node, order) if _relu_in_place(gm, node) else []
         call = _replace_with_module(gm, node, "quant", make_quantizer())
         for reader in overwritten:

@@ -1,15 +1,18 @@
-"""The batch-size rule: in the merged [T·B, ...] layout a read of dim 0 gives T·B."""
+"""The batch rules: in the merged [T·B, ...] layout a read of dim 0 gives T·B,
+and dim 0 holds time steps as well as samples."""
 
 from __future__ import annotations
 
 import operator
-from typing import Dict
+from typing import Any, Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .graph import ConversionError, _describe, _reads_full_shape, _size_dims, _skips_batch_dim, _source_line
+from .graph import (ConversionError, _describe, _is_neuron, _placeholder_descendants, _reads_full_shape, _size_dims,
+                    _skips_batch_dim, _source_line)
+from .time_rule import _reads_metadata, _time_varying
 
 # ---------------------------------------------------------------------------
 # What may read the batch size: in the converted network the T time steps are
@@ -17,8 +20,9 @@ from .graph import ConversionError, _describe, _reads_full_shape, _size_dims, _s
 # shapes (x.view(x.size(0), -1) keeps each row's values) and wrong for values
 # (torch.arange(x.shape[0]) counts T·B rows).
 
-_SHAPE_USE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "unflatten"}
-_SHAPE_USE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, F.interpolate, F.upsample}
+_SHAPE_USE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten",
+                      "repeat"}
+_SHAPE_USE_FUNCTIONS = {torch.reshape, torch.zeros, torch.ones, torch.empty, torch.full, F.interpolate, F.upsample}
 _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv, operator.truediv, operator.mod,
                     operator.neg, operator.getitem, int}
 
@@ -35,15 +39,27 @@ def _reads_rows(node: fx.Node) -> bool:
         node.target in (len, torch.numel) or (node.target is getattr and node.args[1:] == ("shape",)))
 
 
-def check_batch_reads(gm: fx.GraphModule) -> None:
+def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> None:
     """Raises :class:`ConversionError` where a value (not a shape) is built
-    from the batch size, which the merged layout changes from B to T·B."""
+    from the batch size, which the merged layout changes from B to T·B, or
+    where an operation acts along dim 0 of a merged tensor (:func:`check_batch_dim`).
+
+    Merged tensors: the time-varying ones, tensors built with a size read off
+    a merged one, and (unless ``constant_input_once``) everything computed
+    from the inputs, which then run on the T-fold repeated batch."""
+    spiking = lambda n: _is_neuron(gm, n)  # noqa: E731
+    varying = _time_varying(gm, spiking)
+    inputs = _placeholder_descendants(gm)
     origin: Dict[fx.Node, fx.Node] = {}  # size value built from dim 0 -> the read it comes from
     sizes: set = set()  # nodes holding sizes (ints or torch.Size), from dim 0 or not
+    placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
+    merged: set = set(varying) | (set() if constant_input_once else placeholders)
     for node in gm.graph.nodes:
+        read_of = node.args[0] if node.args and isinstance(node.args[0], fx.Node) else None
         if _reads_rows(node):
             sizes.add(node)
-            origin[node] = node
+            if read_of in inputs or read_of in merged:  # a parameter's shape is no batch size
+                origin[node] = node
             continue
         if node.op == "call_function" and node.target is operator.getitem and node.args[0] in sizes:
             sizes.add(node)  # shape[d] of a whole shape is batch-free for d >= 1
@@ -55,6 +71,9 @@ def check_batch_reads(gm: fx.GraphModule) -> None:
             sizes.add(node)  # x.size(d), d >= 1
             continue
         from_batch = [v for v in node.all_input_nodes if v in origin]
+        if node.op.startswith("call") and not _reads_metadata(node) and any(
+                v in merged for v in node.all_input_nodes if v not in sizes):
+            merged.add(node)
         if not from_batch:
             continue
         if node.op == "call_function" and node.target in _SIZE_ARITHMETIC and all(
@@ -62,9 +81,8 @@ def check_batch_reads(gm: fx.GraphModule) -> None:
             sizes.add(node)
             origin[node] = origin[from_batch[0]]
             continue
-        shape_use = ((node.op == "call_method" and node.target in _SHAPE_USE_METHODS)
-                     or (node.op == "call_function" and node.target in _SHAPE_USE_FUNCTIONS))
-        if shape_use:
+        if _shape_use(node, origin):
+            merged.add(node)  # a tensor with the merged layout's T·B rows
             continue
         read = origin[from_batch[0]]
         raise ConversionError(
@@ -72,4 +90,141 @@ def check_batch_reads(gm: fx.GraphModule) -> None:
             f"size read by node '{read.name}' ({_describe(gm, read)}){_source_line(read)}: the converted "
             "network merges the T time steps into the batch ([T·B, ...]), so that read gives T·B and the "
             "value would differ from the quantized network's. Use the batch size only for shapes "
-            "(view/reshape/expand/zeros), or build such values outside forward() and pass them in.")
+            "(view/reshape/expand/zeros/full/repeat), or build such values outside forward() and pass them in.")
+    check_batch_dim(gm, merged, origin)
+    if constant_input_once:
+        # The part before the first neurons runs once on [B, ...] and is repeated where it meets
+        # spikes: an in-place write of spikes into it would land on the repeated copy.
+        for written in varying - _time_varying(gm, spiking, writes=False):
+            if written in inputs:
+                raise ConversionError(
+                    f"node '{written.name}' ({_describe(gm, written)}){_source_line(written)} is computed "
+                    "before the first spiking layer and later written in place with time-varying spikes; "
+                    "with constant_input_once=True that part runs once on [B, ...], so the write cannot "
+                    "reach it. Write that op out of place (y = x + s), or convert with "
+                    "constant_input_once=False.")
+
+
+def _shape_use(node: fx.Node, origin: Dict[fx.Node, fx.Node]) -> bool:
+    """The batch-derived values ``node`` reads are only sizes (not a fill value)."""
+    if node.op == "call_method" and node.target in _SHAPE_USE_METHODS:
+        fill = node.kwargs.get("fill_value", node.args[2] if node.target == "new_full" and len(node.args) > 2 else None)
+        return fill not in origin
+    if node.op == "call_function" and node.target in _SHAPE_USE_FUNCTIONS:
+        fill = node.kwargs.get("fill_value", node.args[1] if node.target is torch.full and len(node.args) > 1 else None)
+        return fill not in origin
+    return False
+
+
+# ---------------------------------------------------------------------------
+# What may act along the batch dim: in the merged layout dim 0 holds T·B rows,
+# time-major. Per-row operations (convs, linears, elementwise ops, reductions
+# over other dims) are unaffected; an operation that moves, selects, splits,
+# joins or reduces rows of dim 0 mixes time steps with samples. Merging dim 0
+# with the dims after it (flatten(0, 1), view(-1, C)) keeps T outermost and is
+# fine; so is a view whose first size is -1 or the batch size read off a merged
+# tensor. A negative dim is taken to be a trailing one.
+
+_TUPLE_RESULTS = {"split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "max", "min",
+                  "sort", "topk", "kthvalue", "median", "mode", "aminmax"}
+# name -> (position of the dim argument (self/input at 0), keyword, default)
+_DIM_ARGS = {
+    "cat": (1, "dim", 0), "concat": (1, "dim", 0), "concatenate": (1, "dim", 0), "stack": (1, "dim", 0),
+    "chunk": (2, "dim", 0), "split": (2, "dim", 0), "tensor_split": (2, "dim", 0), "unbind": (1, "dim", 0),
+    "narrow": (1, "dim", None), "select": (1, "dim", None), "index_select": (1, "dim", None),
+    "gather": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
+    "flip": (1, "dims", None), "roll": (2, "dims", None), "sum": (1, "dim", None), "mean": (1, "dim", None),
+    "nansum": (1, "dim", None), "prod": (1, "dim", None), "unsqueeze": (1, "dim", None),
+    "squeeze": (1, "dim", -1), "diagonal": (2, "dim1", 0), "repeat_interleave": (2, "dim", None),
+}
+_TRANSPOSES = {"transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
+_SIZED = {"view", "reshape", "expand", "unflatten"}
+
+
+def _name(node: fx.Node) -> str:
+    if node.op == "call_method":
+        return node.target
+    return getattr(node.target, "__name__", "") if node.op == "call_function" else ""
+
+
+def _has_zero(value: Any) -> bool:
+    """A dim argument that is (or contains) dim 0; None (all dims) counts."""
+    if value is None:
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_zero(v) for v in value)
+    return not isinstance(value, int) or value == 0
+
+
+def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -> Optional[str]:
+    """None if ``node`` keeps the rows of dim 0 of its merged operands as they
+    are; else why not."""
+    name = _name(node)
+    first = node.args[0] if node.args else None
+    if name in ("cat", "concat", "concatenate", "stack") and isinstance(first, (list, tuple)):
+        if not any(v in merged for v in first if isinstance(v, fx.Node)):
+            return None
+    elif name in ("matmul", "mm", "bmm") or node.target is operator.matmul:
+        if len(node.args) > 1 and node.args[1] in merged and first not in merged:
+            return "the time-varying operand is on the right of a matrix product, which contracts its rows"
+        return None
+    elif name == "einsum":
+        spec = node.args[0] if isinstance(node.args[0], str) else ""
+        ins, _, out = spec.replace(" ", "").partition("->")
+        for term, operand in zip(ins.split(","), node.args[1:]):
+            if operand in merged and not (term and out and term[0] == out[0]):
+                return "its equation does not keep the first index of the time-varying operand first"
+        return None
+    elif first not in merged:
+        return None
+    if node.target is operator.getitem:
+        if isinstance(first, fx.Node) and _name(first) in _TUPLE_RESULTS:
+            return None  # an item of a tuple result (split, chunk, ...)
+        index = node.args[1]
+        lead = index[0] if isinstance(index, tuple) and index else index
+        if lead is Ellipsis or (isinstance(lead, slice) and lead == slice(None)):
+            return None
+        return "it indexes dim 0"
+    if name in _DIM_ARGS:
+        position, keyword, default = _DIM_ARGS[name]
+        dim = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else default)
+        if name == "squeeze" and dim == -1 and keyword not in node.kwargs and len(node.args) <= position:
+            return None  # squeeze() of every size-1 dim
+        return f"it acts along dim 0 ({keyword}={dim!r})" if _has_zero(dim) else None
+    if name in _TRANSPOSES:
+        dims = list(node.args[1:]) + list(node.kwargs.values())
+        return "it moves dim 0" if _has_zero(dims) else None
+    if name == "permute":
+        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        return None if dims and dims[0] == 0 else "it moves dim 0"
+    if name == "t" or (node.target is getattr and node.args[1] in ("T", "H")):
+        return "it transposes dim 0"
+    if name in _SIZED:
+        sizes = list(node.args[1:])
+        if name == "unflatten":
+            return "it splits dim 0" if _has_zero(sizes[:1]) else None
+        if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
+            sizes = list(sizes[0])
+        if sizes and (sizes[0] == -1 or sizes[0] in origin):
+            rest = [s for s in sizes[1:] if s in origin]
+            return None if not rest else "it puts the batch size in a dim other than 0"
+        return "its first size is neither -1 nor the batch size read off a tensor, so it regroups the rows of dim 0"
+    if name == "repeat":
+        factors = list(node.args[1:])
+        if len(factors) == 1 and isinstance(factors[0], (list, tuple)):
+            factors = list(factors[0])
+        return None if factors and factors[0] == 1 else "it repeats the rows of dim 0"
+    return None
+
+
+def check_batch_dim(gm: fx.GraphModule, merged: set, origin: Dict[fx.Node, fx.Node]) -> None:
+    """Raises :class:`ConversionError` for an operation along dim 0 of a
+    tensor in the merged [T·B, ...] layout (``merged``)."""
+    for node in gm.graph.nodes:
+        why = _why_batch_dim(node, merged, origin) if node.op in ("call_function", "call_method") else None
+        if why is not None:
+            raise ConversionError(
+                f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} cannot run on the converted "
+                f"network's merged [T·B, ...] layout: {why}. There dim 0 holds the T time steps of every "
+                "sample (time-major), so that would mix time steps with samples. Keep dim 0 the batch (use "
+                "dims >= 1, view(x.size(0), ...), F.linear), or move this out of forward().")

@@ -4,6 +4,7 @@ node's arguments and of tensor sizes."""
 
 from __future__ import annotations
 
+import copy
 import os
 from typing import Any, List, Optional, Sequence, Tuple, Type
 
@@ -184,3 +185,16 @@ def _skips_batch_dim(index: Any) -> bool:
     if isinstance(index, slice):
         return positive(index.start) and (index.step is None or positive(index.step))
     return positive(index)
+
+
+def copy_model(model: nn.Module) -> nn.Module:
+    """A deep copy to convert (the user's model stays as it is), or a
+    ConversionError saying why there is none."""
+    try:
+        return copy.deepcopy(model)
+    except Exception as err:  # e.g. torch.nn.utils.weight_norm's hook form is not deep-copyable
+        raise ConversionError(
+            f"{type(model).__name__} cannot be deep-copied ({type(err).__name__}: {err}); fastspike converts a "
+            "copy so that your model stays as it is. Remove what blocks the copy (e.g. replace "
+            "torch.nn.utils.weight_norm by torch.nn.utils.parametrizations.weight_norm, or call "
+            "remove_weight_norm before converting).") from err

@@ -74,10 +74,24 @@ _METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_l
                        torch.full_like}
 
 
+# Attributes that are the tensor's values (views of them), not its metadata.
+_VALUE_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
+
+
 def _reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _METADATA_METHODS
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] not in _VALUE_ATTRS
     return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
+
+
+def _writes_first_argument(node: fx.Node) -> bool:
+    """An in-place op (x.add_(y), x += y): it changes its first argument."""
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    return node.op in ("call_method", "call_function") and str(name).endswith("_") and not str(name).startswith("_") \
+        or (node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
+                                                           operator.itruediv))
 
 
 def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
@@ -107,6 +121,8 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
     target = node.target
     name = getattr(target, "__name__", str(target))
     if node.op == "call_function":
+        if target is getattr and node.args[1] in ("T", "mT", "H", "mH", "data"):
+            return None  # a transposed view or the tensor itself (the batch rule looks at dim 0)
         if target in _REARRANGING_FUNCTIONS or target in _LINEAR_FUNCTIONS:
             if target in (F.conv1d, F.conv2d, F.conv3d, F.conv_transpose1d, F.conv_transpose2d,
                           F.conv_transpose3d, F.linear) and any(v in varying for v in node.args[1:3]):
@@ -133,6 +149,9 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
         if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
             return None
         return f"{name} is not affine in its input"
+    if target in ("to", "type") and any(isinstance(a, torch.dtype) and not a.is_floating_point
+                                        for a in list(node.args[1:]) + list(node.kwargs.values())):
+        return "it casts to an integer or bool dtype, which rounds"
     if target in _REARRANGING_METHODS or target in _LINEAR_METHODS:
         if target in ("index_select", "gather", "masked_fill") and any(
                 v in varying for v in node.all_input_nodes if v is not node.args[0]):
@@ -147,13 +166,16 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
     return f".{target}() is not affine in its input"
 
 
-def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool]) -> set:
+def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], writes: bool = True) -> set:
     """The nodes whose value differs between time steps: what a spiking node
-    computes and everything computed from it (metadata reads excepted)."""
+    computes and everything computed from it (metadata reads excepted), and,
+    with ``writes``, a tensor an in-place op writes a time-varying value into."""
     varying: set = set()
     for node in gm.graph.nodes:
         if spiking(node) or (not _reads_metadata(node) and any(v in varying for v in node.all_input_nodes)):
             varying.add(node)
+            if writes and _writes_first_argument(node) and node.args and isinstance(node.args[0], fx.Node):
+                varying.add(node.args[0])
     return varying
 
 
