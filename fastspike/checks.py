@@ -32,7 +32,7 @@ import torch
 __all__ = ["FLOAT_DTYPES", "MAX_GROUP_SIZE", "MAX_COMPACT_GROUP", "check_x", "check_real", "check_int",
            "check_bool", "check_choice", "check_threshold", "check_threshold_values", "check_state",
            "check_like_x", "check_compact", "check_neuron_call", "check_residual",
-           "check_out_overlaps"]
+           "check_out_overlaps", "out_buffers"]
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 MAX_GROUP_SIZE = 2**20
@@ -341,3 +341,42 @@ def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
         raise ValueError(f"{names[id(buffer)]} overlaps {names[id(other)]} in memory"
                          + (" other than element for element" if allowed_full else "")
                          + "; pass separate buffers" + (" (or exactly the same tensor)" if allowed_full else ""))
+
+
+def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None:
+    if needs_grad:
+        raise ValueError("out= is for inference and does not record a backward; "
+                         "call without out= or under torch.no_grad()")
+    check_like_x(out, x_seq, "spikes (the out= tensor)")
+    if not out.is_contiguous():
+        raise ValueError("spikes (the out= tensor) must be contiguous")
+
+
+def _check_state_out(buffer: Any, x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
+    if not isinstance(buffer, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor, got {type(buffer).__name__}")
+    check_state(buffer, x_seq, dtype, name)
+    if not buffer.is_contiguous():
+        raise ValueError(f"{name} must be contiguous")
+
+
+def out_buffers(out: Any, x_seq: torch.Tensor,
+                needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(spikes, v, count) buffers for out=: a tensor is the spikes buffer (v and count
+    are then allocated); a sequence of three (e.g. an earlier NeuronResult) gives all."""
+    if isinstance(out, torch.Tensor):
+        spikes = out
+        acc = _acc(x_seq.dtype)
+        v = x_seq.new_empty(x_seq.shape[1:], dtype=acc)
+        count = x_seq.new_empty(x_seq.shape[1:], dtype=torch.int32)
+    elif isinstance(out, (tuple, list)) and len(out) == 3:
+        spikes, v, count = out
+        if not isinstance(spikes, torch.Tensor):
+            raise TypeError(f"out[0] (the spikes buffer) must be a tensor, got {type(spikes).__name__}")
+        _check_state_out(v, x_seq, _acc(x_seq.dtype), "v (the out= state)")
+        _check_state_out(count, x_seq, torch.int32, "count (the out= state)")
+    else:
+        raise TypeError("out must be a spikes tensor or a (spikes, v, count) sequence, got "
+                        f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    _check_out(spikes, x_seq, needs_grad)
+    return spikes, v, count

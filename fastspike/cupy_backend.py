@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from . import _build
-from .checks import check_compact, check_out_overlaps, check_residual, check_state
+from .checks import check_compact, check_out_overlaps, check_residual, check_state, out_buffers
 from .reference import _FLOATS, accumulation_dtype, broadcast_threshold
 
 __all__ = [
@@ -490,9 +490,8 @@ def neuron_forward_out(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Opt
                        v_final: torch.Tensor, count_final: torch.Tensor) -> None:
     """CUDA implementation of ``fastspike::neuron_forward_out`` (spikes and final state
     written into the caller's buffers)."""
-    from .ops import _out_buffers  # the same checks as the Python path (ops imports this module)
     _check_x(x_seq, "x_seq")
-    buffers = _out_buffers((spikes, v_final, count_final), x_seq, needs_grad=False)
+    buffers = out_buffers((spikes, v_final, count_final), x_seq, needs_grad=False)
     _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
                  neg_margin, "none", buffers)
 

@@ -43,14 +43,7 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _backend, cupy_backend
-from .checks import check_neuron_call
-from .checks import (
-    check_compact,
-    check_like_x,
-    check_out_overlaps,
-    check_residual,
-    check_state,
-)
+from .checks import check_compact, check_neuron_call, check_out_overlaps, check_residual, check_state, out_buffers
 from .reference import (
     DEFAULT_ALPHA,
     NeuronResult,
@@ -270,45 +263,6 @@ def backend_info() -> Dict[str, Any]:
 OutBuffers = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None:
-    if needs_grad:
-        raise ValueError("out= is for inference and does not record a backward; "
-                         "call without out= or under torch.no_grad()")
-    check_like_x(out, x_seq, "spikes (the out= tensor)")
-    if not out.is_contiguous():
-        raise ValueError("spikes (the out= tensor) must be contiguous")
-
-
-def _check_state_out(buffer: Any, x_seq: torch.Tensor, dtype: torch.dtype, name: str) -> None:
-    if not isinstance(buffer, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor, got {type(buffer).__name__}")
-    check_state(buffer, x_seq, dtype, name)
-    if not buffer.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
-
-
-def _out_buffers(out: OutBuffers, x_seq: torch.Tensor,
-                 needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(spikes, v, count) buffers for out=: a tensor is the spikes buffer (v and count
-    are then allocated); a sequence of three (e.g. an earlier NeuronResult) gives all."""
-    if isinstance(out, torch.Tensor):
-        spikes = out
-        acc = accumulation_dtype(x_seq.dtype)
-        v = x_seq.new_empty(x_seq.shape[1:], dtype=acc)
-        count = x_seq.new_empty(x_seq.shape[1:], dtype=torch.int32)
-    elif isinstance(out, (tuple, list)) and len(out) == 3:
-        spikes, v, count = out
-        if not isinstance(spikes, torch.Tensor):
-            raise TypeError(f"out[0] (the spikes buffer) must be a tensor, got {type(spikes).__name__}")
-        _check_state_out(v, x_seq, accumulation_dtype(x_seq.dtype), "v (the out= state)")
-        _check_state_out(count, x_seq, torch.int32, "count (the out= state)")
-    else:
-        raise TypeError("out must be a spikes tensor or a (spikes, v, count) sequence, got "
-                        f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
-    _check_out(spikes, x_seq, needs_grad)
-    return spikes, v, count
-
-
 def _read_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
     """The memory the operator reads for x_seq / v_init / count_init: the tensor
     itself when contiguous, its one step when a time broadcast (time_stream in
@@ -488,7 +442,7 @@ def neuron(
         if residual is not None or compact:
             raise ValueError("out= takes the plain spikes of x_seq only; call without out= to use "
                              "residual= or compact=")
-        out = _out_buffers(out, x_seq, needs_grad)
+        out = out_buffers(out, x_seq, needs_grad)
         _check_out_memory(out, x_seq, v_init, count_init)
     if _use_reference(x_seq):
         result = neuron_reference(
