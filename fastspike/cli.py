@@ -16,10 +16,11 @@ import os
 import runpy
 import sys
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import torch
 
+from .evaluate import evaluate_task
 from .nn import NEURON_KINDS
 
 __all__ = ["main"]
@@ -184,85 +185,6 @@ def _task_of(model_name: str) -> str:
         raise UsageError(str(err)) from None
 
 
-def _prefix_views(out: Any, steps: Sequence[int]) -> Dict[int, Any]:
-    """{t: the t-step SNN's output} from one output of an SNN converted with
-    readout="sequence" (every tensor [T, B, ...]): the mean of its first t steps
-    (fastspike.evaluate.prefix_readouts), the readout a t-step run makes."""
-    from torch.utils import _pytree as pytree
-
-    from .evaluate import prefix_readouts
-
-    leaves, spec = pytree.tree_flatten(out)
-    per_leaf = [prefix_readouts(leaf, steps) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 else None
-                for leaf in leaves]
-    return {t: pytree.tree_unflatten([p[t] if p is not None else leaf for p, leaf in zip(per_leaf, leaves)], spec)
-            for t in steps}
-
-
-@torch.no_grad()
-def _evaluate(model: torch.nn.Module, loader, task: str, num_classes: int, image_size: int,
-              device: torch.device, distributed: bool, anchors: Optional[Sequence[Sequence[float]]] = None,
-              steps: Optional[Sequence[int]] = None) -> Dict[Any, Any]:
-    """The metric of ``model`` on ``loader``; with ``steps``, ``model`` is an SNN converted with
-    readout="sequence" at T = max(steps) and the result is {t: metric of the t-step SNN} for
-    every t, all from one run (the SNN is causal: its first t steps are the t-step SNN)."""
-    import torch.distributed as dist
-
-    model.eval()
-    keys: List[Any] = sorted(set(steps)) if steps else [None]
-
-    def views(x: torch.Tensor) -> Dict[Any, Any]:
-        out = model(x.to(device))
-        return _prefix_views(out, keys) if steps else {None: out}
-
-    results: Dict[Any, Dict[str, float]] = {}
-    if task == "classification":
-        counts = {k: torch.zeros(2, dtype=torch.float64) for k in keys}
-        for x, y in loader:
-            for k, out in views(x).items():
-                counts[k][0] += (out.argmax(1).cpu() == y).sum()
-                counts[k][1] += y.numel()
-        for k, c in counts.items():
-            if distributed:
-                c = c.to(device)
-                dist.all_reduce(c)
-            results[k] = {"accuracy": (c[0] / c[1]).item()}
-    elif task == "segmentation":
-        from .metrics import SegmentationMeter
-
-        meters = {k: SegmentationMeter(num_classes) for k in keys}
-        for x, targets in loader:
-            masks = torch.stack([t["mask"] for t in targets])
-            for k, out in views(x).items():
-                out = out["out"] if isinstance(out, dict) else out
-                meters[k].update(out.argmax(1).cpu(), masks)
-        for k, meter in meters.items():
-            if distributed:
-                confusion = meter.confusion.to(device)
-                dist.all_reduce(confusion)
-                meter.confusion = confusion.cpu()
-            results[k] = {"miou": meter.compute()["miou"]}
-    else:
-        from .metrics import mean_average_precision
-        from .models.yolo import DEFAULT_ANCHORS, decode_yolo
-
-        preds: Dict[Any, List[Any]] = {k: [] for k in keys}
-        targets_all: List[Any] = []
-        for x, targets in loader:
-            for k, out in views(x).items():
-                preds[k] += decode_yolo(out.cpu(), anchors or DEFAULT_ANCHORS, num_classes, image_size)
-            targets_all += targets
-        for k in keys:
-            mine, targets_k = preds[k], targets_all
-            if distributed:
-                gathered: List[Any] = [None] * dist.get_world_size()
-                dist.all_gather_object(gathered, (mine, targets_k))
-                mine = [p for g in gathered for p in g[0]]
-                targets_k = [t for g in gathered for t in g[1]]
-            results[k] = {"mAP@0.5": mean_average_precision(mine, targets_k, num_classes)["map"]}
-    return results if steps else results[None]
-
-
 def cmd_eval(args: argparse.Namespace) -> int:
     import torch.distributed as dist
     from torch.utils.data import DataLoader, Subset
@@ -298,11 +220,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         # The detector's own anchors (a model_kwargs entry when it was built with others) decode its map.
         anchors = (ckpt.get("model_kwargs") or {}).get("anchors")
         rows = [{"model": f"quantized ANN (L={ckpt['levels']})", "T": None,
-                 **_evaluate(qnet, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
+                 **evaluate_task(qnet, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
                              anchors)}]
         # One run at max(T) gives every shorter T (the SNN is causal; fastspike.evaluate).
         snn = to_snn(qnet, max(args.T), args.neuron, group_size=args.group_size, readout="sequence").to(device)
-        at_steps = _evaluate(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
+        at_steps = evaluate_task(snn, loader, task, ckpt["num_classes"], args.image_size, device, distributed,
                              anchors, steps=args.T)
         for T in args.T:
             rows.append({"model": f"SNN {args.neuron}", "T": T, **at_steps[T]})
@@ -473,7 +395,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
         metric = "held-out mAP@0.5" if task == "detection" else "held-out mIoU"
 
         def held_out_metric(model: torch.nn.Module) -> float:
-            scores = _evaluate(model, tune, task, ckpt["num_classes"], args.image_size, device, False, anchors)
+            scores = evaluate_task(model, tune, task, ckpt["num_classes"], args.image_size, device, False, anchors)
             return next(iter(scores.values()))
 
         metric_fn = held_out_metric

@@ -1,4 +1,5 @@
-"""Accuracy at every T ≤ max(T) from one run.
+"""Evaluation: the task's metric (accuracy, mIoU, mAP@0.5) of a model, across
+processes when distributed, and at every T ≤ max(T) from one run.
 
 The converted SNN is causal: step t of a T-step run is the t-step SNN (each
 neuron's first t steps see the same inputs), so one run at max(T) with the
@@ -11,12 +12,12 @@ every shorter run. This is how accuracy-against-T curves are drawn.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
-__all__ = ["prefix_readouts", "accuracy_at_steps"]
+__all__ = ["prefix_readouts", "prefix_views", "accuracy_at_steps", "evaluate_task"]
 
 READOUTS = ("mean", "sum", "running-sum", "sum-batch-major")
 
@@ -85,3 +86,81 @@ def accuracy_at_steps(model: nn.Module, loader: Iterable, steps: Sequence[int], 
     if seen == 0:
         raise ValueError("the loader gave no batches")
     return {t: correct[t] / seen for t in steps}
+
+
+def prefix_views(out: Any, steps: Sequence[int]) -> Dict[int, Any]:
+    """{t: the t-step SNN's output} from one output of an SNN converted with
+    readout="sequence" (every tensor [T, B, ...]): the mean of its first t steps
+    (:func:`prefix_readouts`), the readout a t-step run makes."""
+    from torch.utils import _pytree as pytree
+
+    leaves, spec = pytree.tree_flatten(out)
+    per_leaf = [prefix_readouts(leaf, steps) if isinstance(leaf, torch.Tensor) and leaf.dim() >= 2 else None
+                for leaf in leaves]
+    return {t: pytree.tree_unflatten([p[t] if p is not None else leaf for p, leaf in zip(per_leaf, leaves)], spec)
+            for t in steps}
+
+
+@torch.no_grad()
+def evaluate_task(model: torch.nn.Module, loader: Iterable, task: str, num_classes: int, image_size: int,
+                  device: torch.device, distributed: bool = False,
+                  anchors: Optional[Sequence[Sequence[float]]] = None,
+                  steps: Optional[Sequence[int]] = None) -> Dict[Any, Any]:
+    """The metric of ``model`` on ``loader``; with ``steps``, ``model`` is an SNN converted with
+    readout="sequence" at T = max(steps) and the result is {t: metric of the t-step SNN} for
+    every t, all from one run (the SNN is causal: its first t steps are the t-step SNN)."""
+    import torch.distributed as dist
+
+    model.eval()
+    keys: List[Any] = sorted(set(steps)) if steps else [None]
+
+    def views(x: torch.Tensor) -> Dict[Any, Any]:
+        out = model(x.to(device))
+        return prefix_views(out, keys) if steps else {None: out}
+
+    results: Dict[Any, Dict[str, float]] = {}
+    if task == "classification":
+        counts = {k: torch.zeros(2, dtype=torch.float64) for k in keys}
+        for x, y in loader:
+            for k, out in views(x).items():
+                counts[k][0] += (out.argmax(1).cpu() == y).sum()
+                counts[k][1] += y.numel()
+        for k, c in counts.items():
+            if distributed:
+                c = c.to(device)
+                dist.all_reduce(c)
+            results[k] = {"accuracy": (c[0] / c[1]).item()}
+    elif task == "segmentation":
+        from .metrics import SegmentationMeter
+
+        meters = {k: SegmentationMeter(num_classes) for k in keys}
+        for x, targets in loader:
+            masks = torch.stack([t["mask"] for t in targets])
+            for k, out in views(x).items():
+                out = out["out"] if isinstance(out, dict) else out
+                meters[k].update(out.argmax(1).cpu(), masks)
+        for k, meter in meters.items():
+            if distributed:
+                confusion = meter.confusion.to(device)
+                dist.all_reduce(confusion)
+                meter.confusion = confusion.cpu()
+            results[k] = {"miou": meter.compute()["miou"]}
+    else:
+        from .metrics import mean_average_precision
+        from .models.yolo import DEFAULT_ANCHORS, decode_yolo
+
+        preds: Dict[Any, List[Any]] = {k: [] for k in keys}
+        targets_all: List[Any] = []
+        for x, targets in loader:
+            for k, out in views(x).items():
+                preds[k] += decode_yolo(out.cpu(), anchors or DEFAULT_ANCHORS, num_classes, image_size)
+            targets_all += targets
+        for k in keys:
+            mine, targets_k = preds[k], targets_all
+            if distributed:
+                gathered: List[Any] = [None] * dist.get_world_size()
+                dist.all_gather_object(gathered, (mine, targets_k))
+                mine = [p for g in gathered for p in g[0]]
+                targets_k = [t for g in gathered for t in g[1]]
+            results[k] = {"mAP@0.5": mean_average_precision(mine, targets_k, num_classes)["map"]}
+    return results if steps else results[None]
