@@ -22,6 +22,7 @@ import torch
 
 from .evaluate import evaluate_task
 from .nn import NEURON_KINDS
+from .quant import PRESETS
 
 __all__ = ["main"]
 
@@ -602,7 +603,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", default="digits", help="'digits' or an ImageFolder path (one folder per class)")
     p.add_argument("--out", required=True, help="checkpoint, rewritten after every epoch")
     p.add_argument("--resume", action="store_true", help="continue the interrupted run saved in --out")
-    p.add_argument("--preset", choices=["qcfs", "cs-qcfs", "fastsnn", "lsq"], default="qcfs")
+    p.add_argument("--preset", choices=list(PRESETS), default="qcfs")
     p.add_argument("--levels", type=_positive_int, default=8, help="L, quantization levels")
     p.add_argument("--threshold", type=float, default=8.0, help="initial clip value λ of every quantizer")
     p.add_argument("--label-smoothing", type=float, default=0.0)

@@ -22,15 +22,13 @@ preset        λ                                     gradients
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["QuantReLU", "PRESETS", "quantize_tensor", "quantizers"]
-
-PRESETS = ("qcfs", "cs-qcfs", "fastsnn", "lsq")
+__all__ = ["QuantReLU", "Preset", "PRESETS", "quantize_tensor", "quantizers"]
 
 
 def quantize_tensor(z: torch.Tensor, threshold: torch.Tensor, levels: int) -> torch.Tensor:
@@ -89,27 +87,108 @@ def _inverse_softplus(y: float) -> float:
     return y + math.log(-math.expm1(-y))
 
 
+class Preset:
+    """One quantizer recipe: how λ is parameterised (``raw``) and how the
+    forward and its gradients run. Every preset computes the same forward
+    values (the module doc); a new one is a subclass and a row of PRESETS."""
+
+    name = ""
+    per_channel = False
+
+    def initial_raw(self, threshold: float, levels: int, num_channels: Optional[int]) -> torch.Tensor:
+        return torch.tensor(float(threshold))
+
+    def threshold(self, raw: torch.Tensor, levels: int) -> torch.Tensor:
+        """λ from the raw parameter (differentiable)."""
+        return raw
+
+    def raw_for(self, value: torch.Tensor, levels: int) -> torch.Tensor:
+        """The raw parameter that gives λ = ``value`` (a checked, positive scalar)."""
+        return value.reshape(())
+
+    def forward(self, z: torch.Tensor, lam: torch.Tensor, raw: torch.Tensor, levels: int) -> torch.Tensor:
+        # As the QCFS code: clip z/λ to [0, 1], then a straight-through
+        # ⌊x·L + ½⌋/L, so ∂y/∂z = [0 < z < λ].
+        clipped = torch.clamp(z / lam, 0, 1)
+        return _FloorSTE.apply(clipped * levels + 0.5) / levels * lam
+
+
+class QcfsPreset(Preset):
+    """One learnable scalar λ (Bu et al.)."""
+
+    name = "qcfs"
+
+
+class CsQcfsPreset(Preset):
+    """λ_c = softplus(a_c) per channel (Yang et al.); λ stays positive."""
+
+    name = "cs-qcfs"
+    per_channel = True
+
+    def initial_raw(self, threshold: float, levels: int, num_channels: Optional[int]) -> torch.Tensor:
+        return torch.full((num_channels or 0,), _inverse_softplus(threshold))
+
+    def threshold(self, raw: torch.Tensor, levels: int) -> torch.Tensor:
+        return F.softplus(raw)
+
+    def raw_for(self, value: torch.Tensor, levels: int) -> torch.Tensor:
+        return value + torch.log(-torch.expm1(-value))
+
+
+class FastsnnPreset(Preset):
+    """One learnable clip value α with the PACT gradients (Fast-SNN)."""
+
+    name = "fastsnn"
+
+    def forward(self, z, lam, raw, levels):
+        return _PactQuant.apply(z, lam, levels)
+
+
+class LsqPreset(Preset):
+    """λ = s·L with a learnable step s and the LSQ gradient (QFFS)."""
+
+    name = "lsq"
+
+    def initial_raw(self, threshold: float, levels: int, num_channels: Optional[int]) -> torch.Tensor:
+        return torch.tensor(threshold / levels)
+
+    def threshold(self, raw: torch.Tensor, levels: int) -> torch.Tensor:
+        return raw * levels
+
+    def raw_for(self, value: torch.Tensor, levels: int) -> torch.Tensor:
+        return value.reshape(()) / levels
+
+    def forward(self, z, lam, raw, levels):
+        grad_scale = 1.0 / math.sqrt(z[0].numel() * levels)
+        return _LsqQuant.apply(z, raw, levels, grad_scale)
+
+
+# The one table of quantizer presets: QuantReLU, quantize() and the CLI's --preset read it.
+PRESETS: Dict[str, Preset] = {p.name: p for p in (QcfsPreset(), CsQcfsPreset(), FastsnnPreset(), LsqPreset())}
+
+
 class QuantReLU(nn.Module):
     """A quantized ReLU with L levels, ready to become a spiking neuron.
 
     Args:
         levels: L, the number of non-zero output levels (Fast-SNN/QFFS use
             L = 2^b − 1 for b bits).
-        preset: "qcfs", "cs-qcfs", "fastsnn" or "lsq" (see the module doc).
+        preset: a key of :data:`PRESETS`: "qcfs", "cs-qcfs", "fastsnn" or
+            "lsq" (see the module doc).
         threshold: initial clip value λ (QCFS initialises it to 8).
         num_channels: channels for "cs-qcfs" (per-channel λ along dim 1);
             may be left None to be set on the first forward.
 
     While ``calibrating`` is True the module is a plain ReLU (so calibration
     sees the float activations) and records nothing itself; see
-    :func:`fastspike.convert.calibrate`.
+    :func:`fastspike.calibration.calibrate`.
     """
 
     def __init__(self, levels: int = 8, preset: str = "qcfs", threshold: float = 8.0,
                  num_channels: Optional[int] = None):
         super().__init__()
         if preset not in PRESETS:
-            raise ValueError(f"preset must be one of {PRESETS}, got {preset!r}")
+            raise ValueError(f"preset must be one of {tuple(PRESETS)}, got {preset!r}")
         if isinstance(levels, bool) or not isinstance(levels, int) or levels < 1:
             raise ValueError(f"levels must be an integer >= 1, got {levels!r}")
         if not (math.isfinite(threshold) and threshold > 0):
@@ -117,27 +196,18 @@ class QuantReLU(nn.Module):
         self.levels = levels
         self.preset = preset
         self.calibrating = False
-        if preset == "cs-qcfs":
+        if self.per_channel:
             self.num_channels = num_channels
-            raw = torch.full((num_channels or 0,), _inverse_softplus(threshold))
-            self.raw_threshold = nn.Parameter(raw)
             self._initial = threshold
-        elif preset == "lsq":
-            self.raw_threshold = nn.Parameter(torch.tensor(threshold / levels))
-        else:
-            self.raw_threshold = nn.Parameter(torch.tensor(float(threshold)))
+        self.raw_threshold = nn.Parameter(PRESETS[preset].initial_raw(threshold, levels, num_channels))
 
     @property
     def per_channel(self) -> bool:
-        return self.preset == "cs-qcfs"
+        return PRESETS[self.preset].per_channel
 
     def threshold(self) -> torch.Tensor:
         """λ: a 0-dim tensor, or [C] for "cs-qcfs" (differentiable)."""
-        if self.preset == "cs-qcfs":
-            return F.softplus(self.raw_threshold)
-        if self.preset == "lsq":
-            return self.raw_threshold * self.levels
-        return self.raw_threshold
+        return PRESETS[self.preset].threshold(self.raw_threshold, self.levels)
 
     @torch.no_grad()
     def set_threshold(self, value: torch.Tensor) -> None:
@@ -145,18 +215,14 @@ class QuantReLU(nn.Module):
         value = torch.as_tensor(value, dtype=self.raw_threshold.dtype, device=self.raw_threshold.device)
         if not bool(((value > 0) & torch.isfinite(value)).all()):
             raise ValueError(f"threshold must be finite and > 0, got {value}")
-        if self.preset == "cs-qcfs":
+        if self.per_channel:
             value = value.expand(self.raw_threshold.shape) if value.dim() == 0 else value
             if value.shape != self.raw_threshold.shape:
                 raise ValueError(f"threshold for {self.raw_threshold.numel()} channels must have shape "
                                  f"[{self.raw_threshold.numel()}], got {list(value.shape)}")
-            self.raw_threshold.copy_(value + torch.log(-torch.expm1(-value)))
         elif value.numel() != 1:
             raise ValueError(f"preset {self.preset!r} has one scalar threshold, got shape {list(value.shape)}")
-        elif self.preset == "lsq":
-            self.raw_threshold.copy_(value.reshape(()) / self.levels)
-        else:
-            self.raw_threshold.copy_(value.reshape(()))
+        self.raw_threshold.copy_(PRESETS[self.preset].raw_for(value, self.levels))
 
     def _materialize_channels(self, z: torch.Tensor) -> None:
         channels = z.shape[1]
@@ -181,16 +247,7 @@ class QuantReLU(nn.Module):
             self._materialize_channels(z)
         if self.calibrating:
             return F.relu(z)
-        lam = self.broadcast_threshold(z)
-        if self.preset == "fastsnn":
-            return _PactQuant.apply(z, lam, self.levels)
-        if self.preset == "lsq":
-            grad_scale = 1.0 / math.sqrt(z[0].numel() * self.levels)
-            return _LsqQuant.apply(z, self.raw_threshold, self.levels, grad_scale)
-        # qcfs / cs-qcfs, as the QCFS code: clip z/λ to [0, 1], then a
-        # straight-through ⌊x·L + ½⌋/L, so ∂y/∂z = [0 < z < λ].
-        clipped = torch.clamp(z / lam, 0, 1)
-        return _FloorSTE.apply(clipped * self.levels + 0.5) / self.levels * lam
+        return PRESETS[self.preset].forward(z, self.broadcast_threshold(z), self.raw_threshold, self.levels)
 
     def extra_repr(self) -> str:
         return f"levels={self.levels}, preset={self.preset!r}"
