@@ -22,6 +22,7 @@ import torch
 
 from .evaluate import evaluate_task
 from .nn import NEURON_KINDS
+from .models import TASKS
 from .quant import PRESETS
 
 __all__ = ["main"]
@@ -564,7 +565,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="train, convert and evaluate on digits and synthetic scenes")
     p.add_argument("--out", default="demo-results", help="folder for demo.json, demo.png, checkpoints")
     p.add_argument("--quick", action="store_true", help="the reduced run (seconds), as in the tests")
-    p.add_argument("--tasks", nargs="+", choices=["classification", "detection", "segmentation"])
+    p.add_argument("--tasks", nargs="+", choices=list(TASKS))
     p.add_argument("--device", default="cpu")
     p.set_defaults(func=cmd_demo)
 
