@@ -61,7 +61,7 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
             if read_of in inputs or read_of in merged:  # a parameter's shape is no batch size
                 origin[node] = node
             continue
-        if node.op == "call_function" and node.target is operator.getitem and node.args[0] in sizes:
+        if node.op == "call_function" and node.target is operator.getitem and _node_in(node.args[0], sizes):
             sizes.add(node)  # shape[d] of a whole shape is batch-free for d >= 1
             whole = origin.get(node.args[0]) is node.args[0] and _reads_full_shape(node.args[0])
             if node.args[0] in origin and not (whole and _skips_batch_dim(node.args[1])):
@@ -109,10 +109,10 @@ def _shape_use(node: fx.Node, origin: Dict[fx.Node, fx.Node]) -> bool:
     """The batch-derived values ``node`` reads are only sizes (not a fill value)."""
     if node.op == "call_method" and node.target in _SHAPE_USE_METHODS:
         fill = node.kwargs.get("fill_value", node.args[2] if node.target == "new_full" and len(node.args) > 2 else None)
-        return fill not in origin
+        return not _node_in(fill, origin)
     if node.op == "call_function" and node.target in _SHAPE_USE_FUNCTIONS:
         fill = node.kwargs.get("fill_value", node.args[1] if node.target is torch.full and len(node.args) > 1 else None)
-        return fill not in origin
+        return not _node_in(fill, origin)
     return False
 
 
@@ -141,6 +141,11 @@ _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
 _SIZED = {"view", "reshape", "expand", "unflatten"}
 
 
+def _node_in(value: Any, nodes: Any) -> bool:
+    """``value`` is a graph node in ``nodes`` (arguments may be lists, slices, numbers)."""
+    return isinstance(value, fx.Node) and value in nodes
+
+
 def _name(node: fx.Node) -> str:
     if node.op == "call_method":
         return node.target
@@ -165,17 +170,17 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
         if not any(v in merged for v in first if isinstance(v, fx.Node)):
             return None
     elif name in ("matmul", "mm", "bmm") or node.target is operator.matmul:
-        if len(node.args) > 1 and node.args[1] in merged and first not in merged:
+        if len(node.args) > 1 and _node_in(node.args[1], merged) and not _node_in(first, merged):
             return "the time-varying operand is on the right of a matrix product, which contracts its rows"
         return None
     elif name == "einsum":
         spec = node.args[0] if isinstance(node.args[0], str) else ""
         ins, _, out = spec.replace(" ", "").partition("->")
         for term, operand in zip(ins.split(","), node.args[1:]):
-            if operand in merged and not (term and out and term[0] == out[0]):
+            if isinstance(operand, fx.Node) and operand in merged and not (term and out and term[0] == out[0]):
                 return "its equation does not keep the first index of the time-varying operand first"
         return None
-    elif first not in merged:
+    elif not (isinstance(first, fx.Node) and first in merged):
         return None
     if node.target is operator.getitem:
         if isinstance(first, fx.Node) and _name(first) in _TUPLE_RESULTS:
@@ -205,8 +210,8 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
             return "it splits dim 0" if _has_zero(sizes[:1]) else None
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
-        if sizes and (sizes[0] == -1 or sizes[0] in origin):
-            rest = [s for s in sizes[1:] if s in origin]
+        if sizes and (sizes[0] == -1 or _node_in(sizes[0], origin)):
+            rest = [s for s in sizes[1:] if _node_in(s, origin)]
             return None if not rest else "it puts the batch size in a dim other than 0"
         return "its first size is neither -1 nor the batch size read off a tensor, so it regroups the rows of dim 0"
     if name == "repeat":
