@@ -224,7 +224,7 @@ def test_fuzz_quantize_tensor_is_a_clipped_rounding_grid(levels, lam, values):
 
 @settings(max_examples=60, **FUZZ)
 @given(
-    preset=st.sampled_from(PRESETS),
+    preset=st.sampled_from(list(PRESETS)),
     levels=st.integers(1, 32),
     lam=st.floats(0.05, 50.0),
     shape=st.lists(st.integers(1, 5), min_size=2, max_size=4),
