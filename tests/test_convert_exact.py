@@ -148,6 +148,7 @@ NONLINEAR = {
     "sigmoid": torch.sigmoid, "tanh": lambda y: y.tanh(), "ReLU6": nn.ReLU6(), "square": lambda y: y * y,
     "LayerNorm": nn.LayerNorm([8, 8]), "softmax": lambda y: y.softmax(1), "round": torch.round,
     "BN with batch statistics": nn.BatchNorm2d(6, track_running_stats=False),
+    "divisor by keyword": lambda y: torch.ones_like(y).div(other=y + 1.0),
 }
 
 

@@ -94,6 +94,14 @@ def _writes_first_argument(node: fx.Node) -> bool:
                                                            operator.itruediv))
 
 
+def _why_not_division(node: fx.Node, varying: set) -> Optional[str]:
+    """x / y, torch.div(x, y), x.div(y) (or other=y): exact only without rounding and with a constant divisor."""
+    if _arg_values(node, 2, "rounding_mode") is not None:
+        return "it rounds"
+    divisor = _arg_values(node, 1, "other")
+    return "it divides by a time-varying value" if isinstance(divisor, fx.Node) and divisor in varying else None
+
+
 def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
                          inference: bool) -> Optional[str]:
     """None if ``node`` (which reads a time-varying value) computes the same on
@@ -134,10 +142,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
         if target in _PRODUCT_FUNCTIONS:
             return None if len(inputs) <= 1 else "it multiplies two time-varying values"
         if target in _DIVISION_FUNCTIONS:
-            if _arg_values(node, 2, "rounding_mode") is not None:
-                return "it rounds"
-            divisor = node.args[1] if len(node.args) > 1 else node.kwargs.get("other")
-            return "it divides by a time-varying value" if divisor in varying else None
+            return _why_not_division(node, varying)
         if target in _DROPOUT_FUNCTIONS:
             if not inference or _arg_values(node, 2, "training") is False:
                 return None
@@ -160,9 +165,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
     if target in _PRODUCT_METHODS:
         return None if len(inputs) <= 1 else "it multiplies two time-varying values"
     if target in _DIVISION_METHODS:
-        if _arg_values(node, 2, "rounding_mode") is not None:
-            return "it rounds"
-        return "it divides by a time-varying value" if len(node.args) > 1 and node.args[1] in varying else None
+        return _why_not_division(node, varying)
     return f".{target}() is not affine in its input"
 
 
