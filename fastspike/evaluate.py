@@ -17,9 +17,13 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence
 import torch
 from torch import nn
 
+from .nn import READOUTS as NN_READOUTS
+from .nn import reduce_over_time
+
 __all__ = ["prefix_readouts", "prefix_views", "accuracy_at_steps", "evaluate_task"]
 
-READOUTS = ("mean", "sum", "running-sum", "sum-batch-major")
+# The readouts that reduce over T (fastspike.nn.READOUTS but the sequence itself).
+READOUTS = tuple(mode for mode in NN_READOUTS if mode != "sequence")
 
 
 def prefix_readouts(seq: torch.Tensor, steps: Sequence[int], readout: str = "mean") -> Dict[int, torch.Tensor]:
@@ -44,15 +48,8 @@ def prefix_readouts(seq: torch.Tensor, steps: Sequence[int], readout: str = "mea
             if t in steps:
                 out[t] = running.clone()
         return out
-    from .nn import sum_in_order
     for t in steps:
-        head = seq[:t]
-        if readout == "mean":
-            out[t] = head.mean(0)
-        elif readout == "sum":
-            out[t] = head.sum(0)
-        else:
-            out[t] = sum_in_order(head, readout)
+        out[t] = reduce_over_time(seq[:t], readout)
     return out
 
 

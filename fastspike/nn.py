@@ -415,6 +415,16 @@ def sum_in_order(seq: torch.Tensor, mode: str) -> torch.Tensor:
     return total
 
 
+def reduce_over_time(seq: torch.Tensor, mode: str) -> torch.Tensor:
+    """The readout ``mode`` ("mean", "sum", or a source order of
+    :func:`sum_in_order`) of a [T, B, ...] sequence over T."""
+    if mode == "mean":
+        return seq.mean(0)
+    if mode == "sum":
+        return seq.sum(0)
+    return sum_in_order(seq, mode)
+
+
 READOUTS = ("mean", "sum", "sequence", "running-sum", "sum-batch-major")
 
 
@@ -439,11 +449,7 @@ class ReadoutOverTime(nn.Module):
         seq = y.view([self.time_steps, shape[0] // self.time_steps] + shape[1:])
         if self.mode == "sequence":
             return seq
-        if self.mode == "mean":
-            return seq.mean(0)
-        if self.mode == "sum":
-            return seq.sum(0)
-        return sum_in_order(seq, self.mode)
+        return reduce_over_time(seq, self.mode)
 
     @torch.jit.unused
     def _nested(self, y: Any) -> Any:
