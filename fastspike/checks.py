@@ -317,18 +317,20 @@ def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
 
 
 def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
-                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
+                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor],
+                       residual: Optional[torch.Tensor] = None) -> None:
     """The overlap rules of the out= form, as check_forward_out in
     csrc/neuron/neuron.cpp: the (spikes, v, count) buffers may coincide exactly
-    with what they replace element for element (x, v_init, count_init), and
-    overlap nothing else the kernel reads or writes. x, v_init and count_init are
-    the tensors the kernel reads (contiguous)."""
+    with what they replace element for element (spikes: x or residual; v: v_init;
+    count: count_init), and overlap nothing else the kernel reads or writes. x,
+    v_init, count_init and residual are the tensors the kernel reads (contiguous)."""
     spikes, v, count = buffers
     names = {id(spikes): "spikes (the out= tensor)", id(v): "v (the out= state)",
              id(count): "count (the out= state)", id(x): "x_seq", id(v_init): "v_init",
-             id(count_init): "count_init"}
-    pairs = [(spikes, x, True), (v, x, False), (v, spikes, False), (v, v_init, True),
-             (v, count_init, False), (count, x, False), (count, spikes, False), (count, v, False),
+             id(count_init): "count_init", id(residual): "residual"}
+    pairs = [(spikes, x, True), (spikes, residual, True), (v, x, False), (v, residual, False),
+             (v, spikes, False), (v, v_init, True), (v, count_init, False), (count, x, False),
+             (count, residual, False), (count, spikes, False), (count, v, False),
              (count, count_init, True), (count, v_init, False)]
     for buffer, other, allowed_full in pairs:
         if other is None or buffer.numel() == 0 or other.numel() == 0:
@@ -343,11 +345,19 @@ def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
                          + "; pass separate buffers" + (" (or exactly the same tensor)" if allowed_full else ""))
 
 
-def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool) -> None:
+def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool, compact: bool) -> None:
     if needs_grad:
         raise ValueError("out= is for inference and does not record a backward; "
                          "call without out= or under torch.no_grad()")
-    check_like_x(out, x_seq, "spikes (the out= tensor)")
+    if compact:  # the int8 counts k⁺ − k⁻
+        if not isinstance(out, torch.Tensor):
+            raise TypeError(f"spikes (the out= tensor) must be a tensor, got {type(out).__name__}")
+        if out.device != x_seq.device or out.dtype != torch.int8 or out.shape != x_seq.shape:
+            raise ValueError(f"spikes (the out= tensor) of compact=True must be an int8 tensor of x_seq's shape "
+                             f"{list(x_seq.shape)} on {x_seq.device}, got {out.dtype} of shape {list(out.shape)} "
+                             f"on {out.device}")
+    else:
+        check_like_x(out, x_seq, "spikes (the out= tensor)")
     if not out.is_contiguous():
         raise ValueError("spikes (the out= tensor) must be contiguous")
 
@@ -360,10 +370,11 @@ def _check_state_out(buffer: Any, x_seq: torch.Tensor, dtype: torch.dtype, name:
         raise ValueError(f"{name} must be contiguous")
 
 
-def out_buffers(out: Any, x_seq: torch.Tensor,
-                needs_grad: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def out_buffers(out: Any, x_seq: torch.Tensor, needs_grad: bool,
+                compact: bool = False) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(spikes, v, count) buffers for out=: a tensor is the spikes buffer (v and count
-    are then allocated); a sequence of three (e.g. an earlier NeuronResult) gives all."""
+    are then allocated); a sequence of three (e.g. an earlier NeuronResult) gives all.
+    With ``compact`` the spikes buffer holds int8 counts."""
     if isinstance(out, torch.Tensor):
         spikes = out
         acc = _acc(x_seq.dtype)
@@ -378,5 +389,5 @@ def out_buffers(out: Any, x_seq: torch.Tensor,
     else:
         raise TypeError("out must be a spikes tensor or a (spikes, v, count) sequence, got "
                         f"{type(out).__name__}" + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
-    _check_out(spikes, x_seq, needs_grad)
+    _check_out(spikes, x_seq, needs_grad, compact)
     return spikes, v, count

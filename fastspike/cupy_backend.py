@@ -2,9 +2,10 @@
 whose operator library was built without CUDA (no nvcc at build time) on a
 machine that has a GPU and CuPy.
 
-The kernels are the same source nvcc compiles: ``csrc/neuron/neuron_math.h``
-(the neuron math) and ``csrc/neuron/cuda/neuron_kernels.cuh`` (the
-``__global__`` wrappers), inlined into one NVRTC program so that CuPy's kernel
+The kernels are the same source nvcc compiles: the device headers of
+``csrc/neuron/`` (arithmetic, neuron step, kernel argument structs, element
+functions) and ``csrc/neuron/cuda/neuron_kernels.cuh`` (the ``__global__``
+wrappers), inlined into one NVRTC program so that CuPy's kernel
 cache is keyed on their exact text. They run on torch's tensors in place
 (raw device pointers, no copies) on torch's current stream, and are registered
 as the CUDA implementations of the ``fastspike::`` operators, so the fake
@@ -41,6 +42,7 @@ from .reference import _FLOATS, accumulation_dtype, broadcast_threshold
 
 __all__ = [
     "NVRTC_OPTIONS",
+    "device_source",
     "kernel_source",
     "kernel_names",
     "include_options",
@@ -67,8 +69,13 @@ BLOCKS_PER_SM = 32
 # nvcc build; no --use_fast_math. CuPy adds -arch for the current device.
 NVRTC_OPTIONS: Tuple[str, ...] = ("-std=c++17", "--fmad=false")
 
+# The device headers in include order (each after what it includes), then the kernels.
+_ARGS_FILE = os.path.join("neuron", "neuron_args.h")
 _KERNEL_FILES = (
-    os.path.join("neuron", "neuron_math.h"),
+    os.path.join("neuron", "neuron_arith.h"),
+    os.path.join("neuron", "neuron_step.h"),
+    _ARGS_FILE,
+    os.path.join("neuron", "neuron_elements.h"),
     os.path.join("neuron", "cuda", "neuron_kernels.cuh"),
 )
 
@@ -79,7 +86,7 @@ _SCALAR_C_TYPES = {
     torch.bfloat16: "__nv_bfloat16",
 }
 
-# The kernel argument structs of neuron_math.h are passed by value, laid out
+# The kernel argument structs of neuron_args.h are passed by value, laid out
 # in Python from their declarations in that header (read at run time, so the
 # layout follows the source that is compiled). The generated program checks
 # the field names and the size at compile time and fastspike_layout_probe
@@ -92,10 +99,10 @@ _FIELD_CODES = {"int64_t": "i8", "int": "i4", "int32_t": "i4", "bool": "?", "acc
 
 @functools.lru_cache(maxsize=None)
 def struct_fields(struct: str, csrc: str = _build.CSRC) -> Tuple[Tuple[str, str], ...]:
-    """(name, numpy code) of each field of ``struct`` in neuron_math.h, in
+    """(name, numpy code) of each field of ``struct`` in neuron_args.h, in
     declaration order; pointers are "u8", the accumulation type "acc". Read
     once per process (like the compiled module it must match)."""
-    path = os.path.join(csrc, _KERNEL_FILES[0])
+    path = os.path.join(csrc, _ARGS_FILE)
     with open(path, encoding="utf-8") as handle:
         text = handle.read()
     match = re.search(r"struct\s+%s\s*\{(.*?)\n\};" % struct, text, re.S)
@@ -178,14 +185,11 @@ def kernel_names(scalar: torch.dtype) -> List[str]:
     return names
 
 
-def kernel_source(scalar: torch.dtype, csrc: str = _build.CSRC) -> str:
-    """One self-contained NVRTC program for ``scalar``: the kernel headers'
-    text inlined (their own relative includes dropped), then the struct layout
-    checks and the layout probe. The templates of :func:`kernel_names` are
-    instantiated through NVRTC name expressions (RawModule's name_expressions)."""
-    if scalar not in _SCALAR_C_TYPES:
-        raise TypeError(f"scalar must be one of {list(_SCALAR_C_TYPES)}, got {scalar}")
-    parts = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>"]
+def device_source(csrc: str = _build.CSRC) -> str:
+    """The kernel headers' text in include order, as one NVRTC-ready source: their
+    quoted includes (each other, and the host-only cpu/host_memory.h, which sits
+    inside ``#ifndef __CUDA_ARCH__`` and NVRTC never needs) and include guards dropped."""
+    parts = []
     for relative in _KERNEL_FILES:
         path = os.path.join(csrc, relative)
         if not os.path.isfile(path):
@@ -195,8 +199,18 @@ def kernel_source(scalar: torch.dtype, csrc: str = _build.CSRC) -> str:
             )
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
-        parts.append(re.sub(r'^#include\s+"[^"]*neuron_math\.h"\s*$', "", text, flags=re.MULTILINE))
-    parts.append(_layout_checks(scalar))
+        parts.append(re.sub(r'^(#include\s+"[^"]*"|#pragma once)\s*$', "", text, flags=re.MULTILINE))
+    return "\n".join(parts)
+
+
+def kernel_source(scalar: torch.dtype, csrc: str = _build.CSRC) -> str:
+    """One self-contained NVRTC program for ``scalar``: :func:`device_source`, then
+    the struct layout checks and the layout probe. The templates of
+    :func:`kernel_names` are instantiated through NVRTC name expressions
+    (RawModule's name_expressions)."""
+    if scalar not in _SCALAR_C_TYPES:
+        raise TypeError(f"scalar must be one of {list(_SCALAR_C_TYPES)}, got {scalar}")
+    parts = ["#include <cuda_fp16.h>", "#include <cuda_bf16.h>", device_source(csrc), _layout_checks(scalar)]
     return "\n".join(parts) + "\n"
 
 
@@ -261,7 +275,7 @@ def ensure_registered(library_has_cuda: bool) -> bool:
             _module(torch.device("cuda", torch.cuda.current_device()), torch.float32)
             library = torch.library.Library("fastspike", "IMPL")
             library.impl("neuron_forward", neuron_forward, "CUDA")
-            library.impl("neuron_forward_out", neuron_forward_out, "CUDA")
+            library.impl("neuron_forward.out", neuron_forward_out, "CUDA")
             library.impl("neuron_backward_surrogate", neuron_backward_surrogate, "CUDA")
             library.impl("neuron_backward_rate", neuron_backward_rate, "CUDA")
         except Exception as err:  # a missing schema, source or compile must leave the reference working
@@ -308,7 +322,7 @@ def _module(device: torch.device, scalar: torch.dtype):
             cupy.cuda.Device(key[0]).synchronize()
         if offsets.tolist() != expected_offsets(scalar):
             raise RuntimeError(
-                f"the kernel argument structs of neuron_math.h have field offsets {offsets.tolist()} but "
+                f"the kernel argument structs of neuron_args.h have field offsets {offsets.tolist()} but "
                 f"fastspike/cupy_backend.py lays them out as {expected_offsets(scalar)}: see struct_fields()"
             )
         _modules[key] = module
@@ -433,7 +447,7 @@ def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_
     seq_shape, state_shape = x_seq.shape, x_seq.shape[1:]
     if out_buffers is not None:
         spikes, v_final, count_final = out_buffers
-        check_out_overlaps(out_buffers, x, v_init, count_init)
+        check_out_overlaps(out_buffers, x, v_init, count_init, r)
     else:
         spikes = x.new_empty(seq_shape, dtype=torch.int8 if compact else x.dtype)
         v_final = x.new_empty(state_shape, dtype=acc)
@@ -486,14 +500,15 @@ def neuron_forward(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Optiona
 
 def neuron_forward_out(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Optional[torch.Tensor],
                        count_init: Optional[torch.Tensor], group_size: int, signed: bool,
-                       init_fraction: float, neg_margin: float, spikes: torch.Tensor,
-                       v_final: torch.Tensor, count_final: torch.Tensor) -> None:
-    """CUDA implementation of ``fastspike::neuron_forward_out`` (spikes and final state
+                       init_fraction: float, neg_margin: float, residual: Optional[torch.Tensor] = None,
+                       compact: bool = False, *, spikes: torch.Tensor, v_final: torch.Tensor,
+                       count_final: torch.Tensor) -> None:
+    """CUDA implementation of ``fastspike::neuron_forward.out`` (spikes and final state
     written into the caller's buffers)."""
     _check_x(x_seq, "x_seq")
-    buffers = out_buffers((spikes, v_final, count_final), x_seq, needs_grad=False)
+    buffers = out_buffers((spikes, v_final, count_final), x_seq, needs_grad=False, compact=compact)
     _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
-                 neg_margin, "none", buffers)
+                 neg_margin, "none", buffers, residual, compact)
 
 
 def neuron_backward_surrogate(grad_spikes: torch.Tensor, grad_v_final: Optional[torch.Tensor],

@@ -12,14 +12,21 @@ compact=False)``
     x_seq + residual without storing the sum; ``compact`` returns the spikes as
     int8 counts k⁺ − k⁻ (inference only). x_seq and residual may be time
     broadcasts (stride 0 along dim 0), read at every step without a copy.
+    ``surrogate`` and ``alpha`` are read by the registered backward only: a
+    derivative registered with the dispatcher sees only the operator's arguments
+    (as ``aten::embedding`` carries its backward-only ``scale_grad_by_freq``), so
+    TorchScript, jit.trace, torch.compile and eager calls differentiate alike.
 
-``fastspike::neuron_forward_out(x_seq, threshold, v_init, count_init, group_size,
-signed, init_fraction, neg_margin, Tensor(a!) spikes, Tensor(b!) v_final,
-Tensor(c!) count_final)`` -> ()
+``fastspike::neuron_forward.out(x_seq, threshold, v_init, count_init, group_size,
+signed, init_fraction, neg_margin, residual=None, compact=False, *,
+Tensor(a!) spikes, Tensor(b!) v_final, Tensor(c!) count_final)`` -> ()
 
-    Inference form writing into the caller's buffers: spikes may be x_seq
-    itself, v_final / count_final may be v_init / count_init themselves (a loop
-    over chunks of time that reuses its buffers allocates nothing).
+    The out= overload (inference only, so no grad_mode or surrogate): writes into
+    the caller's buffers; spikes may be x_seq or residual itself (int8 when
+    compact), v_final / count_final may be v_init / count_init themselves (a loop
+    over chunks of time that reuses its buffers allocates nothing). It returns
+    nothing, not aliases of the buffers: torch's functionalization rejects custom
+    operators whose outputs carry alias annotations.
 
 ``fastspike::neuron_backward_surrogate(grad_spikes, grad_v_final, membrane_seq,
 negative_open_seq, threshold, group_size, signed, neg_margin, surrogate, alpha)``
@@ -98,12 +105,13 @@ if _STATE.name == "extension":
             x_seq.new_empty(state_shape, dtype=acc) if grad_mode == "rate" else _empty(x_seq, acc),
         )
 
-    @torch.library.register_fake("fastspike::neuron_forward_out")
+    @torch.library.register_fake("fastspike::neuron_forward.out")
     def _neuron_forward_out_fake(
-        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, spikes,
-        v_final, count_final,
+        x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, residual=None,
+        compact=False, *, spikes, v_final, count_final,
     ):
-        _check_fake_inputs(x_seq, threshold, v_init, count_init)
+        _check_fake_inputs(x_seq, threshold, v_init, count_init, residual)
+        check_compact(compact, group_size, "none")
         return None
 
     @torch.library.register_fake("fastspike::neuron_backward_surrogate")
@@ -276,12 +284,14 @@ def _read_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 
 def _check_out_memory(out: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], x_seq: torch.Tensor,
-                      v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor]) -> None:
+                      v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor],
+                      residual: Optional[torch.Tensor] = None) -> None:
     """The overlap rules of the out= buffers (check_forward_out in neuron.cpp), in
     Python before any backend so that every backend raises the same ValueError."""
     if torch.compiler.is_compiling() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in out):
         return  # (data pointers of fake tensors cannot be read; the operator checks at run time)
-    check_out_overlaps(out, _read_operand(x_seq), _read_operand(v_init), _read_operand(count_init))
+    check_out_overlaps(out, _read_operand(x_seq), _read_operand(v_init), _read_operand(count_init),
+                       _read_operand(residual))
 
 
 _forced_reference = 0  # depth of nested use_reference() blocks
@@ -397,8 +407,9 @@ def neuron(
         surrogate, alpha: surrogate shape, "sigmoid" (α = 4 by default) or
             "atan" (α = 2).
         out: preallocated buffers for inference loops that reuse them (not
-            differentiable): a [T, ...] tensor (x_seq's dtype, contiguous) for
-            the spikes, which may be x_seq itself; or a sequence (spikes, v,
+            differentiable): a [T, ...] tensor (x_seq's dtype, int8 when
+            compact; contiguous) for the spikes, which may be x_seq (or
+            residual) itself; or a sequence (spikes, v,
             count), e.g. the NeuronResult of an earlier call, to receive the
             final state too (contiguous, the dtypes of v_init/count_init), so
             nothing is allocated; v and count may be v_init and count_init
@@ -439,11 +450,8 @@ def neuron(
         raise ValueError("grad='none' was given but an input requires grad; use 'surrogate' or 'rate'")
     check_compact(compact, group_size, grad if needs_grad else "none")
     if out is not None:
-        if residual is not None or compact:
-            raise ValueError("out= takes the plain spikes of x_seq only; call without out= to use "
-                             "residual= or compact=")
-        out = out_buffers(out, x_seq, needs_grad)
-        _check_out_memory(out, x_seq, v_init, count_init)
+        out = out_buffers(out, x_seq, needs_grad, bool(compact))
+        _check_out_memory(out, x_seq, v_init, count_init, residual)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,
@@ -458,9 +466,10 @@ def neuron(
         return result
     with _below_autograd_unless(needs_grad):
         if out is not None:
-            torch.ops.fastspike.neuron_forward_out(
+            spikes, v, count = out
+            torch.ops.fastspike.neuron_forward.out(
                 x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-                float(neg_margin), *out,
+                float(neg_margin), residual, bool(compact), spikes=spikes, v_final=v, count_final=count,
             )
             _mark_written(out)
             return NeuronResult(*out)

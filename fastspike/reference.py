@@ -120,7 +120,7 @@ def surrogate_derivative(z: torch.Tensor, kind: str, alpha: float) -> torch.Tens
     a = alpha * z
     s = torch.sigmoid(a)
     # The far tail (below α·e^-40) is cut to exactly 0, as kSigmoidTailCut in
-    # csrc/neuron/neuron_math.h: otherwise it leaves denormal gradients that make
+    # csrc/neuron/neuron_step.h: otherwise it leaves denormal gradients that make
     # the next layer's backward crawl on Intel CPUs.
     return torch.where(a.abs() > SIGMOID_TAIL_CUT, torch.zeros_like(s), alpha * s * (1 - s))
 

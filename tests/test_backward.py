@@ -171,15 +171,20 @@ def opcheck_cases():
     cases.append(("neuron_backward_surrogate", (torch.randn_like(x), torch.randn(2, 3, 5), fwd[3], fwd[4], thr, 2, True, 1e-3, "atan", 2.0)))
     cases.append(("neuron_backward_rate", (torch.randn_like(x), rate[5], thr)))
     state = (torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))
-    cases.append(("neuron_forward_out", (x, thr, None, None, 1, True, 0.5, 1e-3, torch.empty_like(x), *state)))
-    cases.append(("neuron_forward_out", (x, thr, v0.clone(), c0.clone(), 2, True, 0.5, 1e-3, torch.empty_like(x),
-                                         torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))))
-    return cases
+    def out(spikes_dtype=x.dtype):
+        return dict(spikes=torch.empty_like(x, dtype=spikes_dtype), v_final=torch.empty(2, 3, 5),
+                    count_final=torch.empty(2, 3, 5, dtype=torch.int32))
+    cases.append(("neuron_forward.out", (x, thr, None, None, 1, True, 0.5, 1e-3), out()))
+    cases.append(("neuron_forward.out", (x, thr, v0.clone(), c0.clone(), 2, True, 0.5, 1e-3), out()))
+    cases.append(("neuron_forward.out", (x, thr, None, None, 3, True, 0.5, 1e-3, torch.randn_like(x), True),
+                  out(torch.int8)))
+    return [case if len(case) == 3 else case + ({},) for case in cases]
 
 
-@pytest.mark.parametrize("name,args", opcheck_cases(), ids=lambda c: c if isinstance(c, str) else "")
-def test_opcheck(name, args):
-    torch.library.opcheck(getattr(torch.ops.fastspike, name).default, args)
+@pytest.mark.parametrize("name,args,kwargs", opcheck_cases(), ids=lambda c: c if isinstance(c, str) else "")
+def test_opcheck(name, args, kwargs):
+    op, _, overload = name.partition(".")
+    torch.library.opcheck(getattr(getattr(torch.ops.fastspike, op), overload or "default"), args, kwargs)
 
 
 @pytest.mark.parametrize("grad", ["surrogate", "rate"])

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import fastspike
+from fastspike import cupy_backend
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CUDA_HOME = os.environ.get("CUDA_HOME", "/usr/local/cuda")
@@ -43,7 +44,7 @@ def test_backend_is_the_compiled_extension():
 def test_cuda_kernels_are_compiled_in_when_nvcc_is_found():
     info = fastspike.backend_info()
     assert info["cuda_kernels"], f"nvcc at {NVCC} but the library has no CUDA kernels: {info}"
-    for op in ("neuron_forward", "neuron_forward_out", "neuron_backward_surrogate", "neuron_backward_rate"):
+    for op in ("neuron_forward", "neuron_forward.out", "neuron_backward_surrogate", "neuron_backward_rate"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastspike::{op}", "CUDA"), op
 
 
@@ -117,7 +118,7 @@ extern "C" __global__ void rate_f32(fastspike::RateBackwardArgs<float, float> a)
 
 
 def test_kernel_source_compiles_under_nvrtc():
-    header = open(os.path.join(ROOT, "csrc", "neuron", "neuron_math.h")).read()
+    header = cupy_backend.device_source(os.path.join(ROOT, "csrc"))
     include = os.path.join(CUDA_HOME, "include")
     status, log, ptx, _ = nvrtc_compile(header + FORWARD_KERNELS + BACKWARD_KERNELS,
                                      ["-arch=compute_90", f"-I{include}", "--fmad=false"])
@@ -129,7 +130,7 @@ def test_kernel_source_compiles_under_nvrtc():
 def test_forward_math_is_never_contracted_into_fma():
     """Even with nvcc's default --fmad=true, the explicitly rounded intrinsics
     keep v − k⁺·u a separate multiply and subtract (docs/design.md §2)."""
-    header = open(os.path.join(ROOT, "csrc", "neuron", "neuron_math.h")).read()
+    header = cupy_backend.device_source(os.path.join(ROOT, "csrc"))
     include = os.path.join(CUDA_HOME, "include")
     status, log, ptx, _ = nvrtc_compile(header + FORWARD_KERNELS, ["-arch=compute_90", f"-I{include}", "--fmad=true"])
     assert status == 0, log

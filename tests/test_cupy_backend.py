@@ -47,7 +47,7 @@ def test_runtime_kernel_source_compiles_under_nvrtc_without_fma(dtype):
 
 
 def test_struct_layout_follows_the_header():
-    """The layout is read from neuron_math.h; NVRTC's static_asserts reject a
+    """The layout is read from neuron_args.h; NVRTC's static_asserts reject a
     layout that disagrees with the compiler's (here: a wrong size)."""
     fields = dict(cupy_backend.struct_fields("ForwardArgs"))
     assert fields["x"] == "u8" and fields["time_steps"] == "i8" and fields["group_size"] == "i4"
@@ -78,7 +78,7 @@ def test_launch_constants_match_the_cuda_launcher():
 def test_kernel_source_errors():
     with pytest.raises(TypeError, match="scalar must be one of"):
         cupy_backend.kernel_source(torch.int32)
-    with pytest.raises(FileNotFoundError, match="needs .*neuron_math.h"):
+    with pytest.raises(FileNotFoundError, match="needs .*neuron_arith.h"):
         cupy_backend.kernel_source(torch.float32, csrc="/nonexistent")
 
 
@@ -134,7 +134,7 @@ def test_selection_registers_once_only_where_the_library_lacks_cuda(fresh_state)
     assert cupy_backend.ensure_registered(library_has_cuda=False) is True
     assert cupy_backend.ensure_registered(library_has_cuda=False) is True and len(calls) == 1
     assert [(n, k) for n, _, k in registered] == [
-        ("neuron_forward", "CUDA"), ("neuron_forward_out", "CUDA"),
+        ("neuron_forward", "CUDA"), ("neuron_forward.out", "CUDA"),
         ("neuron_backward_surrogate", "CUDA"), ("neuron_backward_rate", "CUDA")]
     assert registered[0][1] is cupy_backend.neuron_forward
     assert compiled == [("cuda", torch.float32)]  # compiled once, eagerly, before registering
@@ -210,8 +210,9 @@ def test_input_errors_name_the_argument():
         cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "surrogate", "sigmoid",
                                     4.0, None, True)
     with pytest.raises(ValueError, match="spikes \\(the out= tensor\\) must have x_seq's shape"):
-        cupy_backend.neuron_forward_out(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, torch.zeros(3),
-                                        torch.zeros(x.shape[1:]), torch.zeros(x.shape[1:], dtype=torch.int32))
+        cupy_backend.neuron_forward_out(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, spikes=torch.zeros(3),
+                                        v_final=torch.zeros(x.shape[1:]),
+                                        count_final=torch.zeros(x.shape[1:], dtype=torch.int32))
 
 
 def test_threshold_layout_matches_the_header_rule():
@@ -249,7 +250,8 @@ def test_cupy_kernels_match_the_reference_bit_for_bit(dtype, group_size, signed)
     out = torch.empty_like(x4)
     v4 = x4.new_empty(x4.shape[1:], dtype=ref.v.dtype)
     c4 = x4.new_empty(x4.shape[1:], dtype=torch.int32)
-    cupy_backend.neuron_forward_out(x4, threshold, None, None, group_size, signed, 0.5, 1e-3, out, v4, c4)
+    cupy_backend.neuron_forward_out(x4, threshold, None, None, group_size, signed, 0.5, 1e-3, spikes=out, v_final=v4,
+                                    count_final=c4)
     ref4 = neuron_reference(x4, threshold, group_size=group_size, signed=signed, grad="none")
     assert torch.equal(out, ref4.spikes) and torch.equal(v4, ref4.v) and torch.equal(c4, ref4.count)
 

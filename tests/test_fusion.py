@@ -3,6 +3,7 @@ constant input computed once, from the operator up to whole converted
 networks. Every new path is checked against the reference loop (bit for bit in
 the forward) or against the conversion without the option."""
 
+import contextlib
 import copy
 import io
 import math
@@ -197,7 +198,8 @@ BAD_CALLS = [
      r"residual must be on the same device as x_seq"),
     ("residual type", dict(residual=1.0), TypeError, r"residual must be a tensor or None"),
     ("compact group size", dict(compact=True, group_size=128), ValueError, r"group_size must be <= 127, got 128"),
-    ("out with residual", dict(residual=X, out=torch.empty_like(X)), ValueError, r"out= takes the plain spikes"),
+    ("compact out dtype", dict(compact=True, out=torch.empty_like(X)), ValueError,
+     r"spikes \(the out= tensor\) of compact=True must be an int8 tensor"),
     ("broadcast out", dict(out=broadcast(X[0], 4)), ValueError, r"spikes \(the out= tensor\) must be contiguous"),
 ]
 
@@ -206,6 +208,31 @@ BAD_CALLS = [
 def test_bad_new_arguments_are_named(what, kwargs, error, pattern):
     with torch.no_grad(), pytest.raises(error, match=pattern):
         fastspike.neuron(X, 1.0, **kwargs)
+
+
+def test_out_state_may_not_overlap_the_residual():
+    residual = X.clone()
+    out = (torch.empty_like(X), residual[1], torch.empty(2, 3, 5, dtype=torch.int32))
+    with torch.no_grad(), pytest.raises(ValueError, match=r"v \(the out= state\) overlaps residual in memory"):
+        fastspike.neuron(X, 1.0, residual=residual, out=out)
+
+
+@pytest.mark.parametrize("compact", [False, True])
+@pytest.mark.parametrize("backend", ["operator", "reference"])
+def test_out_form_takes_residual_and_compact(compact, backend):
+    """neuron_forward.out takes residual= and compact= as the functional form does: the same
+    spikes and state, written into the caller's buffers (spikes may be the residual itself)."""
+    r = randn((4, 2, 3, 5), 31)
+    expected = fastspike.neuron(X, 0.7, group_size=3, signed=True, residual=r, compact=compact)
+    spikes = torch.empty_like(X, dtype=torch.int8) if compact else r.clone()
+    residual = r if compact else spikes  # the float form writes its spikes over its residual
+    state = (torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))
+    with (fastspike.use_reference() if backend == "reference" else contextlib.nullcontext()):
+        got = fastspike.neuron(X, 0.7, group_size=3, signed=True, residual=residual, compact=compact,
+                               out=(spikes, *state))
+    assert got.spikes is spikes and got.v is state[0] and got.count is state[1]
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
 
 
 def test_compact_refuses_gradients():

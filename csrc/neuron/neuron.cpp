@@ -128,7 +128,7 @@ ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor&
   layout.values = threshold.to(acc_dtype).contiguous().view({-1});
   // Checking values needs them on the host: done for CPU tensors only, so
   // that CUDA calls never synchronise. On CUDA an invalid threshold makes
-  // that neuron's outputs NaN (see neuron_unit in neuron_math.h).
+  // that neuron's outputs NaN (see neuron_unit in neuron_step.h).
   if (layout.values.is_cpu()) {
     AT_DISPATCH_FLOATING_TYPES(layout.values.scalar_type(), "check_threshold", [&] {
       const scalar_t* values = layout.values.data_ptr<scalar_t>();
@@ -142,13 +142,15 @@ ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor&
   return layout;
 }
 
+void check_surrogate(c10::string_view surrogate, double alpha) {
+  (void)parse_surrogate(surrogate, alpha);
+}
+
 ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& count_init, int64_t group_size,
-                         bool is_signed, double init_fraction, double neg_margin,
-                         c10::string_view grad_mode, c10::string_view surrogate, double alpha,
+                         double init_fraction, double neg_margin, c10::string_view grad_mode,
                          const c10::optional<at::Tensor>& residual, bool compact) {
-  (void)is_signed;
   TORCH_CHECK_TYPE(is_supported_float(x_seq.scalar_type()),
               "x_seq must be a floating-point tensor (float16, bfloat16, float32 or float64), got ",
               x_seq.scalar_type());
@@ -161,7 +163,6 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
   ForwardPlan plan;
   plan.acc_dtype = accumulation_dtype(x_seq.scalar_type());
   plan.grad_mode = parse_grad_mode(grad_mode);
-  plan.surrogate = parse_surrogate(surrogate, alpha);
   check_state(v_init, x_seq, plan.acc_dtype, "v_init");
   check_state(count_init, x_seq, at::kInt, "count_init");
   if (residual.has_value()) check_residual(*residual, x_seq);
@@ -215,17 +216,22 @@ void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq
   const char* spikes_name = "spikes (the out= tensor)";
   const char* v_name = "v (the out= state)";
   const char* count_name = "count (the out= state)";
-  check_out_buffer(buffers.spikes, x_seq, x_seq.sizes(), x_seq.scalar_type(), spikes_name);
+  check_out_buffer(buffers.spikes, x_seq, x_seq.sizes(), plan.compact ? at::kChar : x_seq.scalar_type(),
+                   spikes_name);
   check_out_buffer(buffers.v_final, x_seq, x_seq.sizes().slice(1), plan.acc_dtype, v_name);
   check_out_buffer(buffers.count_final, x_seq, x_seq.sizes().slice(1), at::kInt, count_name);
   const at::Tensor v_init = plan.v_init.value_or(at::Tensor());
   const at::Tensor count_init = plan.count_init.value_or(at::Tensor());
+  const at::Tensor residual = plan.residual.value_or(at::Tensor());
   check_no_overlap(buffers.spikes, spikes_name, plan.x, "x_seq", /*allowed_full=*/true);
+  check_no_overlap(buffers.spikes, spikes_name, residual, "residual", /*allowed_full=*/true);
   check_no_overlap(buffers.v_final, v_name, plan.x, "x_seq", false);
+  check_no_overlap(buffers.v_final, v_name, residual, "residual", false);
   check_no_overlap(buffers.v_final, v_name, buffers.spikes, spikes_name, false);
   check_no_overlap(buffers.v_final, v_name, v_init, "v_init", true);
   check_no_overlap(buffers.v_final, v_name, count_init, "count_init", false);
   check_no_overlap(buffers.count_final, count_name, plan.x, "x_seq", false);
+  check_no_overlap(buffers.count_final, count_name, residual, "residual", false);
   check_no_overlap(buffers.count_final, count_name, buffers.spikes, spikes_name, false);
   check_no_overlap(buffers.count_final, count_name, buffers.v_final, v_name, false);
   check_no_overlap(buffers.count_final, count_name, count_init, "count_init", true);
@@ -320,18 +326,28 @@ TORCH_LIBRARY(fastspike, m) {
   // x + residual, rounded as torch.add would, without storing the sum.
   // compact: spikes are the int8 counts k⁺ − k⁻ (grad_mode 'none', m <= 127).
   // x_seq and residual may be time broadcasts (stride 0 along dim 0).
+  // surrogate and alpha are read by the registered backward only: a derivative
+  // registered with the dispatcher sees nothing but the operator's arguments, so
+  // they are arguments (as aten::embedding carries its backward-only
+  // scale_grad_by_freq), and TorchScript, jit.trace, torch.compile and eager
+  // calls all differentiate alike. They are checked here all the same.
   m.def(
       "neuron_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
       "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
       "str surrogate, float alpha, Tensor? residual=None, bool compact=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-  // Inference form writing into the caller's buffers: the spikes (which may be
-  // x_seq itself) and the final state (which may be v_init / count_init
-  // themselves), so a loop that reuses them allocates nothing.
+  // The out= overload (ATen's convention): the forward arguments, then the
+  // caller's buffers for the spikes (which may be x_seq or residual itself; int8
+  // when compact) and the final state (which may be v_init / count_init
+  // themselves), so a loop that reuses them allocates nothing. Inference only,
+  // as ATen's out= overloads: no grad_mode (nothing is recorded), hence no
+  // surrogate. It returns nothing rather than aliases of the buffers, because
+  // torch's functionalization (torch.compile, export) rejects custom operators
+  // whose outputs carry alias annotations.
   m.def(
-      "neuron_forward_out(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
-      "int group_size, bool signed, float init_fraction, float neg_margin, Tensor(a!) spikes, "
-      "Tensor(b!) v_final, Tensor(c!) count_final) -> ()");
+      "neuron_forward.out(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
+      "int group_size, bool signed, float init_fraction, float neg_margin, Tensor? residual=None, "
+      "bool compact=False, *, Tensor(a!) spikes, Tensor(b!) v_final, Tensor(c!) count_final) -> ()");
   // Reverse-time pass of the surrogate gradient; returns (grad_x, grad_v_init).
   m.def(
       "neuron_backward_surrogate(Tensor grad_spikes, Tensor? grad_v_final, Tensor membrane_seq, "

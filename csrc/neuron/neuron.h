@@ -19,7 +19,7 @@ enum class GradMode { kNone, kSurrogate, kRate };
 
 struct ThresholdLayout {
   at::Tensor values;  // contiguous, in the accumulation dtype
-  int64_t inner;      // see threshold_index() in neuron_math.h
+  int64_t inner;      // see threshold_index() in neuron_step.h
   int64_t size;
 };
 
@@ -39,7 +39,6 @@ struct ForwardPlan {
   int64_t neurons;
   at::ScalarType acc_dtype;
   GradMode grad_mode;
-  int surrogate;
 };
 
 using ForwardResult =
@@ -64,15 +63,19 @@ at::ScalarType accumulation_dtype(at::ScalarType dtype);
 ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& count_init, int64_t group_size,
-                         bool is_signed, double init_fraction, double neg_margin,
-                         c10::string_view grad_mode, c10::string_view surrogate, double alpha,
+                         double init_fraction, double neg_margin, c10::string_view grad_mode,
                          const c10::optional<at::Tensor>& residual = c10::nullopt,
                          bool compact = false);
 
-// The caller's buffers of the out= form (neuron_forward_out): spikes and the
+// Checks the surrogate shape and sharpness that neuron_forward carries for its
+// registered backward (the forward itself never reads them).
+void check_surrogate(c10::string_view surrogate, double alpha);
+
+// The caller's buffers of the out= form (neuron_forward.out): spikes and the
 // final state, written in place.
 struct ForwardOutBuffers {
-  at::Tensor spikes;       // x_seq's shape and dtype, contiguous; may be x_seq itself
+  at::Tensor spikes;       // x_seq's shape and dtype (int8 when compact), contiguous; may be x_seq
+                           // (or residual) itself
   at::Tensor v_final;      // x_seq.shape[1:], acc dtype, contiguous; may be v_init itself
   at::Tensor count_final;  // x_seq.shape[1:], int32, contiguous; may be count_init itself
 };
@@ -84,8 +87,8 @@ ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
 
 // Shapes, dtypes, devices and layout of the out= buffers, and that none of
 // them overlaps what the kernel reads except element for element (spikes over
-// x_seq, v_final over v_init, count_final over count_init: each neuron reads
-// its own element before it writes it).
+// x_seq or residual, v_final over v_init, count_final over count_init: each
+// neuron reads its own element before it writes it).
 void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq,
                        const ForwardPlan& plan);
 

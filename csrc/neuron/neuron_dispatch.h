@@ -4,7 +4,7 @@
 #pragma once
 
 #include "neuron.h"
-#include "neuron_math.h"
+#include "neuron_elements.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -168,9 +168,9 @@ ForwardResult neuron_forward_op(const at::Tensor& x_seq, const at::Tensor& thres
                                 c10::string_view grad_mode, c10::string_view surrogate,
                                 double alpha, const c10::optional<at::Tensor>& residual,
                                 bool compact) {
+  check_surrogate(surrogate, alpha);
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
-                                        is_signed, init_fraction, neg_margin, grad_mode,
-                                        surrogate, alpha, residual, compact);
+                                        init_fraction, neg_margin, grad_mode, residual, compact);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, nullptr);
   if (plan.neurons > 0) run(plan, out, group_size, is_signed, init_fraction, neg_margin);
   return out.as_tuple();
@@ -181,10 +181,10 @@ void neuron_forward_out_op(const at::Tensor& x_seq, const at::Tensor& threshold,
                            const c10::optional<at::Tensor>& v_init,
                            const c10::optional<at::Tensor>& count_init, int64_t group_size,
                            bool is_signed, double init_fraction, double neg_margin,
+                           const c10::optional<at::Tensor>& residual, bool compact,
                            at::Tensor& spikes, at::Tensor& v_final, at::Tensor& count_final) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
-                                        is_signed, init_fraction, neg_margin, "none", "sigmoid",
-                                        1.0);
+                                        init_fraction, neg_margin, "none", residual, compact);
   const ForwardOutBuffers buffers{spikes, v_final, count_final};
   check_forward_out(buffers, x_seq, plan);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, &buffers);

@@ -33,8 +33,7 @@ ForwardResult emulate_cuda_forward(const at::Tensor& x_seq, const at::Tensor& th
                                    int64_t threads, int64_t vector_width,
                                    const c10::optional<at::Tensor>& residual, bool compact) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
-                                        is_signed, init_fraction, neg_margin, grad_mode,
-                                        "sigmoid", 1.0, residual, compact);
+                                        init_fraction, neg_margin, grad_mode, residual, compact);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, nullptr);
   if (plan.neurons == 0) return out.as_tuple();
   FASTSPIKE_DISPATCH_FLOATS(plan.x.scalar_type(), "emulate_cuda_forward", [&] {

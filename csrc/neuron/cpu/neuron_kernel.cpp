@@ -72,7 +72,7 @@ LaneBuild lane_build() {
 }
 
 // The forward writes its spike rows with non-temporal stores (stream_row in
-// neuron_math.h) once the output outgrows the caches. Measured on the
+// host_memory.h) once the output outgrows the caches. Measured on the
 // development EPYC (32 MB L3), float32 IF, T = 8, 2 threads: 1.2-1.6x slower
 // for an 8 MB output, which stays in cache for its reader; 1.4-1.6x faster
 // from 16 MB up, where the plain stores' read-for-ownership traffic dominates.
@@ -171,7 +171,7 @@ void run_backward_rate_cpu(const RateBackwardPlan& plan, const at::Tensor& grad_
 
 TORCH_LIBRARY_IMPL(fastspike, CPU, m) {
   m.impl("neuron_forward", &neuron_forward_op<run_forward_cpu>);
-  m.impl("neuron_forward_out", &neuron_forward_out_op<run_forward_cpu>);
+  m.impl("neuron_forward.out", &neuron_forward_out_op<run_forward_cpu>);
   m.impl("neuron_backward_surrogate", &neuron_backward_surrogate_op<run_backward_surrogate_cpu>);
   m.impl("neuron_backward_rate", &neuron_backward_rate_op<run_backward_rate_cpu>);
 }

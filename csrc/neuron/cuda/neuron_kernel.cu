@@ -2,7 +2,7 @@
 // of the forward (each thread keeps its neurons' membranes in registers) and
 // one launch runs the reverse-time pass of each backward. The kernels only
 // compute their grid-stride index (neuron_kernels.cuh, also compiled by NVRTC
-// for the CuPy path): the per-element work is in neuron_math.h,
+// for the CuPy path): the per-element work is in neuron_elements.h,
 // shared with the CPU kernels and walked on the CPU by grid_emulation.cpp.
 //
 // Light headers only (docs/design.md §4): torch/extension.h or ATen/cuda/CUDAContext.h
@@ -87,7 +87,7 @@ void run_backward_rate_cuda(const RateBackwardPlan& plan, const at::Tensor& grad
 
 TORCH_LIBRARY_IMPL(fastspike, CUDA, m) {
   m.impl("neuron_forward", &neuron_forward_op<run_forward_cuda>);
-  m.impl("neuron_forward_out", &neuron_forward_out_op<run_forward_cuda>);
+  m.impl("neuron_forward.out", &neuron_forward_out_op<run_forward_cuda>);
   m.impl("neuron_backward_surrogate", &neuron_backward_surrogate_op<run_backward_surrogate_cuda>);
   m.impl("neuron_backward_rate", &neuron_backward_rate_op<run_backward_rate_cuda>);
 }

@@ -1,11 +1,11 @@
 // The __global__ kernels of the neuron operators, in a header that both nvcc
 // (cuda/neuron_kernel.cu) and NVRTC (fastspike/cupy_backend.py, through CuPy)
 // compile, so the two CUDA paths launch the same code. The kernels only
-// compute their grid-stride index; the per-element work is in neuron_math.h.
+// compute their grid-stride index; the per-element work is in neuron_elements.h.
 // Nothing here may need more than NVRTC offers: no ATen, no standard library.
 #pragma once
 
-#include "../neuron_math.h"
+#include "../neuron_elements.h"
 
 namespace fastspike {
 
