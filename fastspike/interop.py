@@ -131,6 +131,9 @@ class ImportedQuantReLU(QuantReLU):
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:
+    """Puts ``module`` at ``path`` of ``root``; the root itself cannot be replaced in place."""
+    if path == "":
+        raise ConversionError(f"the model itself is a {type(root).__name__}; import the network that contains it")
     parent, _, attr = path.rpartition(".")
     setattr(root.get_submodule(parent) if parent else root, attr, module)
 
@@ -242,8 +245,6 @@ def from_qcfs(model: nn.Module, *, levels: Optional[int] = None, time_steps: Opt
             continue
         else:
             continue
-        if path == "":
-            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
         _set_module(model, path, q)
     _refuse(refused, "QCFS code base", "ShiftNeuron carries a membrane offset learnt across batches "
             "(its vt), which no fixed neuron reproduces; use ScaledNeuron or MyFloor.")
@@ -313,8 +314,6 @@ def from_gn(model: nn.Module, *, levels: Optional[int] = None, time_steps: Optio
                                   source_class=cls, group_size=1)
         else:
             continue
-        if path == "":
-            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
         _set_module(model, path, q)
     _refuse(refused, "group-neuron code base", "; ".join(reasons) + ".")
     gm = _finish_import(model, "group-neuron code base", "running-sum", _GN_HINT)
@@ -514,8 +513,6 @@ def from_fastsnn(model: nn.Module, *, time_steps: Optional[int] = None, exact: b
             new = _OneWay(m.conv, m.bn, spiking_if(m.relu, f"{path}.relu", steps, signed))
         else:
             new = _TwoWays(m.conv, m.bn, spiking_if(m.relu, f"{path}.relu", steps, signed), m.downsample)
-        if path == "":
-            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
         _set_module(model, path, new)
     if spiking_paths:  # [B, T, ...] between the spiking wrappers: Flatten(2) is the ANN's Flatten(1)
         for path, m in list(model.named_modules()):
@@ -775,8 +772,6 @@ def from_spikingjelly(model: nn.Module, *, approximate: bool = False) -> Spiking
             continue
         else:
             continue
-        if path == "":
-            raise ConversionError(f"the model itself is a {cls}; import the network that contains it")
         _set_module(model, path, new)
     _refuse(refused, "SpikingJelly", "; ".join(reasons) + ". fastspike runs IF neurons (IFNode with "
             "v_reset=None).")

@@ -231,6 +231,8 @@ def test_qcfs_refusals_name_module_and_class():
         interop.from_qcfs(plain)
     with pytest.raises(ConversionError, match="no.*activation|none of the code base"):
         interop.from_qcfs(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ConversionError, match="the model itself is a MyFloor; import the network that contains it"):
+        interop.from_qcfs(MyFloor(2.0, 4))
 
 
 # ---------------------------------------------------------------------------
@@ -659,6 +661,8 @@ def test_spikingjelly_refusals():
     hard = nn.Sequential(layer.Linear(4, 4), neuron.IFNode())
     with pytest.raises(ConversionError, match=r"'1' \(IFNode\).*hard reset"):
         interop.from_spikingjelly(hard)
+    with pytest.raises(ConversionError, match="the model itself is a IFNode"):
+        interop.from_spikingjelly(neuron.IFNode(v_reset=None))
     # gradients through a neuron whose surrogate fastspike computes otherwise: refused when asked
     net = interop.from_spikingjelly(nn.Sequential(layer.Linear(4, 4), neuron.IFNode(v_reset=None)))
     with pytest.raises(ConversionError, match=r"'1' \(IFNode\).*detach_reset"):
