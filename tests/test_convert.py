@@ -163,6 +163,56 @@ def test_other_max_pools_become_average_pools_with_a_warning_or_are_refused_when
         fastspike.quantize(model, levels=4, strict=True)
 
 
+class AdaptivePoolNet(nn.Module):
+    """Adaptive max-pools as a module after a ReLU and as a function after an F.relu, and one
+    that reads a conv (not an activation)."""
+
+    def __init__(self, after_conv: bool = False):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.relu1 = nn.ReLU()
+        self.pool1 = nn.AdaptiveMaxPool2d(5)
+        self.conv2 = nn.Conv2d(4, 5, 3, padding=1)
+        self.after_conv = after_conv
+
+    def forward(self, x):
+        y = self.conv1(x)
+        y = self.relu1(self.pool1(y)) if self.after_conv else self.pool1(self.relu1(y))
+        return F.adaptive_max_pool2d(F.relu(self.conv2(y)), (2, 3)).flatten(1)
+
+
+@torch.no_grad()
+def test_adaptive_max_pools_move_before_the_activation_exactly():
+    from oracles import assert_snn_equals_quantized_ann
+
+    torch.manual_seed(0)
+    model = AdaptivePoolNet().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # moving is exact: no warning
+        qmodel = fastspike.quantize(model, levels=3, strict=True)
+    q1, q2 = _quantizers_in_call_order(qmodel)
+    q1.set_threshold(torch.tensor(0.8))
+    q2.set_threshold(torch.tensor(0.6))
+    x = torch.randn(2, 3, 11, 11)
+    quant = lambda z, lam, L=3: quantize_tensor(z, torch.tensor(lam), L)  # noqa: E731
+    expected = F.adaptive_max_pool2d(quant(model.conv2(F.adaptive_max_pool2d(quant(model.conv1(x), 0.8), 5)), 0.6),
+                                     (2, 3)).flatten(1)
+    assert torch.equal(qmodel(x), expected)
+    # ... and the SNN reads the pooled currents: group neurons (m = L, T = 1) give the quantized ANN
+    assert_snn_equals_quantized_ann(qmodel, x, 3)
+
+
+def test_adaptive_max_pool_after_a_conv_becomes_an_adaptive_average_pool_or_is_refused_when_strict():
+    model = AdaptivePoolNet(after_conv=True).eval()
+    with pytest.warns(UserWarning, match=r"adaptive max-pool node 'pool1'.*adaptive average pool"):
+        qmodel = fastspike.quantize(model, levels=4)
+    pools = [m for m in qmodel.modules() if isinstance(m, nn.AdaptiveAvgPool2d)]
+    assert len(pools) == 1 and pools[0].output_size == 5
+    assert not any(isinstance(m, nn.AdaptiveMaxPool2d) for m in qmodel.modules())
+    with pytest.raises(ConversionError, match=r"node 'pool1' is a max-pool that does not directly follow a ReLU"):
+        fastspike.quantize(model, levels=4, strict=True)
+
+
 # ---------------------------------------------------------------------------
 # What cannot be converted
 

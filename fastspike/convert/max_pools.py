@@ -16,21 +16,37 @@ from .graph import ConversionError, _finish, _module, _replace_with_module
 # ---------------------------------------------------------------------------
 # Pass: max-pools
 
-_MAX_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
-_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
-                       torch.max_pool3d}
+# Windowed and adaptive max-pools (module -> dims); an adaptive one has an output size
+# instead of a window and becomes an adaptive average pool where it cannot move.
+_WINDOW_MAX_POOLS = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}
+_ADAPTIVE_MAX_POOLS = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}
+_MAX_POOL_MODULES = tuple(_WINDOW_MAX_POOLS) + tuple(_ADAPTIVE_MAX_POOLS)
+_WINDOW_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
+                              torch.max_pool3d}
+_ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
+                                torch.adaptive_max_pool1d: 1}
+_MAX_POOL_FUNCTIONS = _WINDOW_MAX_POOL_FUNCTIONS | set(_ADAPTIVE_MAX_POOL_FUNCTIONS)
 _AVG_POOL_FOR = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
+_ADAPTIVE_AVG_POOL_FOR = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}
 
 
 def _max_pool_settings(gm: fx.GraphModule, node: fx.Node) -> Optional[Dict[str, Any]]:
-    """kernel_size, stride, padding, dilation, ceil_mode, dims of a max-pool node."""
-    if node.op == "call_module" and isinstance(_module(gm, node), _MAX_POOL_MODULES):
-        m = _module(gm, node)
-        dims = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
-        return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
-                    dilation=m.dilation, ceil_mode=m.ceil_mode, dims=dims,
+    """kernel_size, stride, padding, dilation, ceil_mode, dims of a max-pool node; for
+    an adaptive one output_size, dims (and adaptive=True)."""
+    m = _module(gm, node) if node.op == "call_module" else None
+    if isinstance(m, tuple(_ADAPTIVE_MAX_POOLS)):
+        return dict(adaptive=True, output_size=m.output_size, dims=_ADAPTIVE_MAX_POOLS[type(m)],
                     return_indices=m.return_indices)
-    if node.op == "call_function" and node.target in _MAX_POOL_FUNCTIONS:
+    if node.op == "call_function" and node.target in _ADAPTIVE_MAX_POOL_FUNCTIONS:
+        values = dict(zip(["input", "output_size", "return_indices"], node.args))
+        values.update(node.kwargs)
+        return dict(adaptive=True, output_size=values["output_size"], dims=_ADAPTIVE_MAX_POOL_FUNCTIONS[node.target],
+                    return_indices=values.get("return_indices", False))
+    if isinstance(m, tuple(_WINDOW_MAX_POOLS)):
+        return dict(kernel_size=m.kernel_size, stride=m.stride, padding=m.padding,
+                    dilation=m.dilation, ceil_mode=m.ceil_mode, dims=_WINDOW_MAX_POOLS[type(m)],
+                    return_indices=m.return_indices)
+    if node.op == "call_function" and node.target in _WINDOW_MAX_POOL_FUNCTIONS:
         names = ["input", "kernel_size", "stride", "padding", "dilation", "ceil_mode", "return_indices"]
         values = dict(zip(names, node.args))
         values.update(node.kwargs)
@@ -66,6 +82,12 @@ def move_max_pools(gm: fx.GraphModule, strict: bool = False) -> fx.GraphModule:
                 f"node '{node.name}' is a max-pool that does not directly follow a ReLU, so it cannot "
                 "be moved before the activation and has no exact spiking equivalent; replace it with "
                 "average pooling and fine-tune, or call quantize(..., strict=False) to have it replaced")
+        if settings.get("adaptive"):
+            warnings.warn(f"fastspike: adaptive max-pool node '{node.name}' does not follow a ReLU; it is "
+                          "replaced by an adaptive average pool of the same output size (pass strict=True to "
+                          "refuse instead)", stacklevel=3)
+            _replace_with_module(gm, node, "avgpool", _ADAPTIVE_AVG_POOL_FOR[settings["dims"]](settings["output_size"]))
+            continue
         if settings["dilation"] not in (1, (1,) * settings["dims"]):
             raise ConversionError(f"node '{node.name}' is a dilated max-pool, which has no average-pool "
                                   "equivalent; replace it by hand before converting")

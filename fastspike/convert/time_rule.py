@@ -11,7 +11,7 @@ from torch import fx, nn
 
 from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _plain_torch_forward,
                     _source_line)
-from .max_pools import _MAX_POOL_FUNCTIONS
+from .max_pools import _MAX_POOL_FUNCTIONS, _MAX_POOL_MODULES
 
 # ---------------------------------------------------------------------------
 # What may act on spikes: the time rule
@@ -32,7 +32,6 @@ _AFFINE_MODULES: Tuple[Type[nn.Module], ...] = (
     nn.modules.padding._ConstantPadNd, nn.modules.padding._ReflectionPadNd,
     nn.modules.padding._ReplicationPadNd, nn.modules.padding._CircularPadNd,
 )
-_MAX_POOL_MODULE_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d)
 
 # Functions and methods that only move, select, copy or cast values.
 _REARRANGING_FUNCTIONS = {
@@ -114,7 +113,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
         m = gm.get_submodule(node.target)
         if _declared_time_linear(m):
             return None
-        if isinstance(m, _MAX_POOL_MODULE_TYPES) and node.users and all(spiking(u) for u in node.users):
+        if isinstance(m, _MAX_POOL_MODULES) and node.users and all(spiking(u) for u in node.users):
             return None  # the documented max-pool rule: the neurons after it read the max of each step's current
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and _plain_torch_forward(m):
             if m.track_running_stats and m.running_mean is not None:
