@@ -635,8 +635,19 @@ def to_snn(qmodel: fx.GraphModule, time_steps: int, *, exact: bool = False,
 # ---------------------------------------------------------------------------
 # SpikingJelly
 
-_TIME_STEPS: contextvars.ContextVar[Optional[int]] = contextvars.ContextVar("fastspike_sj_time_steps",
-                                                                            default=None)
+class _SJCall:
+    """One forward of a :class:`SpikingJellyNet`: T, the merged batch T·B every neuron must
+    receive, and which neurons ran (each once: a forward that loops over T itself would
+    run them T times, each time over all T steps)."""
+
+    def __init__(self, steps: int, rows: int):
+        self.steps, self.rows, self.ran = steps, rows, set()
+
+
+_CALL: contextvars.ContextVar[Optional[_SJCall]] = contextvars.ContextVar("fastspike_sj_call", default=None)
+_OWN_TIME_HINT = ("the network's forward seems to handle T itself (repeats the input over T, loops over the "
+                  "steps or reduces over dim 0); from_spikingjelly needs the network whose forward takes one "
+                  "step with dim 0 the batch (SpikingJellyNet feeds it all T steps as one merged [T·B, ...] batch)")
 _SJ_SURROGATES = {"Sigmoid": "sigmoid", "ATan": "atan"}
 _SJ_CONTAINERS = ("SeqToANNContainer", "MultiStepContainer", "StepModeContainer", "TLastMultiStepContainer")
 
@@ -654,10 +665,19 @@ class _SJNeuron(nn.Module):
         self.surrogate, self.alpha, self.why_not_grad = surrogate, alpha, why_not_grad
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        steps = _TIME_STEPS.get()
-        if steps is None:
+        call = _CALL.get()
+        if call is None:
             raise RuntimeError(f"'{self.path}' runs inside a network imported by fastspike.interop."
                                "from_spikingjelly; call that network (SpikingJellyNet) on [T, B, ...]")
+        if x.dim() == 0 or x.shape[0] != call.rows:
+            raise ConversionError(f"module '{self.path}' ({self.cls}) received {x.shape[0] if x.dim() else 'no'} rows "
+                                  f"in dim 0, not the merged batch T·B = {call.rows}: {_OWN_TIME_HINT}")
+        if id(self) in call.ran:
+            raise ConversionError(f"module '{self.path}' ({self.cls}) ran twice in one forward (each run covers all "
+                                  f"T steps): {_OWN_TIME_HINT}; or, if one neuron module serves two call sites, "
+                                  "give each site its own")
+        call.ran.add(id(self))
+        steps = call.steps
         x_seq = x.reshape((steps, x.shape[0] // steps) + tuple(x.shape[1:]))
         threshold = self.threshold.to(x.device)
         if torch.is_grad_enabled() and x.requires_grad:
@@ -690,15 +710,25 @@ class SpikingJellyNet(nn.Module):
         self.net = net
 
     def forward(self, x_seq: torch.Tensor) -> Any:
-        steps = x_seq.shape[0]
-        token = _TIME_STEPS.set(steps)
+        if not isinstance(x_seq, torch.Tensor) or x_seq.dim() < 2:
+            raise ValueError("x_seq must be a tensor [T, B, ...] (time first), got "
+                             + (f"shape {list(x_seq.shape)}" if isinstance(x_seq, torch.Tensor) else type(x_seq).__name__))
+        steps, rows = x_seq.shape[0], x_seq.shape[0] * x_seq.shape[1]
+        token = _CALL.set(_SJCall(steps, rows))
         try:
             out = self.net(x_seq.reshape((-1,) + tuple(x_seq.shape[2:])))
         finally:
-            _TIME_STEPS.reset(token)
-        return pytree.tree_map(
-            lambda y: y.reshape((steps, -1) + tuple(y.shape[1:])) if isinstance(y, torch.Tensor) and y.dim() else y,
-            out)
+            _CALL.reset(token)
+
+        def per_step(y: Any) -> Any:
+            if not isinstance(y, torch.Tensor):
+                return y
+            if y.dim() == 0 or y.shape[0] != rows:  # e.g. a mean over dim 0: reshaping would mix samples
+                raise ConversionError(f"the network returned a tensor of shape {list(y.shape)}, whose dim 0 is not "
+                                      f"the merged batch T·B = {rows}: {_OWN_TIME_HINT}")
+            return y.reshape((steps, -1) + tuple(y.shape[1:]))
+
+        return pytree.tree_map(per_step, out)
 
 
 def _is_sj(m: nn.Module) -> bool:
@@ -727,8 +757,9 @@ def from_spikingjelly(model: nn.Module, *, approximate: bool = False) -> Spiking
     ``approximate=True`` accepts them with fastspike's surrogate (documented
     approximation, gradients only). The network's ``forward`` must treat
     dim 0 as the batch (as a single-step network does); a forward that
-    handles T itself (repeats the input, averages over dim 0) is not
-    recognised.
+    handles T itself (repeats the input, loops over the steps, averages over
+    dim 0) is refused when it runs: a neuron then sees another batch than
+    T·B or runs twice, or an output loses the merged batch.
     """
     model = copy.deepcopy(model)
     refused: List[Tuple[str, str]] = []

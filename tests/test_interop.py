@@ -630,6 +630,35 @@ def test_spikingjelly_if_network_equals_spikingjelly(step_mode):
             assert torch.equal(imported(x_seq), expected), steps
 
 
+class _OwnTimeLoop(nn.Module):
+    """SpikingJelly's usual classifier wrapper: forward repeats the encoding T times itself
+    (single-step net) and returns the firing rate, or reduces the multi-step output over T."""
+
+    def __init__(self, net, steps, how):
+        super().__init__()
+        self.net, self.steps, self.how = net, steps, how
+
+    def forward(self, x):
+        if self.how == "loop":
+            return sum(self.net(x) for _ in range(self.steps)) / self.steps
+        if self.how == "repeat":
+            return self.net(x.unsqueeze(0).repeat(self.steps, *[1] * x.dim()).flatten(0, 1))
+        return self.net(x).mean(0)  # "mean": a rate over dim 0
+
+
+@pytest.mark.parametrize("how,pattern", [("loop", "ran twice in one forward"),
+                                         ("repeat", "received 16 rows in dim 0, not the merged batch T·B = 8"),
+                                         ("mean", r"returned a tensor of shape \[5\]")])
+def test_spikingjelly_network_that_handles_time_itself_is_refused(how, pattern):
+    """Such a forward would run every imported neuron over all T steps of the merged batch once
+    per loop turn, or mix samples when its output is reshaped: never silently."""
+    net = _sj_net("s")
+    imported = interop.from_spikingjelly(_OwnTimeLoop(net, 2, how))
+    with torch.no_grad(), pytest.raises(ConversionError, match=pattern) as info:
+        imported(torch.rand(2, 4, 3, 8, 8))
+    assert "handle T itself" in str(info.value)
+
+
 def test_spikingjelly_ann2snn_output_equals_spikingjelly():
     functional, _, _ = _sj_modules()
     from spikingjelly.activation_based import ann2snn
