@@ -170,9 +170,13 @@ def _finish_import(model: nn.Module, source: str, readout: str, hint: str) -> fx
     """Traces the model whose source modules have been replaced, refuses what is
     left that fastspike does not know (activation-like modules, plain ReLUs),
     moves max-pools that follow a quantizer, checks the time rule."""
-    _refuse(convert.unknown_activations(model), source,
-            "Only the modules listed in fastspike.interop's documentation are recognised. " + hint)
-    gm = convert.trace(model)
+    hint_known = "Only the modules listed in fastspike.interop's documentation are recognised. " + hint
+    try:
+        gm = convert.trace(model)
+    except ConversionError:
+        _refuse(convert.unknown_activations(model), source, hint_known)  # likely why it does not trace
+        raise
+    _refuse(convert.unknown_activations(model, gm), source, hint_known)
     relus = [n for n in gm.graph.nodes if _is_relu(gm, n)]
     if relus:
         node = relus[0]

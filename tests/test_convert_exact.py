@@ -315,6 +315,31 @@ def test_unknown_activation_modules_are_listed_by_quantize(act, cls):
     assert_refused(lambda: fastspike.to_snn(model, time_steps=4), f"'features.1' ({cls})")
 
 
+class UnusedFloor(nn.Module):
+    """A MyFloor that the forward runs only inside a submodule, next to one it never runs."""
+
+    def __init__(self, call_inner: bool):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.relu = nn.ReLU()
+        self.block = nn.Sequential(nn.Conv2d(4, 2, 3), MyFloor())
+        self.spare_act = MyFloor()  # defined, never called: computes nothing
+        self.call_inner = call_inner
+
+    def forward(self, x):
+        y = self.relu(self.conv(x))
+        return self.block(y) if self.call_inner else self.block[0](y)
+
+
+def test_unknown_activation_modules_count_only_where_the_forward_runs_them():
+    torch.manual_seed(0)
+    assert_converts_exactly(UnusedFloor(call_inner=False), torch.randn(2, 3, 8, 8))
+    # the same module run by the forward (inside block) is still refused, named by its path
+    msg = assert_refused(lambda: fastspike.quantize(UnusedFloor(call_inner=True), levels=LEVELS),
+                         "'block.1' (MyFloor)")
+    assert "spare_act" not in msg
+
+
 def test_a_block_named_like_an_activation_that_holds_layers_is_traced_into():
     class ConvBNReLU(nn.Sequential):
         pass

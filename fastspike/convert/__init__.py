@@ -46,10 +46,10 @@ from torch import fx, nn
 
 from ..nn import NEURON_KINDS, ReadoutOverTime, RepeatOverTime, ShapeOverTime, neuron_kind_name
 from ..quant import QuantReLU, quantizers
-from .activations import _refuse_unknown_activations, replace_activations, unknown_activations
+from .activations import replace_activations, trace_known, unknown_activations
 from .batch_norm import fold_batch_norms
 from .batch_reads import check_batch_reads
-from .graph import ConversionError, _is_neuron, _module, copy_model, time_linear, trace
+from .graph import ConversionError, _is_neuron, _module, time_linear, trace
 from .max_pools import move_max_pools
 from .neurons import insert_neurons
 from .residual import fuse_residual_adds
@@ -100,8 +100,7 @@ def quantize(
     ``example_input`` runs one forward so that per-channel quantizers
     ("cs-qcfs") create their parameters now rather than on the first batch.
     """
-    _refuse_unknown_activations(model)
-    gm = trace(copy_model(model), leaf_modules)
+    gm = trace_known(model, leaf_modules)
     gm = replace_activations(gm, lambda: QuantReLU(levels, preset, threshold))
     if not quantizers(gm):
         raise ConversionError(f"quantize found no ReLU in {type(model).__name__}: fastspike converts ReLU "
@@ -199,8 +198,7 @@ def to_snn(
     """
     if isinstance(time_steps, bool) or not isinstance(time_steps, int) or time_steps < 1:
         raise ValueError(f"time_steps must be an integer >= 1, got {time_steps!r}")
-    _refuse_unknown_activations(qmodel)
-    gm = trace(copy_model(qmodel), leaf_modules).eval()
+    gm = trace_known(qmodel, leaf_modules).eval()
     if group_size == "auto":
         neuron, group_size = _auto_group_size(qmodel, time_steps, neuron)
     if fold_bn:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import operator
 import re
-from typing import Callable, Dict, List, Tuple
+from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +14,8 @@ from torch import fx, nn
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
 from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _finish, _module,
-                    _placeholder_descendants, _plain_torch_forward, _replace_with_module, _source_line)
+                    _placeholder_descendants, _plain_torch_forward, _replace_with_module, _source_line, copy_model,
+                    trace)
 
 # ---------------------------------------------------------------------------
 # Pass: ReLU call sites -> quantizers
@@ -127,16 +128,35 @@ def _looks_like_activation(m: nn.Module) -> bool:
     return named_like and not holds_layers
 
 
-def unknown_activations(model: nn.Module) -> List[Tuple[str, str]]:
+def called_modules(gm: fx.GraphModule) -> Optional[Set[str]]:
+    """Paths of the modules a traced forward runs: the leaves it calls and every module
+    whose forward it traced through (fx records them in each node's nn_module_stack);
+    "" is the model itself. None when the graph carries no such record (a GraphModule
+    built elsewhere): then every module counts as run."""
+    if not any("nn_module_stack" in node.meta for node in gm.graph.nodes):
+        return None
+    called = {""}
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            called.add(node.target)
+        for key, value in (node.meta.get("nn_module_stack") or {}).items():
+            called.add(value[0] if isinstance(value, tuple) else key)
+    return called
+
+
+def unknown_activations(model: nn.Module, traced: Optional[fx.GraphModule] = None) -> List[Tuple[str, str]]:
     """(module path, class name) of every module that looks like an
     activation, quantizer or spiking neuron but is neither nn.ReLU nor one of
-    fastspike's (see :func:`_looks_like_activation`)."""
+    fastspike's (see :func:`_looks_like_activation`). With ``traced`` (the
+    model's traced forward), only those the forward runs: a module that is
+    defined but never called computes nothing."""
+    called = None if traced is None else called_modules(traced)
     return [(name or "(the model itself)", type(m).__name__) for name, m in model.named_modules()
-            if _looks_like_activation(m)]
+            if _looks_like_activation(m) and (called is None or name in called)]
 
 
-def _refuse_unknown_activations(model: nn.Module) -> None:
-    found = unknown_activations(model)
+def _refuse_unknown_activations(model: nn.Module, traced: Optional[fx.GraphModule] = None) -> None:
+    found = unknown_activations(model, traced)
     if found:
         listed = ", ".join(f"'{name}' ({cls})" for name, cls in found)
         raise ConversionError(
@@ -163,3 +183,16 @@ def replace_activations(gm: fx.GraphModule, make_quantizer: Callable[[], nn.Modu
         for reader in overwritten:
             reader.replace_input_with(call.args[0], call)
     return _finish(gm)
+
+
+def trace_known(model: nn.Module, leaf_modules: Any = ()) -> fx.GraphModule:
+    """Traces a copy of ``model`` (see :func:`trace`), refusing the unknown activation-like
+    modules its forward runs; when it does not trace, every such module it has is named
+    first (the likely cause)."""
+    try:
+        gm = trace(copy_model(model), leaf_modules)
+    except ConversionError:
+        _refuse_unknown_activations(model)
+        raise
+    _refuse_unknown_activations(model, gm)
+    return gm
