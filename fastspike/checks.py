@@ -318,20 +318,22 @@ def _byte_span(t: torch.Tensor) -> Tuple[int, int]:
 
 def check_out_overlaps(buffers: Sequence[torch.Tensor], x: torch.Tensor,
                        v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor],
-                       residual: Optional[torch.Tensor] = None) -> None:
+                       residual: Optional[torch.Tensor] = None, threshold: Optional[torch.Tensor] = None) -> None:
     """The overlap rules of the out= form, as check_forward_out in
     csrc/neuron/neuron.cpp: the (spikes, v, count) buffers may coincide exactly
     with what they replace element for element (spikes: x or residual; v: v_init;
     count: count_init), and overlap nothing else the kernel reads or writes. x,
-    v_init, count_init and residual are the tensors the kernel reads (contiguous)."""
+    v_init, count_init, residual and threshold are the tensors the kernel reads
+    in place (None: it reads a copy)."""
     spikes, v, count = buffers
     names = {id(spikes): "spikes (the out= tensor)", id(v): "v (the out= state)",
              id(count): "count (the out= state)", id(x): "x_seq", id(v_init): "v_init",
-             id(count_init): "count_init", id(residual): "residual"}
-    pairs = [(spikes, x, True), (spikes, residual, True), (v, x, False), (v, residual, False),
-             (v, spikes, False), (v, v_init, True), (v, count_init, False), (count, x, False),
+             id(count_init): "count_init", id(residual): "residual", id(threshold): "threshold"}
+    pairs = [(spikes, x, True), (spikes, residual, True), (spikes, v_init, False), (spikes, count_init, False),
+             (spikes, threshold, False), (v, x, False), (v, residual, False), (v, spikes, False),
+             (v, v_init, True), (v, count_init, False), (v, threshold, False), (count, x, False),
              (count, residual, False), (count, spikes, False), (count, v, False),
-             (count, count_init, True), (count, v_init, False)]
+             (count, count_init, True), (count, v_init, False), (count, threshold, False)]
     for buffer, other, allowed_full in pairs:
         if other is None or buffer.numel() == 0 or other.numel() == 0:
             continue
@@ -349,13 +351,14 @@ def _check_out(out: torch.Tensor, x_seq: torch.Tensor, needs_grad: bool, compact
     if needs_grad:
         raise ValueError("out= is for inference and does not record a backward; "
                          "call without out= or under torch.no_grad()")
-    if compact:  # the int8 counts k⁺ − k⁻
+    if compact:  # the int8 counts k⁺ − k⁻; TypeError for the dtype, ValueError for the rest, as check_like_x
         if not isinstance(out, torch.Tensor):
             raise TypeError(f"spikes (the out= tensor) must be a tensor, got {type(out).__name__}")
-        if out.device != x_seq.device or out.dtype != torch.int8 or out.shape != x_seq.shape:
-            raise ValueError(f"spikes (the out= tensor) of compact=True must be an int8 tensor of x_seq's shape "
-                             f"{list(x_seq.shape)} on {x_seq.device}, got {out.dtype} of shape {list(out.shape)} "
-                             f"on {out.device}")
+        if out.dtype != torch.int8:
+            raise TypeError(f"spikes (the out= tensor) of compact=True must have dtype torch.int8, got {out.dtype}")
+        if out.device != x_seq.device or out.shape != x_seq.shape:
+            raise ValueError(f"spikes (the out= tensor) of compact=True must have x_seq's shape {list(x_seq.shape)} "
+                             f"on {x_seq.device}, got shape {list(out.shape)} on {out.device}")
     else:
         check_like_x(out, x_seq, "spikes (the out= tensor)")
     if not out.is_contiguous():

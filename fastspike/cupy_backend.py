@@ -447,7 +447,7 @@ def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_
     seq_shape, state_shape = x_seq.shape, x_seq.shape[1:]
     if out_buffers is not None:
         spikes, v_final, count_final = out_buffers
-        check_out_overlaps(out_buffers, x, v_init, count_init, r)
+        check_out_overlaps(out_buffers, x, v_init, count_init, r, values)
     else:
         spikes = x.new_empty(seq_shape, dtype=torch.int8 if compact else x.dtype)
         v_final = x.new_empty(state_shape, dtype=acc)

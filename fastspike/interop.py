@@ -654,6 +654,7 @@ _OWN_TIME_HINT = ("the network's forward seems to handle T itself (repeats the i
                   "step with dim 0 the batch (SpikingJellyNet feeds it all T steps as one merged [T·B, ...] batch)")
 _SJ_SURROGATES = {"Sigmoid": "sigmoid", "ATan": "atan"}
 _SJ_CONTAINERS = ("SeqToANNContainer", "MultiStepContainer", "StepModeContainer", "TLastMultiStepContainer")
+_SJ_DROPOUTS = ("Dropout", "Dropout2d")
 
 
 class _SJNeuron(nn.Module):
@@ -673,9 +674,11 @@ class _SJNeuron(nn.Module):
         if call is None:
             raise RuntimeError(f"'{self.path}' runs inside a network imported by fastspike.interop."
                                "from_spikingjelly; call that network (SpikingJellyNet) on [T, B, ...]")
-        if x.dim() == 0 or x.shape[0] != call.rows:
+        # T·B rows, or a multiple when later dims were merged into the batch (flatten(0, 1)),
+        # which keeps the rows time-major.
+        if x.dim() == 0 or x.shape[0] % call.rows != 0:
             raise ConversionError(f"module '{self.path}' ({self.cls}) received {x.shape[0] if x.dim() else 'no'} rows "
-                                  f"in dim 0, not the merged batch T·B = {call.rows}: {_OWN_TIME_HINT}")
+                                  f"in dim 0, not a multiple of the merged batch T·B = {call.rows}: {_OWN_TIME_HINT}")
         if id(self) in call.ran:
             raise ConversionError(f"module '{self.path}' ({self.cls}) ran twice in one forward (each run covers all "
                                   f"T steps): {_OWN_TIME_HINT}; or, if one neuron module serves two call sites, "
@@ -702,6 +705,31 @@ class _SJNeuron(nn.Module):
         return f"threshold={float(self.threshold)}, source={self.cls}"
 
 
+class _SJDropout(nn.Module):
+    """SpikingJelly's Dropout/Dropout2d on the merged [T·B, ...] layout: one mask per sample
+    (per channel for 2d) shared by all T steps, as SpikingJelly keeps it (a memory reset with
+    the network); the identity in eval mode."""
+
+    def __init__(self, p: float, two_d: bool):
+        super().__init__()
+        self.p, self.two_d = p, two_d
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return x
+        call = _CALL.get()
+        if call is None:
+            raise RuntimeError("a dropout imported by fastspike.interop.from_spikingjelly runs inside that "
+                               "network (SpikingJellyNet); call it on [T, B, ...]")
+        x_seq = x.reshape((call.steps, -1) + tuple(x.shape[1:]))
+        dropout = F.dropout2d if self.two_d else F.dropout
+        mask = dropout(torch.ones_like(x_seq[0]), self.p, training=True)
+        return (x_seq * mask).reshape(x.shape)
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}, two_d={self.two_d}, mask shared over T"
+
+
 class SpikingJellyNet(nn.Module):
     """A SpikingJelly network on fastspike: ``forward(x_seq)`` takes [T, B, ...]
     and returns [T, B, ...] (every tensor of the output), all T steps in one
@@ -725,9 +753,9 @@ class SpikingJellyNet(nn.Module):
             _CALL.reset(token)
 
         def per_step(y: Any) -> Any:
-            if not isinstance(y, torch.Tensor):
-                return y
-            if y.dim() == 0 or y.shape[0] != rows:  # e.g. a mean over dim 0: reshaping would mix samples
+            if not isinstance(y, torch.Tensor) or y.dim() == 0:
+                return y  # a scalar over all T steps, as SpikingJelly's multi-step forward computes it
+            if y.shape[0] != rows:  # e.g. a mean over dim 0: reshaping would mix samples
                 raise ConversionError(f"the network returned a tensor of shape {list(y.shape)}, whose dim 0 is not "
                                       f"the merged batch T·B = {rows}: {_OWN_TIME_HINT}")
             return y.reshape((steps, -1) + tuple(y.shape[1:]))
@@ -762,8 +790,11 @@ def from_spikingjelly(model: nn.Module, *, approximate: bool = False) -> Spiking
     approximation, gradients only). The network's ``forward`` must treat
     dim 0 as the batch (as a single-step network does); a forward that
     handles T itself (repeats the input, loops over the steps, averages over
-    dim 0) is refused when it runs: a neuron then sees another batch than
-    T·B or runs twice, or an output loses the merged batch.
+    dim 0) is refused when it runs: a neuron then sees a batch that is no
+    multiple of T·B or runs twice, or an output loses the merged batch.
+    Layers that keep state across steps (SpikingJelly memories: SynapseFilter,
+    Delay, recurrent containers, NeuNorm, ...) are refused by name; Dropout and
+    Dropout2d keep one mask over all T steps, as in SpikingJelly.
     """
     model = copy.deepcopy(model)
     refused: List[Tuple[str, str]] = []
@@ -799,6 +830,13 @@ def from_spikingjelly(model: nn.Module, *, approximate: bool = False) -> Spiking
         elif hasattr(m, "v_threshold") or cls.endswith("Node"):
             refused.append((path, cls))
             reasons.append(f"'{path}' is a {cls}, not an IF neuron with reset by subtraction")
+            continue
+        elif cls in _SJ_DROPOUTS:
+            new = _SJDropout(float(m.p), two_d=cls == "Dropout2d")
+        elif getattr(m, "_memories", None):
+            refused.append((path, cls))
+            reasons.append(f"'{path}' ({cls}) keeps state from one time step to the next (its memories "
+                           f"{sorted(m._memories)}), which the merged [T·B, ...] layout does not carry")
             continue
         elif cls in _SJ_CONTAINERS:
             new = nn.Sequential(*m.children())

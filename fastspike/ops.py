@@ -285,13 +285,16 @@ def _read_operand(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
 
 def _check_out_memory(out: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], x_seq: torch.Tensor,
                       v_init: Optional[torch.Tensor], count_init: Optional[torch.Tensor],
-                      residual: Optional[torch.Tensor] = None) -> None:
+                      residual: Optional[torch.Tensor], threshold: torch.Tensor) -> None:
     """The overlap rules of the out= buffers (check_forward_out in neuron.cpp), in
     Python before any backend so that every backend raises the same ValueError."""
     if torch.compiler.is_compiling() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in out):
         return  # (data pointers of fake tensors cannot be read; the operator checks at run time)
+    # The threshold is read in place when already contiguous in the accumulation dtype.
+    read_threshold = threshold if (threshold.dtype == accumulation_dtype(x_seq.dtype)
+                                   and threshold.is_contiguous()) else None
     check_out_overlaps(out, _read_operand(x_seq), _read_operand(v_init), _read_operand(count_init),
-                       _read_operand(residual))
+                       _read_operand(residual), read_threshold)
 
 
 _forced_reference = 0  # depth of nested use_reference() blocks
@@ -451,7 +454,7 @@ def neuron(
     check_compact(compact, group_size, grad if needs_grad else "none")
     if out is not None:
         out = out_buffers(out, x_seq, needs_grad, bool(compact))
-        _check_out_memory(out, x_seq, v_init, count_init, residual)
+        _check_out_memory(out, x_seq, v_init, count_init, residual, threshold)
     if _use_reference(x_seq):
         result = neuron_reference(
             x_seq, threshold, group_size=group_size, signed=signed, init_fraction=init_fraction,

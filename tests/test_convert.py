@@ -213,6 +213,29 @@ def test_adaptive_max_pool_after_a_conv_becomes_an_adaptive_average_pool_or_is_r
         fastspike.quantize(model, levels=4, strict=True)
 
 
+def test_torch_adaptive_max_pool1d_is_no_plain_max_pool():
+    """torch.adaptive_max_pool1d always returns (values, indices): taken for an adaptive max-pool
+    (red-team finding) it became an average pool returning a tensor, and the model's [0] then
+    picked sample 0 of the batch. It is an ordinary function now: fine on the analog input,
+    refused after a ReLU."""
+    class Net(nn.Module):
+        def __init__(self, after_relu):
+            super().__init__()
+            self.c1, self.c2, self.after_relu = nn.Conv1d(2, 3, 3, padding=1), nn.Conv1d(3, 2, 1), after_relu
+
+        def forward(self, x):
+            if self.after_relu:
+                return self.c2(torch.adaptive_max_pool1d(F.relu(self.c1(x)), 2)[0])
+            return self.c2(F.relu(torch.adaptive_max_pool1d(self.c1(x), 2)[0]))
+
+    x = torch.randn(4, 2, 9)
+    model = Net(after_relu=False).eval()
+    snn = fastspike.to_snn(fastspike.quantize(model, levels=4, threshold=1.0), 4)
+    assert snn(x).shape == model(x).shape == (4, 2, 2)
+    with pytest.raises(ConversionError, match="node 'adaptive_max_pool1d'"):
+        fastspike.quantize(Net(after_relu=True).eval(), levels=4)
+
+
 # ---------------------------------------------------------------------------
 # What cannot be converted
 

@@ -340,6 +340,30 @@ def test_unknown_activation_modules_count_only_where_the_forward_runs_them():
     assert "spare_act" not in msg
 
 
+class HookedNet(nn.Module):
+    """A leaf (Linear) after the first activation with a forward hook: fx never runs a leaf's
+    hooks, but the converted network would, on each step's spikes."""
+
+    def __init__(self, hook_runs_floor: bool):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Linear(4, 6), nn.Linear(6, 6), nn.Linear(6, 3)
+        if hook_runs_floor:
+            self.act = MyFloor(up=0.25, t=1)
+            self.c2.register_forward_hook(lambda m, i, out: self.act(out))
+        else:
+            self.c2.register_forward_hook(lambda m, i, out: out * 2)
+
+    def forward(self, x):
+        return self.c3(torch.relu(self.c2(torch.relu(self.c1(x)))))
+
+
+def test_forward_hooks_on_layers_after_the_first_activation_are_refused():
+    """Red-team finding: a MyFloor run from a leaf's hook escaped the 'only modules the forward
+    runs' filter (fx does not see hooks), and the hooked leaf passed the time rule as affine."""
+    assert_refused(lambda: fastspike.quantize(HookedNet(True), levels=LEVELS), "'act' (MyFloor)")
+    assert_refused(lambda: fastspike.quantize(HookedNet(False), levels=LEVELS), "node 'c2'", "forward hooks")
+
+
 def test_a_block_named_like_an_activation_that_holds_layers_is_traced_into():
     class ConvBNReLU(nn.Sequential):
         pass

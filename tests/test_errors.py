@@ -208,6 +208,41 @@ def test_out_buffers_must_not_overlap_partially(reference):
         fastspike.neuron(xs, 1.0, v_init=v, count_init=c, out=(xs, v, c))
 
 
+@pytest.mark.parametrize("reference", [False, True])
+@pytest.mark.parametrize("case", ["spikes over v_init", "spikes over count_init", "v over threshold",
+                                  "spikes over threshold"])
+def test_out_buffers_must_not_overlap_what_the_kernel_reads(case, reference):
+    """Found by a red-team pass: spikes over v_init/count_init and any buffer over a threshold
+    read in place were not checked, and the CPU kernel's blocks then read values other blocks had
+    already written (a silently wrong v). Now a ValueError from every backend and from the raw
+    operator; the race needs blocks of 64 neurons, hence N = 256."""
+    T, N = 4, 256
+    x = torch.rand(T, N, generator=torch.Generator().manual_seed(3)) * 2
+    buf = torch.zeros(T * N + N)
+    theta = torch.ones(N)
+    v_init = count_init = None
+    spikes, v, count = torch.empty(T, N), torch.empty(N), torch.empty(N, dtype=torch.int32)
+    if case == "spikes over v_init":
+        spikes, v_init = buf[:T * N].view(T, N), buf[128:128 + N]
+    elif case == "spikes over count_init":
+        spikes, count_init = buf[:T * N].view(T, N), buf[128:128 + N].view(torch.int32)
+    elif case == "v over threshold":
+        theta, v = buf[:N], buf[128:128 + N]
+    else:
+        theta, spikes = buf[T * N - 8:T * N - 8 + N], buf[:T * N].view(T, N)
+    if case.endswith("threshold"):
+        theta.fill_(1.0)
+    buffer_name, other = case.split(" over ")
+    pattern = rf"{buffer_name} \(the out= (tensor|state)\) overlaps {other} in memory"
+    with torch.no_grad(), fastspike.use_reference() if reference else torch.no_grad():
+        with pytest.raises(ValueError, match=pattern):
+            fastspike.neuron(x, theta, v_init=v_init, count_init=count_init, out=(spikes, v, count))
+    if not reference and fastspike.backend_info()["backend"] == "extension":
+        with pytest.raises(ValueError, match=pattern):
+            torch.ops.fastspike.neuron_forward.out(x, theta, v_init, count_init, 1, False, 0.5, 1e-3,
+                                                   spikes=spikes, v_final=v, count_final=count)
+
+
 def test_out_buffer_refuses_autograd():
     with pytest.raises(ValueError, match="out= is for inference"):
         fastspike.neuron(X.clone().requires_grad_(), 1.0, out=torch.empty_like(X))

@@ -198,8 +198,10 @@ BAD_CALLS = [
      r"residual must be on the same device as x_seq"),
     ("residual type", dict(residual=1.0), TypeError, r"residual must be a tensor or None"),
     ("compact group size", dict(compact=True, group_size=128), ValueError, r"group_size must be <= 127, got 128"),
-    ("compact out dtype", dict(compact=True, out=torch.empty_like(X)), ValueError,
-     r"spikes \(the out= tensor\) of compact=True must be an int8 tensor"),
+    ("compact out dtype", dict(compact=True, out=torch.empty_like(X)), TypeError,
+     r"spikes \(the out= tensor\) of compact=True must have dtype torch.int8, got torch.float32"),
+    ("compact out shape", dict(compact=True, out=torch.empty(4, 2, 3, dtype=torch.int8)), ValueError,
+     r"spikes \(the out= tensor\) of compact=True must have x_seq's shape \[4, 2, 3, 5\]"),
     ("broadcast out", dict(out=broadcast(X[0], 4)), ValueError, r"spikes \(the out= tensor\) must be contiguous"),
 ]
 

@@ -647,7 +647,7 @@ class _OwnTimeLoop(nn.Module):
 
 
 @pytest.mark.parametrize("how,pattern", [("loop", "ran twice in one forward"),
-                                         ("repeat", "received 16 rows in dim 0, not the merged batch T·B = 8"),
+                                         ("repeat", r"returned a tensor of shape \[16, 5\]"),
                                          ("mean", r"returned a tensor of shape \[5\]")])
 def test_spikingjelly_network_that_handles_time_itself_is_refused(how, pattern):
     """Such a forward would run every imported neuron over all T steps of the merged batch once
@@ -657,6 +657,62 @@ def test_spikingjelly_network_that_handles_time_itself_is_refused(how, pattern):
     with torch.no_grad(), pytest.raises(ConversionError, match=pattern) as info:
         imported(torch.rand(2, 4, 3, 8, 8))
     assert "handle T itself" in str(info.value)
+
+
+def _sj_if():
+    _, _, neuron = _sj_modules()
+    from spikingjelly.activation_based import surrogate
+    return neuron.IFNode(v_reset=None, detach_reset=True, surrogate_function=surrogate.Sigmoid())
+
+
+def test_spikingjelly_layers_with_state_across_steps_are_refused_by_name():
+    """Red-team finding: SynapseFilter, Delay and recurrent containers ran per merged row, losing
+    (and leaking across calls) their state over time, silently."""
+    _, layer, _ = _sj_modules()
+    for name, net in [("SynapseFilter", nn.Sequential(layer.Linear(6, 6), layer.SynapseFilter(tau=2.0), _sj_if())),
+                      ("Delay", nn.Sequential(layer.Linear(6, 6), layer.Delay(1), _sj_if())),
+                      ("LinearRecurrentContainer",
+                       nn.Sequential(layer.Linear(6, 6), layer.LinearRecurrentContainer(_sj_if(), 6, 6)))]:
+        with pytest.raises(ConversionError, match=rf"'1' \({name}\) keeps state from one time step to the next"):
+            interop.from_spikingjelly(net)
+
+
+def test_spikingjelly_dropout_keeps_one_mask_over_time():
+    _, layer, _ = _sj_modules()
+    imported = interop.from_spikingjelly(nn.Sequential(layer.Dropout(0.5), layer.Dropout2d(0.5)))
+    x_seq = torch.rand(3, 4, 5, 6, 6) + 0.5
+    assert torch.equal(imported.eval()(x_seq), x_seq)
+    y = imported.train()(x_seq)
+    dropped = y == 0
+    assert dropped.any() and not dropped.all()
+    assert torch.equal(dropped, dropped[:1].expand_as(dropped))  # the same neurons dropped at every step
+
+
+class _Tokens(nn.Module):
+    """A single-step network that merges tokens into the batch before BatchNorm1d and the neuron."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bn, self.sn = nn.Linear(4, 4), nn.BatchNorm1d(4), _sj_if()
+
+    def forward(self, x):
+        s = self.sn(self.bn(self.fc(x).flatten(0, 1)))
+        return s.view(x.shape[0], -1, 4), s.mean()
+
+
+def test_spikingjelly_neuron_on_tokens_merged_into_the_batch_equals_spikingjelly():
+    """Rows that are a multiple of T·B (later dims merged, time-major) are exact; a scalar output is
+    returned as computed over all steps (red-team: both were refused for a while)."""
+    functional, _, _ = _sj_modules()
+    torch.manual_seed(0)
+    net = _Tokens().eval()
+    imported = interop.from_spikingjelly(net)
+    x_seq = torch.rand(3, 2, 5, 4) * 2
+    with torch.no_grad():
+        functional.reset_net(net)
+        expected = torch.stack([net(x_seq[t])[0] for t in range(3)])
+        got, rate = imported(x_seq)
+    assert torch.equal(got, expected) and rate.dim() == 0 and rate == expected.mean()
 
 
 def test_spikingjelly_ann2snn_output_equals_spikingjelly():

@@ -223,8 +223,16 @@ void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq
   const at::Tensor v_init = plan.v_init.value_or(at::Tensor());
   const at::Tensor count_init = plan.count_init.value_or(at::Tensor());
   const at::Tensor residual = plan.residual.value_or(at::Tensor());
+  // The threshold as the kernel reads it (the caller's tensor itself when already
+  // contiguous in the accumulation dtype): nothing may write over it.
+  const at::Tensor& threshold = plan.threshold.values;
   check_no_overlap(buffers.spikes, spikes_name, plan.x, "x_seq", /*allowed_full=*/true);
   check_no_overlap(buffers.spikes, spikes_name, residual, "residual", /*allowed_full=*/true);
+  check_no_overlap(buffers.spikes, spikes_name, v_init, "v_init", false);
+  check_no_overlap(buffers.spikes, spikes_name, count_init, "count_init", false);
+  check_no_overlap(buffers.spikes, spikes_name, threshold, "threshold", false);
+  check_no_overlap(buffers.v_final, v_name, threshold, "threshold", false);
+  check_no_overlap(buffers.count_final, count_name, threshold, "threshold", false);
   check_no_overlap(buffers.v_final, v_name, plan.x, "x_seq", false);
   check_no_overlap(buffers.v_final, v_name, residual, "residual", false);
   check_no_overlap(buffers.v_final, v_name, buffers.spikes, spikes_name, false);

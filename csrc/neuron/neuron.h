@@ -86,9 +86,10 @@ ForwardOutputs allocate_forward_outputs(const ForwardPlan& plan, bool is_signed,
                                         const ForwardOutBuffers* buffers);
 
 // Shapes, dtypes, devices and layout of the out= buffers, and that none of
-// them overlaps what the kernel reads except element for element (spikes over
-// x_seq or residual, v_final over v_init, count_final over count_init: each
-// neuron reads its own element before it writes it).
+// them overlaps what the kernel reads (x_seq, residual, v_init, count_init, the
+// threshold) or each other, except element for element (spikes over x_seq or
+// residual, v_final over v_init, count_final over count_init: each neuron reads
+// its own element before it writes it).
 void check_forward_out(const ForwardOutBuffers& buffers, const at::Tensor& x_seq,
                        const ForwardPlan& plan);
 

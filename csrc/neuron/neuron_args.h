@@ -12,7 +12,7 @@ namespace fastspike {
 template <typename scalar_t, typename acc_t>
 struct ForwardArgs {
   const scalar_t* x;          // [T, N]
-  scalar_t* spikes;           // [T, N], may alias x
+  scalar_t* spikes;           // [T, N], may alias x or residual
   const acc_t* threshold;     // [P], already in acc_t
   int64_t threshold_inner;
   int64_t threshold_size;

@@ -1,8 +1,9 @@
 // Arithmetic helpers of the neuron math (docs/design.md §2), for the CPU
 // kernels, nvcc and NVRTC alike: the explicitly rounded add/sub/mul/div, the
 // exponential of the surrogate gradients and int32 arithmetic that wraps.
-// Host-and-device functions of plain values only: no ATen, no standard library
-// beyond <cstdint> (NVRTC gets its own typedefs below).
+// Host-and-device functions of plain values only: no ATen; on the host <cmath>,
+// <cstdint> and <cstring> (std::exp, std::isnan, std::memcpy), under NVRTC no
+// standard library at all (it gets its own integer typedefs below).
 //
 // Rounding: every operation of the forward dynamics goes through add_rn /
 // sub_rn / mul_rn / div_rn. On the device these are the explicitly rounded

@@ -13,9 +13,9 @@ from torch import fx, nn
 
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
-from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _finish, _module,
-                    _placeholder_descendants, _plain_torch_forward, _replace_with_module, _source_line, copy_model,
-                    trace)
+from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _finish, _global_forward_hooks,
+                    _has_forward_hooks, _module, _placeholder_descendants, _plain_torch_forward,
+                    _replace_with_module, _source_line, copy_model, trace)
 
 # ---------------------------------------------------------------------------
 # Pass: ReLU call sites -> quantizers
@@ -131,9 +131,13 @@ def _looks_like_activation(m: nn.Module) -> bool:
 def called_modules(gm: fx.GraphModule) -> Optional[Set[str]]:
     """Paths of the modules a traced forward runs: the leaves it calls and every module
     whose forward it traced through (fx records them in each node's nn_module_stack);
-    "" is the model itself. None when the graph carries no such record (a GraphModule
-    built elsewhere): then every module counts as run."""
-    if not any("nn_module_stack" in node.meta for node in gm.graph.nodes):
+    "" is the model itself. None when that cannot be known: the graph carries no such
+    record (a GraphModule built elsewhere), or a leaf it calls has forward hooks (or
+    global module hooks exist), which may run any module unseen by fx. Then every
+    module counts as run."""
+    if not any("nn_module_stack" in node.meta for node in gm.graph.nodes) or _global_forward_hooks():
+        return None
+    if any(node.op == "call_module" and _has_forward_hooks(gm.get_submodule(node.target)) for node in gm.graph.nodes):
         return None
     called = {""}
     for node in gm.graph.nodes:

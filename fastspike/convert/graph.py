@@ -123,6 +123,19 @@ def _declared_time_linear(m: Optional[nn.Module]) -> bool:
     return m is not None and isinstance(m, tuple(_TIME_LINEAR_CLASSES))
 
 
+def _has_forward_hooks(m: nn.Module) -> bool:
+    """``m`` runs forward hooks or pre-hooks of its own when called: code fx does not see
+    for a leaf (a non-leaf's hooks are traced inline with its forward)."""
+    return bool(m._forward_hooks or m._forward_pre_hooks)
+
+
+def _global_forward_hooks() -> bool:
+    """Hooks registered for every module (torch.nn.modules.module.register_module_forward_hook)."""
+    from torch.nn.modules import module as module_mod
+
+    return bool(module_mod._global_forward_hooks or module_mod._global_forward_pre_hooks)
+
+
 def _plain_torch_forward(m: nn.Module) -> bool:
     """``m.forward`` is torch's own (not overridden by a user subclass)."""
     return getattr(type(m).forward, "__module__", "").startswith("torch.")

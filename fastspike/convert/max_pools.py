@@ -23,8 +23,8 @@ _ADAPTIVE_MAX_POOLS = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.Adap
 _MAX_POOL_MODULES = tuple(_WINDOW_MAX_POOLS) + tuple(_ADAPTIVE_MAX_POOLS)
 _WINDOW_MAX_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, torch.max_pool1d, torch.max_pool2d,
                               torch.max_pool3d}
-_ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3,
-                                torch.adaptive_max_pool1d: 1}
+# (torch.adaptive_max_pool1d is not one: it always returns (values, indices).)
+_ADAPTIVE_MAX_POOL_FUNCTIONS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
 _MAX_POOL_FUNCTIONS = _WINDOW_MAX_POOL_FUNCTIONS | set(_ADAPTIVE_MAX_POOL_FUNCTIONS)
 _AVG_POOL_FOR = {1: nn.AvgPool1d, 2: nn.AvgPool2d, 3: nn.AvgPool3d}
 _ADAPTIVE_AVG_POOL_FOR = {1: nn.AdaptiveAvgPool1d, 2: nn.AdaptiveAvgPool2d, 3: nn.AdaptiveAvgPool3d}

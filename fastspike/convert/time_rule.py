@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _plain_torch_forward,
-                    _source_line)
+from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _has_forward_hooks,
+                    _plain_torch_forward, _source_line)
 from .max_pools import _MAX_POOL_FUNCTIONS, _MAX_POOL_MODULES
 
 # ---------------------------------------------------------------------------
@@ -111,6 +111,10 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
         return None
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
+        if _has_forward_hooks(m):
+            return (f"{type(m).__name__} has forward hooks, which would run on each time step's spikes, and "
+                    "fastspike cannot tell what they compute; remove them before converting "
+                    "(fastspike.nn.record_spike_trains records spikes without hooks)")
         if _declared_time_linear(m):
             return None
         if isinstance(m, _MAX_POOL_MODULES) and node.users and all(spiking(u) for u in node.users):
