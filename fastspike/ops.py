@@ -289,7 +289,9 @@ def _check_out_memory(out: Tuple[torch.Tensor, torch.Tensor, torch.Tensor], x_se
     """The overlap rules of the out= buffers (check_forward_out in neuron.cpp), in
     Python before any backend so that every backend raises the same ValueError."""
     if torch.compiler.is_compiling() or any(type(t) not in (torch.Tensor, torch.nn.Parameter) for t in out):
-        return  # (data pointers of fake tensors cannot be read; the operator checks at run time)
+        # Fake tensors have no data pointers; and compiled, functionalization hands the operator
+        # fresh buffers and copies back, so an overlap cannot corrupt the result there.
+        return
     # The threshold is read in place when already contiguous in the accumulation dtype.
     read_threshold = threshold if (threshold.dtype == accumulation_dtype(x_seq.dtype)
                                    and threshold.is_contiguous()) else None
