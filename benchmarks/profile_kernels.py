@@ -91,7 +91,7 @@ def kernel_call(args: argparse.Namespace, device: torch.device) -> Callable[[], 
                          "but the extension is not loaded (see fastspike.backend_info())")
     threshold = torch.tensor(1.0, dtype=accumulation_dtype(x.dtype), device=device)
     _, _, _, membrane, negative_open, mean = torch.ops.fastspike.neuron_forward(
-        x, threshold, None, None, group_size, signed, 0.5, 1e-3, args.grad, "sigmoid", 4.0)
+        x, threshold, None, None, group_size, signed, 0.5, 1e-3, args.grad)
     grad_spikes = torch.randn(x.shape, generator=gen).to(device=device, dtype=x.dtype)
     if args.grad == "surrogate":
         return lambda: torch.ops.fastspike.neuron_backward_surrogate(

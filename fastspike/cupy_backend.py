@@ -488,12 +488,10 @@ def _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_
 
 def neuron_forward(x_seq: torch.Tensor, threshold: torch.Tensor, v_init: Optional[torch.Tensor],
                    count_init: Optional[torch.Tensor], group_size: int, signed: bool,
-                   init_fraction: float, neg_margin: float, grad_mode: str, surrogate: str,
-                   alpha: float, residual: Optional[torch.Tensor] = None,
+                   init_fraction: float, neg_margin: float, grad_mode: str,
+                   residual: Optional[torch.Tensor] = None,
                    compact: bool = False) -> Tuple[torch.Tensor, ...]:
-    """CUDA implementation of ``fastspike::neuron_forward`` (same schema;
-    ``residual`` and ``compact`` where the schema has them)."""
-    _surrogate_code(surrogate, alpha)
+    """CUDA implementation of ``fastspike::neuron_forward`` (same schema)."""
     return _run_forward(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
                         neg_margin, grad_mode, None, residual, compact)
 

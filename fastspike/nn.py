@@ -244,17 +244,19 @@ class SpikingNeuron(nn.Module):
             x_seq = x.view([time_steps, x.shape[0] // time_steps] + list(x.shape[1:]))
         else:
             x_seq = x
-        grad_mode = "none"
         if torch.is_grad_enabled() and x_seq.requires_grad:
-            grad_mode = self.grad
-        alpha = 4.0 if self.surrogate == "sigmoid" else 2.0
-        given = self.alpha
-        if given is not None:
-            alpha = given
-        out = torch.ops.fastspike.neuron_forward(
-            x_seq, self.threshold, None, None, self.group_size, self.signed, self.init_fraction,
-            self.neg_margin, grad_mode, self.surrogate, alpha, None, self.compact)
-        spikes = out[0].to(x.dtype) if self.compact else out[0]
+            alpha = 4.0 if self.surrogate == "sigmoid" else 2.0
+            given = self.alpha
+            if given is not None:
+                alpha = given
+            spikes = torch.ops.fastspike.neuron(  # the differentiable operator
+                x_seq, self.threshold, None, None, self.group_size, self.signed, self.init_fraction,
+                self.neg_margin, self.grad, self.surrogate, alpha, None)[0]
+        else:
+            out = torch.ops.fastspike.neuron_forward(
+                x_seq, self.threshold, None, None, self.group_size, self.signed, self.init_fraction,
+                self.neg_margin, "none", None, self.compact)
+            spikes = out[0].to(x.dtype) if self.compact else out[0]
         if self.layout == "merged":
             return spikes.reshape([-1] + list(spikes.shape[2:]))
         return spikes

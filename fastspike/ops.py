@@ -4,18 +4,25 @@ their autograd registration, plus the choice of backend.
 The operators (schemas in csrc/neuron/neuron.cpp) are
 
 ``fastspike::neuron_forward(x_seq, threshold, v_init, count_init, group_size,
-signed, init_fraction, neg_margin, grad_mode, surrogate, alpha, residual=None,
-compact=False)``
+signed, init_fraction, neg_margin, grad_mode, residual=None, compact=False)``
     -> (spikes, v_final, count_final, membrane_seq, negative_open_seq, input_mean)
 
-    ``residual`` (x_seq's shape and dtype) charges the neurons with
+    The kernel. ``residual`` (x_seq's shape and dtype) charges the neurons with
     x_seq + residual without storing the sum; ``compact`` returns the spikes as
     int8 counts k⁺ − k⁻ (inference only). x_seq and residual may be time
     broadcasts (stride 0 along dim 0), read at every step without a copy.
-    ``surrogate`` and ``alpha`` are read by the registered backward only: a
-    derivative registered with the dispatcher sees only the operator's arguments
-    (as ``aten::embedding`` carries its backward-only ``scale_grad_by_freq``), so
-    TorchScript, jit.trace, torch.compile and eager calls differentiate alike.
+    ``grad_mode`` says what to record for a backward; the kernel has no
+    derivative of its own (calling it with inputs that require grad raises).
+
+``fastspike::neuron(x_seq, threshold, v_init, count_init, group_size, signed,
+init_fraction, neg_margin, grad, surrogate, alpha, residual=None)``
+    -> (spikes, v_final, count_final)
+
+    The differentiable neuron: a CompositeImplicitAutograd operator whose kernel
+    (registered here) is an autograd function that runs ``neuron_forward`` and
+    keeps ``surrogate`` and ``alpha``, which only the backward reads, in its
+    context. Eager calls, TorchScript, jit.trace, torch.compile and export all
+    reach it through the dispatcher.
 
 ``fastspike::neuron_forward.out(x_seq, threshold, v_init, count_init, group_size,
 signed, init_fraction, neg_margin, residual=None, compact=False, *,
@@ -50,7 +57,8 @@ from typing import Any, Dict, Iterator, Optional, Sequence, Tuple, Union
 import torch
 
 from . import _backend, cupy_backend
-from .checks import check_compact, check_neuron_call, check_out_overlaps, check_residual, check_state, out_buffers
+from .checks import (GRAD_MODES, SURROGATES, check_choice, check_compact, check_neuron_call, check_out_overlaps,
+                     check_real, check_residual, check_state, out_buffers)
 from .reference import (
     DEFAULT_ALPHA,
     NeuronResult,
@@ -87,7 +95,7 @@ if _STATE.name == "extension":
     @torch.library.register_fake("fastspike::neuron_forward")
     def _neuron_forward_fake(
         x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
-        grad_mode, surrogate, alpha, residual=None, compact=False,
+        grad_mode, residual=None, compact=False,
     ):
         _check_fake_inputs(x_seq, threshold, v_init, count_init, residual)
         check_compact(compact, group_size, grad_mode)
@@ -129,17 +137,6 @@ if _STATE.name == "extension":
     def _neuron_backward_rate_fake(grad_spikes, input_mean, threshold):
         return grad_spikes.new_empty(grad_spikes.shape)
 
-    def _setup_context(ctx, inputs, output):
-        (x_seq, threshold, v_init, _count_init, group_size, signed, _init_fraction, neg_margin,
-         grad_mode, surrogate, alpha) = inputs[:11]
-        _spikes, _v, _count, membrane_seq, negative_open_seq, input_mean = output
-        ctx.grad_mode = grad_mode
-        ctx.params = (group_size, signed, neg_margin, surrogate, alpha)
-        ctx.has_v_init = v_init is not None
-        ctx.has_residual = len(inputs) > 11 and inputs[11] is not None
-        ctx.num_inputs = len(inputs)
-        ctx.save_for_backward(threshold, membrane_seq, negative_open_seq, input_mean)
-
     class _RateBackward(torch.autograd.Function):
         """The rate backward under create_graph=True. grad x_t = (1/T)·Σ_τ g_τ·[0 < x̄ < θ]
         is linear in g with a symmetric matrix, so its own backward is the same
@@ -174,38 +171,80 @@ if _STATE.name == "extension":
                 "supported; run the neuron under fastspike.use_reference() (the pure-PyTorch loop, "
                 "which differentiates its surrogate twice), or use grad='rate'")
 
-    def _backward(ctx, grad_spikes, grad_v, _grad_count, _grad_mem, _grad_open, _grad_mean):
-        threshold, membrane_seq, negative_open_seq, input_mean = ctx.saved_tensors
-        group_size, signed, neg_margin, surrogate, alpha = ctx.params
-        if ctx.grad_mode == "none":
-            raise RuntimeError(
-                "fastspike::neuron_forward was called with grad_mode='none', which records nothing "
-                "for a backward; call it with grad_mode='surrogate' or 'rate' (fastspike.neuron "
-                "does this whenever an input requires grad)"
-            )
-        if grad_spikes is None:
-            grad_spikes = torch.zeros_like(membrane_seq if ctx.grad_mode == "surrogate" else input_mean)
-        grad_v_init = None
-        if ctx.grad_mode == "surrogate":
-            args = (grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
-                    signed, neg_margin, surrogate, alpha)
-            if torch.is_grad_enabled():  # create_graph=True: a double backward must not be silently 0
-                grad_x, grad_v_init = _SurrogateBackward.apply(*args)
-            else:
-                grad_x, grad_v_init = torch.ops.fastspike.neuron_backward_surrogate(*args)
-        elif torch.is_grad_enabled():
-            grad_x = _RateBackward.apply(grad_spikes, input_mean, threshold)
-        else:
-            grad_x = torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
-        # x_seq + residual is what charges the neurons: both get the same gradient
-        # (autograd sums it over T for an operand that was a time broadcast).
-        grads = (grad_x, None, grad_v_init if ctx.has_v_init else None, None, None, None, None,
-                 None, None, None, None, grad_x if ctx.has_residual else None, None)
-        return grads[:ctx.num_inputs]
+    class _Neuron(torch.autograd.Function):
+        """The differentiable neuron (the kernel of the ``fastspike::neuron`` operator): the
+        kernel forward records what ``grad`` needs, and the surrogate shape and sharpness,
+        which only the backward reads, stay here in the context, not in the kernel's schema."""
 
-    torch.library.register_autograd(
-        "fastspike::neuron_forward", _backward, setup_context=_setup_context
-    )
+        @staticmethod
+        def forward(ctx, x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
+                    grad, surrogate, alpha, residual):
+            spikes, v, count, membrane_seq, negative_open_seq, input_mean = torch.ops.fastspike.neuron_forward(
+                x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin, grad, residual)
+            ctx.grad_mode = grad
+            ctx.params = (group_size, signed, neg_margin, surrogate, alpha)
+            ctx.has_v_init, ctx.has_residual = v_init is not None, residual is not None
+            ctx.save_for_backward(threshold, membrane_seq, negative_open_seq, input_mean)
+            ctx.set_materialize_grads(False)  # an unused output's gradient stays None, not zeros
+            ctx.mark_non_differentiable(count)
+            if grad == "rate":
+                ctx.mark_non_differentiable(v)  # the rate gradient defines none for v (as the reference)
+            return spikes, v, count
+
+        @staticmethod
+        def backward(ctx, grad_spikes, grad_v, _grad_count):
+            threshold, membrane_seq, negative_open_seq, input_mean = ctx.saved_tensors
+            group_size, signed, neg_margin, surrogate, alpha = ctx.params
+            if ctx.grad_mode == "none":
+                raise RuntimeError(
+                    "fastspike::neuron was called with grad='none', which records nothing for a backward; "
+                    "call it with grad='surrogate' or 'rate' (fastspike.neuron does this whenever an input "
+                    "requires grad)")
+            if grad_spikes is None:
+                grad_spikes = torch.zeros_like(membrane_seq if ctx.grad_mode == "surrogate" else input_mean)
+            grad_v_init = None
+            if ctx.grad_mode == "surrogate":
+                args = (grad_spikes, grad_v, membrane_seq, negative_open_seq, threshold, group_size,
+                        signed, neg_margin, surrogate, alpha)
+                if torch.is_grad_enabled():  # create_graph=True: a double backward must not be silently 0
+                    grad_x, grad_v_init = _SurrogateBackward.apply(*args)
+                else:
+                    grad_x, grad_v_init = torch.ops.fastspike.neuron_backward_surrogate(*args)
+            elif torch.is_grad_enabled():
+                grad_x = _RateBackward.apply(grad_spikes, input_mean, threshold)
+            else:
+                grad_x = torch.ops.fastspike.neuron_backward_rate(grad_spikes, input_mean, threshold)
+            # x_seq + residual is what charges the neurons: both get the same gradient
+            # (autograd sums it over T for an operand that was a time broadcast).
+            return (grad_x, None, grad_v_init if ctx.has_v_init else None, None, None, None, None, None,
+                    None, None, None, grad_x if ctx.has_residual else None)
+
+    def _neuron_kernel(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction, neg_margin,
+                       grad, surrogate, alpha, residual=None):
+        # What only this operator takes (the kernel checks the rest): refused here, before the
+        # forward, not first in the backward.
+        check_choice(grad, "grad", GRAD_MODES)
+        check_choice(surrogate, "surrogate", SURROGATES)
+        check_real(alpha, "alpha (surrogate sharpness)", "a finite number > 0", minimum=0.0, strict=True)
+        return _Neuron.apply(x_seq, threshold, v_init, count_init, group_size, signed, init_fraction,
+                             neg_margin, grad, surrogate, alpha, residual)
+
+    # The kernel of fastspike::neuron (schema in csrc/neuron/neuron.cpp): composite, so that
+    # autograd, TorchScript, jit.trace, torch.compile and export all reach _Neuron.
+    _LIBRARY = torch.library.Library("fastspike", "IMPL")
+    _LIBRARY.impl("neuron", _neuron_kernel, "CompositeImplicitAutograd")
+
+    def _no_derivative(ctx, inputs, output):
+        raise RuntimeError(
+            "fastspike::neuron_forward is the kernel and has no derivative of its own (the surrogate shape "
+            "is not one of its arguments): differentiate through fastspike::neuron(x_seq, threshold, v_init, "
+            "count_init, group_size, signed, init_fraction, neg_margin, grad, surrogate, alpha, residual) "
+            "or fastspike.neuron, or call it under torch.no_grad()")
+
+    # Registered so that a call with inputs that require grad fails here, loudly, instead of
+    # leaving outputs that silently carry no gradient.
+    torch.library.register_autograd("fastspike::neuron_forward", lambda ctx, *grads: None,
+                                    setup_context=_no_derivative)
 
 
 def _cpu_kernels() -> str:
@@ -469,7 +508,7 @@ def neuron(
                 buffer.copy_(value)
             return NeuronResult(*out)
         return result
-    with _below_autograd_unless(needs_grad):
+    with _below_autograd_unless(needs_grad or _traced_with_grad(grad, compact)):
         if out is not None:
             spikes, v, count = out
             torch.ops.fastspike.neuron_forward.out(
@@ -478,12 +517,13 @@ def neuron(
             )
             _mark_written(out)
             return NeuronResult(*out)
-        spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
-            x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
-            float(neg_margin), grad if needs_grad or (torch.jit.is_tracing() and _traced_with_grad(grad, compact))
-            else "none", surrogate, alpha, residual,
-            bool(compact),
-        )
-    if needs_grad and grad == "rate":
-        v = v.detach()  # the rate gradient defines none for v: as the reference (non-differentiable)
+        if needs_grad or _traced_with_grad(grad, compact):
+            # The differentiable operator (a trace records it, so that the traced module trains).
+            spikes, v, count = torch.ops.fastspike.neuron(
+                x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
+                float(neg_margin), grad, surrogate, alpha, residual)
+        else:
+            spikes, v, count, _, _, _ = torch.ops.fastspike.neuron_forward(
+                x_seq, threshold, v_init, count_init, group_size, bool(signed), float(init_fraction),
+                float(neg_margin), "none", residual, bool(compact))
     return NeuronResult(spikes, v, count)

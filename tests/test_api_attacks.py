@@ -192,8 +192,8 @@ def _small_snn(neuron="signed"):
                                     dict(signed=True, surrogate="atan", alpha=1.5)])
 def test_spiking_neuron_scripts(kwargs):
     """A scripted layer computes and differentiates as the eager one, with its own surrogate
-    shape: the operator schema carries surrogate/alpha because TorchScript can only reach the
-    backward registered with the dispatcher, which sees nothing but the operator's arguments."""
+    shape: TorchScript calls the differentiable operator fastspike::neuron, whose autograd
+    context keeps surrogate/alpha (the kernel neuron_forward no longer takes them)."""
     threshold = torch.rand(3, generator=torch.Generator().manual_seed(5)) + 0.5
     layer = SpikingNeuron(threshold, 4, **kwargs)
     scripted = torch.jit.script(layer)

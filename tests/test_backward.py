@@ -131,13 +131,13 @@ def test_cuda_backward_bodies_on_cpu_grid(group_size, signed):
     x = torch.randn(7, 3, 37) * 0.8
     threshold = torch.rand(37) + 0.4
     fwd = torch.ops.fastspike.neuron_forward(
-        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "surrogate", "sigmoid", 4.0)
+        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "surrogate")
     grad_spikes = torch.randn_like(x)
     grad_v = torch.randn(3, 37)
     expected = torch.ops.fastspike.neuron_backward_surrogate(
         grad_spikes, grad_v, fwd[3], fwd[4], threshold, group_size, signed, 1e-3, "atan", 2.0)
     rate_fwd = torch.ops.fastspike.neuron_forward(
-        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "rate", "sigmoid", 4.0)
+        x, threshold, None, None, group_size, signed, 0.5, 1e-3, "rate")
     expected_rate = torch.ops.fastspike.neuron_backward_rate(grad_spikes, rate_fwd[5], threshold)
     for blocks, threads in [(1, 1), (3, 7), (2, 64)]:
         emulated = torch.ops.fastspike._emulate_cuda_backward_surrogate(
@@ -151,10 +151,38 @@ def test_cuda_backward_bodies_on_cpu_grid(group_size, signed):
 
 def test_backward_without_recorded_trace_is_refused():
     x = torch.randn(3, 4, requires_grad=True)
-    spikes = torch.ops.fastspike.neuron_forward(
-        x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none", "sigmoid", 4.0)[0]
-    with pytest.raises(RuntimeError, match="grad_mode='none'"):
+    spikes = torch.ops.fastspike.neuron(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none", "sigmoid", 4.0)[0]
+    with pytest.raises(RuntimeError, match="grad='none'"):
         spikes.sum().backward()
+
+
+def test_the_kernel_operator_has_no_derivative_of_its_own():
+    """neuron_forward's schema carries no surrogate, so it cannot differentiate: a call that would
+    need a backward fails at once instead of leaving outputs that silently carry no gradient."""
+    x = torch.randn(3, 4, requires_grad=True)
+    with pytest.raises(RuntimeError, match="has no derivative of its own.*fastspike::neuron"):
+        torch.ops.fastspike.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "surrogate")
+    with torch.no_grad():  # the forward itself still runs (and records) for any input
+        assert torch.ops.fastspike.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3,
+                                                  "surrogate")[3].shape == x.shape
+
+
+@pytest.mark.parametrize("surrogate,alpha", [("sigmoid", 4.0), ("atan", 1.5)])
+@pytest.mark.parametrize("grad", ["surrogate", "rate"])
+def test_differentiable_operator_keeps_the_surrogate_in_its_context(grad, surrogate, alpha):
+    """fastspike::neuron called directly differentiates as the reference with that surrogate."""
+    from fastspike.reference import neuron_reference
+
+    x = torch.randn(5, 2, 3, generator=torch.Generator().manual_seed(2)) * 0.8
+    xs, xr = x.clone().requires_grad_(), x.clone().requires_grad_()
+    spikes, v, count = torch.ops.fastspike.neuron(xs, torch.tensor(0.9), None, None, 2, True, 0.5, 1e-3, grad,
+                                                  surrogate, alpha)
+    ref = neuron_reference(xr, torch.tensor(0.9), group_size=2, signed=True, grad=grad, surrogate=surrogate,
+                           alpha=alpha)
+    assert torch.equal(spikes, ref.spikes) and torch.equal(count, ref.count)
+    spikes.pow(2).sum().backward()
+    ref.spikes.pow(2).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
 
 
 def opcheck_cases():
@@ -165,9 +193,9 @@ def opcheck_cases():
     cases = []
     for grad_mode in ("none", "surrogate", "rate"):
         for signed in (False, True):
-            cases.append(("neuron_forward", (x.clone().requires_grad_(grad_mode != "none"), thr, v0, c0, 2, signed, 0.5, 1e-3, grad_mode, "sigmoid", 4.0)))
-    fwd = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "surrogate", "atan", 2.0)
-    rate = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "rate", "atan", 2.0)
+            cases.append(("neuron_forward", (x, thr, v0, c0, 2, signed, 0.5, 1e-3, grad_mode)))
+    fwd = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "surrogate")
+    rate = torch.ops.fastspike.neuron_forward(x, thr, None, None, 2, True, 0.5, 1e-3, "rate")
     cases.append(("neuron_backward_surrogate", (torch.randn_like(x), torch.randn(2, 3, 5), fwd[3], fwd[4], thr, 2, True, 1e-3, "atan", 2.0)))
     cases.append(("neuron_backward_rate", (torch.randn_like(x), rate[5], thr)))
     state = (torch.empty(2, 3, 5), torch.empty(2, 3, 5, dtype=torch.int32))

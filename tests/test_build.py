@@ -144,7 +144,7 @@ CHECK_AGAINST_REFERENCE = """
     x = torch.randn(6, 2, 3, 50) * 0.8
     thr = torch.rand(3) + 0.5
     spikes, v, count, *_ = torch.ops.fastspike.neuron_forward(
-        x, thr, None, None, 2, True, 0.5, 1e-3, "none", "sigmoid", 4.0)
+        x, thr, None, None, 2, True, 0.5, 1e-3, "none")
     ref = neuron_reference(x, thr, group_size=2, signed=True, grad="none")
     assert torch.equal(spikes, ref.spikes) and torch.equal(v, ref.v) and torch.equal(count, ref.count)
 """

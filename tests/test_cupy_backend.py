@@ -197,18 +197,15 @@ def test_ops_choose_cupy_for_cuda_tensors_without_cuda_kernels(fresh_state):
 def test_input_errors_name_the_argument():
     x = torch.zeros(2, 4)
     with pytest.raises(TypeError, match="x_seq must be a floating-point tensor"):
-        cupy_backend.neuron_forward(x.int(), torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none", "sigmoid", 4.0)
+        cupy_backend.neuron_forward(x.int(), torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none")
     with pytest.raises(ValueError, match="group_size must be an integer in"):
-        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 0, False, 0.5, 1e-3, "none", "sigmoid", 4.0)
+        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 0, False, 0.5, 1e-3, "none")
     with pytest.raises(ValueError, match="grad_mode must be"):
-        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "bptt", "sigmoid", 4.0)
-    with pytest.raises(ValueError, match="surrogate must be"):
-        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "none", "tanh", 4.0)
+        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "bptt")
     with pytest.raises(ValueError, match="threshold must be a scalar, a per-channel"):
-        cupy_backend.neuron_forward(x, torch.ones(3), None, None, 1, False, 0.5, 1e-3, "none", "sigmoid", 4.0)
+        cupy_backend.neuron_forward(x, torch.ones(3), None, None, 1, False, 0.5, 1e-3, "none")
     with pytest.raises(ValueError, match="compact spikes .* grad must be .none."):
-        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "surrogate", "sigmoid",
-                                    4.0, None, True)
+        cupy_backend.neuron_forward(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, "surrogate", None, True)
     with pytest.raises(ValueError, match="spikes \\(the out= tensor\\) must have x_seq's shape"):
         cupy_backend.neuron_forward_out(x, torch.tensor(1.0), None, None, 1, False, 0.5, 1e-3, spikes=torch.zeros(3),
                                         v_final=torch.zeros(x.shape[1:]),
@@ -242,7 +239,7 @@ def test_cupy_kernels_match_the_reference_bit_for_bit(dtype, group_size, signed)
     x = (torch.randn(5, 2, 3, 37, generator=gen) * 0.8).to(dtype).cuda()
     threshold = (torch.rand(3, generator=gen) + 0.5).cuda()
     spikes, v, count, *_ = cupy_backend.neuron_forward(x, threshold, None, None, group_size, signed, 0.5, 1e-3,
-                                                       "none", "sigmoid", 4.0)
+                                                       "none")
     ref = neuron_reference(x, threshold, group_size=group_size, signed=signed, grad="none")
     assert torch.equal(spikes, ref.spikes) and torch.equal(v, ref.v) and torch.equal(count, ref.count)
     # vector width 4 (N % 4 == 0) and the in-place out= form
@@ -265,7 +262,7 @@ def test_cupy_backward_kernels_match_the_reference_gradients(grad):
     x = (torch.randn(6, 4, 50, generator=gen) * 0.8).double().cuda()
     g = torch.randn(6, 4, 50, generator=gen).double().cuda()
     spikes, _, _, membrane, negative_open, mean = cupy_backend.neuron_forward(
-        x, torch.tensor(1.0, device="cuda"), None, None, 2, True, 0.5, 1e-3, grad, "sigmoid", 4.0)
+        x, torch.tensor(1.0, device="cuda"), None, None, 2, True, 0.5, 1e-3, grad)
     if grad == "surrogate":
         grad_x, _ = cupy_backend.neuron_backward_surrogate(g, None, membrane, negative_open,
                                                            torch.tensor(1.0, device="cuda"), 2, True, 1e-3,

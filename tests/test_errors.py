@@ -13,9 +13,14 @@ from conftest import needs_extension
 
 
 def raw_forward(x, threshold, v_init=None, count_init=None, group_size=1, signed=False,
-                init_fraction=0.5, neg_margin=1e-3, grad_mode="none", surrogate="sigmoid", alpha=4.0):
+                init_fraction=0.5, neg_margin=1e-3, grad_mode="none", surrogate=None, alpha=None):
+    """The kernel operator; with a surrogate or alpha, the differentiable operator that takes them."""
+    if surrogate is not None or alpha is not None:
+        return torch.ops.fastspike.neuron(x, threshold, v_init, count_init, group_size, signed, init_fraction,
+                                          neg_margin, "surrogate", surrogate or "sigmoid",
+                                          4.0 if alpha is None else alpha)
     return torch.ops.fastspike.neuron_forward(x, threshold, v_init, count_init, group_size, signed,
-                                              init_fraction, neg_margin, grad_mode, surrogate, alpha)
+                                              init_fraction, neg_margin, grad_mode)
 
 
 X = torch.randn(4, 2, 3, 5)

@@ -219,7 +219,7 @@ def test_cuda_kernel_bodies_on_cpu_grid(dtype, group_size, signed, blocks, threa
                 )
                 assert_same_result(expected, emulated[:3])
                 real = torch.ops.fastspike.neuron_forward(
-                    x, threshold, None, None, group_size, signed, 0.5, 1e-3, grad_mode, "sigmoid", 4.0
+                    x, threshold, None, None, group_size, signed, 0.5, 1e-3, grad_mode
                 )
                 for e, a in zip(real[3:], emulated[3:]):
                     assert torch.equal(e, a)

@@ -146,10 +146,10 @@ def opcheck_cases():
     # Few cases: opcheck's AOT tests of a differentiable call take seconds each.
     x, r = randn((4, 2, 3, 5), 13), randn((4, 2, 3, 5), 14)
     thr = torch.rand(3, generator=torch.Generator().manual_seed(15)) + 0.5
-    return [
+    return [  # the differentiable operator (fastspike::neuron), then the kernel
         (broadcast(x[0].clone().requires_grad_(True), 4), thr, None, None, 2, True, 0.5, 1e-3, "surrogate",
-         "sigmoid", 4.0, r.clone().requires_grad_(True), False),
-        (broadcast(x[0], 4), thr, None, None, 1, True, 0.5, 1e-3, "none", "sigmoid", 4.0, r, True),
+         "sigmoid", 4.0, r.clone().requires_grad_(True)),
+        (broadcast(x[0], 4), thr, None, None, 1, True, 0.5, 1e-3, "none", r, True),
     ]
 
 
@@ -160,7 +160,8 @@ def test_opcheck_with_residual_compact_and_broadcast(args):
     differentiable = args[0].requires_grad
     utils = ("test_schema", "test_autograd_registration", "test_faketensor") if differentiable else None
     kwargs = {"test_utils": utils} if utils else {}
-    torch.library.opcheck(torch.ops.fastspike.neuron_forward.default, args, **kwargs)
+    op = torch.ops.fastspike.neuron if differentiable else torch.ops.fastspike.neuron_forward
+    torch.library.opcheck(op.default, args, **kwargs)
 
 
 def test_torch_compile_fullgraph_with_the_new_inputs():
@@ -255,7 +256,7 @@ def test_raw_operator_rejects_bad_new_arguments(case, pattern):
     # A meta tensor routes the call to the fake kernel, which raises in Python.
     with pytest.raises((RuntimeError, ValueError, TypeError), match=pattern):
         torch.ops.fastspike.neuron_forward(X, torch.tensor(1.0), None, None, args["group_size"], False, 0.5, 1e-3,
-                                           args["grad_mode"], "sigmoid", 4.0, args["residual"], args["compact"])
+                                           args["grad_mode"], args["residual"], args["compact"])
 
 
 # ---------------------------------------------------------------------------

@@ -212,8 +212,7 @@ def calls(n):
         grad = "surrogate" if i % 2 else "rate"
         fastspike.neuron(xg, threshold, signed=True, group_size=2, grad=grad).spikes.sum().backward()
         try:  # the error path (a C++ exception through the dispatcher) must not leak either
-            torch.ops.fastspike.neuron_forward(x, bad_threshold, None, None, 1, False, 0.5, 1e-3,
-                                               "none", "sigmoid", 4.0)
+            torch.ops.fastspike.neuron_forward(x, bad_threshold, None, None, 1, False, 0.5, 1e-3, "none")
         except ValueError:
             pass
 

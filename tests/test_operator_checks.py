@@ -13,11 +13,15 @@ pytestmark = pytest.mark.skipif(fastspike.backend_info()["backend"] != "extensio
                                 reason="needs the compiled operators")
 
 
-def forward(x, threshold=None, group_size=1, init_fraction=0.5, neg_margin=1e-3, grad_mode="none",
-            surrogate="sigmoid", alpha=4.0, **kwargs):
+def forward(x, threshold=None, group_size=1, init_fraction=0.5, neg_margin=1e-3, grad_mode="none", **kwargs):
     threshold = torch.tensor(1.0) if threshold is None else threshold
     return torch.ops.fastspike.neuron_forward(x, threshold, None, None, group_size, True, init_fraction,
-                                              neg_margin, grad_mode, surrogate, alpha, **kwargs)
+                                              neg_margin, grad_mode, **kwargs)
+
+
+def differentiable(x, grad="surrogate", surrogate="sigmoid", alpha=4.0):
+    """fastspike::neuron, the operator that takes the backward's surrogate and alpha."""
+    return torch.ops.fastspike.neuron(x, torch.tensor(1.0), None, None, 1, True, 0.5, 1e-3, grad, surrogate, alpha)
 
 
 X = torch.randn(3, 2, 4)
@@ -31,7 +35,9 @@ CASES = [
     (ValueError, "neg_margin", lambda: forward(X, neg_margin=-1.0)),
     (ValueError, "init_fraction", lambda: forward(X, init_fraction=float("nan"))),
     (ValueError, "grad_mode", lambda: forward(X, grad_mode="bogus")),
-    (ValueError, "surrogate", lambda: forward(X, grad_mode="surrogate", surrogate="bogus")),
+    (ValueError, "surrogate", lambda: differentiable(X, surrogate="bogus")),
+    (ValueError, "alpha", lambda: differentiable(X, alpha=-1.0)),
+    (ValueError, "grad", lambda: differentiable(X, grad="bogus")),
     (ValueError, "threshold", lambda: forward(X, torch.tensor(-1.0))),
     (ValueError, "threshold", lambda: forward(X, torch.ones(5))),
     (ValueError, "x_seq", lambda: forward(torch.tensor(1.0))),

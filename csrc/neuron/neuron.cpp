@@ -142,10 +142,6 @@ ThresholdLayout resolve_threshold(const at::Tensor& threshold, const at::Tensor&
   return layout;
 }
 
-void check_surrogate(c10::string_view surrogate, double alpha) {
-  (void)parse_surrogate(surrogate, alpha);
-}
-
 ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& v_init,
                          const c10::optional<at::Tensor>& count_init, int64_t group_size,
@@ -327,29 +323,37 @@ RateBackwardPlan plan_rate_backward(const at::Tensor& grad_spikes, const at::Ten
 }
 
 TORCH_LIBRARY(fastspike, m) {
-  // Runs all T steps of the generalised neuron (docs/design.md §2) in one call.
-  // Returns (spikes, v_final, count_final, membrane_seq, negative_open_seq,
-  // input_mean); the last three are what the backward of grad_mode needs and
-  // are empty ([0]) otherwise. residual (x_seq's shape and dtype): charge with
-  // x + residual, rounded as torch.add would, without storing the sum.
-  // compact: spikes are the int8 counts k⁺ − k⁻ (grad_mode 'none', m <= 127).
-  // x_seq and residual may be time broadcasts (stride 0 along dim 0).
-  // surrogate and alpha are read by the registered backward only: a derivative
-  // registered with the dispatcher sees nothing but the operator's arguments, so
-  // they are arguments (as aten::embedding carries its backward-only
-  // scale_grad_by_freq), and TorchScript, jit.trace, torch.compile and eager
-  // calls all differentiate alike. They are checked here all the same.
+  // Runs all T steps of the generalised neuron (docs/design.md §2) in one call:
+  // the kernel. Returns (spikes, v_final, count_final, membrane_seq,
+  // negative_open_seq, input_mean); the last three are what the backward of
+  // grad_mode needs and are empty ([0]) otherwise. residual (x_seq's shape and
+  // dtype): charge with x + residual, rounded as torch.add would, without
+  // storing the sum. compact: spikes are the int8 counts k⁺ − k⁻ (grad_mode
+  // 'none', m <= 127). x_seq and residual may be time broadcasts (stride 0
+  // along dim 0). It has no derivative of its own: `neuron` below is the
+  // differentiable form.
   m.def(
       "neuron_forward(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, "
       "int group_size, bool signed, float init_fraction, float neg_margin, str grad_mode, "
-      "str surrogate, float alpha, Tensor? residual=None, bool compact=False) "
+      "Tensor? residual=None, bool compact=False) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // The differentiable neuron: (spikes, v_final, count_final) of neuron_forward,
+  // with the backward of `grad` ('surrogate': neuron_backward_surrogate with this
+  // surrogate and alpha; 'rate': neuron_backward_rate). Its kernel is
+  // CompositeImplicitAutograd, registered from Python (fastspike/ops.py): an
+  // autograd function that runs neuron_forward and keeps surrogate and alpha,
+  // which only the backward reads, in its context. A schema of its own lets
+  // TorchScript and jit.trace record the differentiable call.
+  m.def(
+      "neuron(Tensor x_seq, Tensor threshold, Tensor? v_init, Tensor? count_init, int group_size, "
+      "bool signed, float init_fraction, float neg_margin, str grad, str surrogate, float alpha, "
+      "Tensor? residual=None) -> (Tensor, Tensor, Tensor)");
   // The out= overload (ATen's convention): the forward arguments, then the
   // caller's buffers for the spikes (which may be x_seq or residual itself; int8
   // when compact) and the final state (which may be v_init / count_init
   // themselves), so a loop that reuses them allocates nothing. Inference only,
-  // as ATen's out= overloads: no grad_mode (nothing is recorded), hence no
-  // surrogate. It returns nothing rather than aliases of the buffers, because
+  // as ATen's out= overloads: no grad_mode (nothing is recorded). It returns
+  // nothing rather than aliases of the buffers, because
   // torch's functionalization (torch.compile, export) rejects custom operators
   // whose outputs carry alias annotations.
   m.def(

@@ -67,10 +67,6 @@ ForwardPlan plan_forward(const at::Tensor& x_seq, const at::Tensor& threshold,
                          const c10::optional<at::Tensor>& residual = c10::nullopt,
                          bool compact = false);
 
-// Checks the surrogate shape and sharpness that neuron_forward carries for its
-// registered backward (the forward itself never reads them).
-void check_surrogate(c10::string_view surrogate, double alpha);
-
 // The caller's buffers of the out= form (neuron_forward.out): spikes and the
 // final state, written in place.
 struct ForwardOutBuffers {

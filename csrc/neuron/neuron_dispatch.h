@@ -165,10 +165,8 @@ ForwardResult neuron_forward_op(const at::Tensor& x_seq, const at::Tensor& thres
                                 const c10::optional<at::Tensor>& v_init,
                                 const c10::optional<at::Tensor>& count_init, int64_t group_size,
                                 bool is_signed, double init_fraction, double neg_margin,
-                                c10::string_view grad_mode, c10::string_view surrogate,
-                                double alpha, const c10::optional<at::Tensor>& residual,
-                                bool compact) {
-  check_surrogate(surrogate, alpha);
+                                c10::string_view grad_mode,
+                                const c10::optional<at::Tensor>& residual, bool compact) {
   const ForwardPlan plan = plan_forward(x_seq, threshold, v_init, count_init, group_size,
                                         init_fraction, neg_margin, grad_mode, residual, compact);
   const ForwardOutputs out = allocate_forward_outputs(plan, is_signed, nullptr);
