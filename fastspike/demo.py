@@ -7,18 +7,23 @@
 3. Segmentation: a small DeepLab on the same scenes, mean IoU.
 
 Every task then runs Fast-SNN's pipeline to its end: the quantization-aware-trained
-network converted with signed IF neurons is tuned layer by layer
+network converted with signed IF neurons is tuned layer by layer at T = L
 (:func:`fastspike.finetune.finetune_layerwise`, each layer's update kept only if the task's
-own metric on a held-out tuning split did not drop) at every T, and evaluated on the test
-split ("SNN signed fine-tuned" rows; dashed curves in the plot).
+own metric on a held-out tuning split did not drop), and evaluated on the test split at every T
+("SNN signed fine-tuned" rows; dashed curves in the plot).
 
-Every SNN row also reports images per second with the fused kernels and with
-the pure-PyTorch time loop they replace (same model, :func:`fastspike.use_reference`).
-The table is printed and saved as JSON, with a PNG plot of each metric against T.
+Each SNN (every neuron kind, and the fine-tuned one) is converted and run once, at max(T),
+with ``readout="sequence"``: the converted SNN is causal, so the mean of its first t steps is
+the t-step SNN's output (:mod:`fastspike.evaluate`), and every T's row comes from that one run.
+Each neuron kind's row at T = L (at max(T) if L is not among the Ts) also reports images per
+second with the fused kernels and with the pure-PyTorch time loop they replace (the mean-readout
+SNN at that T, :func:`fastspike.use_reference`). The table is printed and saved as JSON, with a
+PNG plot of each metric against T.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -35,7 +40,7 @@ from tqdm import tqdm
 from .checkpoint import make_checkpoint, save_checkpoint
 from .convert import calibrate, quantize, to_snn
 from .ops import backend_info, use_reference
-from .train import TrainConfig, classification_accuracy, train_model
+from .train import TrainConfig, train_model
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -57,13 +62,13 @@ class DemoConfig:
     segment_epochs: int = 10
     tasks: Sequence[str] = ("classification", "detection", "segmentation")
     batch_size: int = 64
-    timing_batch: int = 128
+    timing_batch: int = 64
     seed: int = 0
-    # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, at every T):
-    # each layer's MSE to the quantized ANN on `finetune_batches` training batches of
-    # `finetune_batch_size`, kept if the task's metric on the held-out tuning split (digits: the
-    # last `digits_tune` training images, left out of training; scenes: `scenes_tune` scenes of
-    # their own seed) did not drop.
+    # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, once, at
+    # T = L; evaluated at every T): each layer's MSE to the quantized ANN on `finetune_batches`
+    # training batches of `finetune_batch_size`, kept if the task's metric on the held-out tuning
+    # split (digits: the last `digits_tune` training images, left out of training; scenes:
+    # `scenes_tune` scenes of their own seed) did not drop.
     finetune_neurons: Sequence[str] = ("signed",)
     finetune_epochs: int = 1
     finetune_batches: int = 4
@@ -103,6 +108,16 @@ def _images_per_second(model: nn.Module, x: torch.Tensor, repeats: int = 3) -> f
     return x.shape[0] / best
 
 
+class _Meter:
+    """A task's metric accumulated over batches: ``update(output, targets)``, ``value()``."""
+
+    def update(self, output: Any, targets: Any) -> None:
+        raise NotImplementedError
+
+    def value(self) -> float:
+        raise NotImplementedError
+
+
 @dataclass
 class _Task:
     name: str
@@ -115,65 +130,116 @@ class _Task:
     num_classes: int
     model_kwargs: Dict[str, Any]
     loss: Callable[[Any, Any], torch.Tensor]
-    evaluate: Callable[[nn.Module, DataLoader], float]
+    meter: Callable[[], _Meter]
     epochs: int
     finetune_epochs: int
     lr: float
 
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, loader: DataLoader, steps: Optional[Sequence[int]] = None) -> Any:
+        """The metric of ``model`` on ``loader``; with ``steps``, ``model`` is an SNN converted with
+        ``readout="sequence"`` at T = max(steps) and the result is {t: metric of the t-step SNN},
+        all from one run (:func:`fastspike.evaluate.prefix_views`)."""
+        from .evaluate import prefix_views
+
+        device = next(model.parameters()).device
+        keys: List[Any] = sorted(set(steps)) if steps else [None]
+        meters = {k: self.meter() for k in keys}
+        was_training = model.training
+        model.eval()
+        try:
+            for x, targets in loader:
+                out = model(x.to(device))
+                for k, view in (prefix_views(out, keys) if steps else {None: out}).items():
+                    meters[k].update(view, targets)
+        finally:
+            model.train(was_training)
+        values = {k: m.value() for k, m in meters.items()}
+        return values if steps else values[None]
+
+
+def _cached(dataset: Dataset) -> List[Any]:
+    """The dataset's items, generated once: the synthetic scenes are drawn on every access,
+    which cost the demo more than half a minute when every epoch and evaluation redrew them."""
+    return [dataset[i] for i in range(len(dataset))]
+
+
+def _speed_steps(cfg: DemoConfig) -> int:
+    """The T at which the demo times the SNNs and fine-tunes them: T = L (Fast-SNN's setting),
+    or max(T) if L is not among the Ts."""
+    return cfg.levels if cfg.levels in cfg.time_steps else max(cfg.time_steps)
+
 
 def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) -> List[Dict[str, Any]]:
+    from .finetune import finetune_layerwise, write_back
+    from .models import get_model
+
     torch.manual_seed(cfg.seed)
     train = DataLoader(task.train_set, cfg.batch_size, shuffle=True, collate_fn=task.collate,
                        generator=torch.Generator().manual_seed(cfg.seed))
     test = DataLoader(task.test_set, cfg.batch_size, collate_fn=task.collate)
     timing_x = next(iter(DataLoader(task.test_set, cfg.timing_batch, collate_fn=task.collate)))[0].to(device)
+    steps = sorted(set(cfg.time_steps))
+    t_speed = _speed_steps(cfg)
     rows: List[Dict[str, Any]] = []
 
-    def row(model_name: str, T: Optional[int], model: nn.Module, timed_reference: bool = False) -> None:
-        r = {"task": task.name, "metric": task.metric, "model": model_name, "T": T,
-             "value": task.evaluate(model, test), "images_per_s": _images_per_second(model, timing_x)}
-        if timed_reference:
-            with use_reference():
-                r["images_per_s_reference"] = _images_per_second(model, timing_x, repeats=1)
-            r["speedup"] = r["images_per_s"] / r["images_per_s_reference"]
+    def row(model_name: str, T: Optional[int], value: float, **extra: Any) -> Dict[str, Any]:
+        r = {"task": task.name, "metric": task.metric, "model": model_name, "T": T, "value": value, **extra}
         rows.append(r)
+        return r
 
-    from .models import get_model
+    def timed(model: nn.Module, reference: bool = False) -> Dict[str, float]:
+        speed = {"images_per_s": _images_per_second(model, timing_x)}
+        if reference:
+            with use_reference():
+                speed["images_per_s_reference"] = _images_per_second(model, timing_x, repeats=1)
+            speed["speedup"] = speed["images_per_s"] / speed["images_per_s_reference"]
+        return speed
+
+    def snn_rows(model_name: str, qnet_: nn.Module, kind: str, group: Optional[int], speed: bool,
+                 **extra: Any) -> None:
+        # One conversion and one run at max(T); the t-step SNN is the mean of the first t steps.
+        seq = to_snn(qnet_, steps[-1], kind, group_size=group, readout="sequence")
+        values = task.evaluate(seq, test, steps)
+        timing = timed(to_snn(qnet_, t_speed, kind, group_size=group), reference=True) if speed else {}
+        for T in cfg.time_steps:
+            row(model_name, T, values[T], **(timing if T == t_speed else {}), **extra)
 
     ann = get_model(task.model_name, task.num_classes, **task.model_kwargs).to(device)
     _fit(ann, task, cfg, task.epochs, task.lr, f"{task.name}: ANN", device)
-    row("ANN", None, ann)
+    row("ANN", None, task.evaluate(ann, test), **timed(ann))
 
     qnet = quantize(ann, levels=cfg.levels)
     calibrate(qnet, train, percentile=99.9, max_batches=8, device=device)
     _fit(qnet, task, cfg, task.finetune_epochs, task.lr / 10, f"{task.name}: quantized ANN", device)
-    row(f"quantized ANN (L={cfg.levels})", None, qnet)
+    row(f"quantized ANN (L={cfg.levels})", None, task.evaluate(qnet, test), **timed(qnet))
     ckpt = make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", qnet, task.model_kwargs)
     save_checkpoint(ckpt, os.path.join(out_dir, f"{task.name}.pt"))
 
-    for kind in cfg.neurons:
+    for kind in tqdm(cfg.neurons, desc=f"{task.name}: SNNs", leave=False):
         group = cfg.group_size if kind == "group" else None
-        for T in tqdm(cfg.time_steps, desc=f"{task.name}: {kind} SNN", leave=False):
-            snn = to_snn(qnet, T, kind, group_size=group)
-            label = f"{kind} (m={group})" if group else kind
-            row(f"SNN {label}", T, snn, timed_reference=True)
+        label = f"{kind} (m={group})" if group else kind
+        snn_rows(f"SNN {label}", qnet, kind, group, speed=True)
 
-    # Fast-SNN: layer-wise fine-tuning, judged by the task's metric on the held-out tuning split.
-    from .finetune import finetune_layerwise
-
+    # Fast-SNN: layer-wise fine-tuning at T = L, judged by the task's metric on the held-out tuning
+    # split; the tuned weights are written back into a copy of the quantized ANN (saved as
+    # <task>-<kind>-finetuned.pt), which converts to the tuned SNN at every T.
     tune = DataLoader(task.tune_set, cfg.batch_size, collate_fn=task.collate)
     recipe = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, optimizer="adam",
                          lr=cfg.finetune_lr, weight_decay=0.0, seed=cfg.seed)
-    for kind in cfg.finetune_neurons:
-        for T in tqdm(cfg.time_steps, desc=f"{task.name}: fine-tuning {kind} SNN", leave=False):
-            snn = to_snn(qnet, T, kind)
-            report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
-                                        collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
-                                        progress=False)
-            row(f"SNN {kind} fine-tuned", T, snn)
-            rows[-1]["layers_kept"] = [r["layer"] for r in report if r["kept"]]
-            rows[-1]["tune_metric"] = [report[0]["metric_before"], max(
-                [report[0]["metric_before"]] + [r["metric_after"] for r in report if r["kept"]])]
+    for kind in tqdm(cfg.finetune_neurons, desc=f"{task.name}: fine-tuning", leave=False):
+        snn = to_snn(qnet, t_speed, kind)
+        report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
+                                    collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
+                                    progress=False)
+        tuned = write_back(snn, copy.deepcopy(qnet))
+        save_checkpoint(make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", tuned,
+                                        task.model_kwargs),
+                        os.path.join(out_dir, f"{task.name}-{kind}-finetuned.pt"))
+        tune_metric = [report[0]["metric_before"], max(
+            [report[0]["metric_before"]] + [r["metric_after"] for r in report if r["kept"]])]
+        snn_rows(f"SNN {kind} fine-tuned", tuned, kind, None, speed=False, tuned_at_T=t_speed,
+                 layers_kept=[r["layer"] for r in report if r["kept"]], tune_metric=tune_metric)
     return rows
 
 
@@ -181,9 +247,16 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
 # The three tasks
 
 
-@torch.no_grad()
-def _accuracy(model: nn.Module, loader: DataLoader) -> float:
-    return classification_accuracy(model, loader.dataset, loader.batch_size)
+class _Accuracy(_Meter):
+    def __init__(self) -> None:
+        self.correct = self.seen = 0
+
+    def update(self, output: torch.Tensor, labels: torch.Tensor) -> None:
+        self.correct += int((output.argmax(1).cpu() == labels).sum())
+        self.seen += labels.numel()
+
+    def value(self) -> float:
+        return self.correct / max(1, self.seen)
 
 
 def _classification(cfg: DemoConfig) -> _Task:
@@ -195,7 +268,7 @@ def _classification(cfg: DemoConfig) -> _Task:
     fit = len(train) - cfg.digits_tune
     return _Task("classification", "accuracy", Subset(train, range(fit)), digits("test", seed=cfg.seed),
                  Subset(train, range(fit, len(train))), None, "digits_cnn", 10, {}, lambda out, y: F.cross_entropy(out, y.to(out.device)),
-                 _accuracy, cfg.digits_epochs, cfg.digits_finetune_epochs, 1e-2)
+                 _Accuracy, cfg.digits_epochs, cfg.digits_finetune_epochs, 1e-2)
 
 
 def _detection(cfg: DemoConfig) -> _Task:
@@ -206,22 +279,23 @@ def _detection(cfg: DemoConfig) -> _Task:
     size = cfg.scene_size
     downsamples = 3  # a 64 px scene gives an 8x8 grid
 
-    @torch.no_grad()
-    def evaluate(model: nn.Module, loader: DataLoader) -> float:
-        device = next(model.parameters()).device
-        meter = DetectionMeter(num_classes=3)
-        for x, targets in loader:
-            preds = decode_yolo(model(x.to(device)).cpu(), DEFAULT_ANCHORS, 3, size)
-            meter.update(preds, targets)
-        return meter.compute()["map"]
+    class Meter(_Meter):
+        def __init__(self) -> None:
+            self.meter = DetectionMeter(num_classes=3)
+
+        def update(self, output: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> None:
+            self.meter.update(decode_yolo(output.cpu(), DEFAULT_ANCHORS, 3, size), targets)
+
+        def value(self) -> float:
+            return self.meter.compute()["map"]
 
     return _Task("detection", "mAP@0.5",
-                 SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
-                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1),
-                 SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2), collate_scenes,
+                 _cached(SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed)),
+                 _cached(SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1)),
+                 _cached(SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2)), collate_scenes,
                  "tiny_yolov2", 3, dict(width=0.25, num_downsamples=downsamples),
                  lambda out, targets: yolo_loss(out, targets, DEFAULT_ANCHORS, 3, size),
-                 evaluate, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3)
+                 Meter, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3)
 
 
 def _segmentation(cfg: DemoConfig) -> _Task:
@@ -233,21 +307,23 @@ def _segmentation(cfg: DemoConfig) -> _Task:
     def masks(targets: List[Dict[str, torch.Tensor]]) -> torch.Tensor:
         return torch.stack([t["mask"] for t in targets])
 
-    @torch.no_grad()
-    def evaluate(model: nn.Module, loader: DataLoader) -> float:
-        device = next(model.parameters()).device
-        meter = SegmentationMeter(num_classes=4)
-        for x, targets in loader:
-            meter.update(model(x.to(device)).argmax(1).cpu(), masks(targets))
-        return meter.compute()["miou"]
+    class Meter(_Meter):
+        def __init__(self) -> None:
+            self.meter = SegmentationMeter(num_classes=4)
+
+        def update(self, output: torch.Tensor, targets: List[Dict[str, torch.Tensor]]) -> None:
+            self.meter.update(output.argmax(1).cpu(), masks(targets))
+
+        def value(self) -> float:
+            return self.meter.compute()["miou"]
 
     return _Task("segmentation", "mIoU",
-                 SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed),
-                 SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1),
-                 SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2), collate_scenes,
+                 _cached(SyntheticScenes(cfg.scenes_train, size, seed=cfg.seed)),
+                 _cached(SyntheticScenes(cfg.scenes_test, size, seed=cfg.seed + 1)),
+                 _cached(SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2)), collate_scenes,
                  "small_deeplab", 4, dict(width=8),
                  lambda out, targets: F.cross_entropy(out, masks(targets).to(out.device)),
-                 evaluate, cfg.segment_epochs, max(1, cfg.segment_epochs // 3), 3e-3)
+                 Meter, cfg.segment_epochs, max(1, cfg.segment_epochs // 3), 3e-3)
 
 
 _TASKS = {"classification": _classification, "detection": _detection, "segmentation": _segmentation}
@@ -262,10 +338,14 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
     lines = [header, "-" * len(header)]
     for r in rows:
         T = "" if r["T"] is None else str(r["T"])
+        fused = f"{r['images_per_s']:9.0f}" if "images_per_s" in r else " " * 9
         ref = f"{r['images_per_s_reference']:10.0f}" if "images_per_s_reference" in r else " " * 10
         speed = f"{r['speedup']:7.1f}x" if "speedup" in r else ""
         lines.append(f"{r['task']:15s} {r['model']:28s} {T:>3s} {r['metric']:>8s} {r['value']:7.3f} "
-                     f"{r['images_per_s']:9.0f} {ref} {speed:>8s}")
+                     f"{fused} {ref} {speed:>8s}".rstrip())
+    tuned = sorted({r["tuned_at_T"] for r in rows if "tuned_at_T" in r})
+    lines.append("SNN speeds are measured at one T per neuron kind (T = L); fine-tuned rows: tuned once at "
+                 f"T = {', '.join(map(str, tuned)) or '-'}, evaluated at every T")
     return "\n".join(lines)
 
 
@@ -287,7 +367,9 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
         for model in dict.fromkeys(r["model"] for r in task_rows if r["T"] is not None):
             points = sorted((r["T"], r["value"]) for r in task_rows if r["model"] == model)
             kind = model.replace(" fine-tuned", "")  # a curve per neuron kind, its fine-tuned one dashed
-            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=model,
+            tuned = [r["tuned_at_T"] for r in task_rows if r["model"] == model and "tuned_at_T" in r]
+            label = f"{model} (at T={tuned[0]})" if tuned else model
+            line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
                             linestyle="--" if model.endswith("fine-tuned") else "-", color=colours.get(kind))
             colours.setdefault(kind, line.get_color())
         ax.set_xscale("log", base=2)

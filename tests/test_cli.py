@@ -46,13 +46,44 @@ def test_demo_runs_end_to_end_and_writes_json_and_png(demo_dir):
         # ANN, quantized ANN, every neuron kind at every T, then the fine-tuned ones at every T.
         assert len(rows) == 2 + (len(cfg.neurons) + len(cfg.finetune_neurons)) * len(cfg.time_steps)
         for r in rows:
-            assert 0.0 <= r["value"] <= 1.0 and r["images_per_s"] > 0
-            if r["T"] is not None and not r["model"].endswith("fine-tuned"):
-                assert r["images_per_s_reference"] > 0
+            assert 0.0 <= r["value"] <= 1.0
+            if r["T"] is None:  # the ANNs are timed
+                assert r["images_per_s"] > 0
+            elif r["model"].endswith("fine-tuned"):  # tuned once, at T = L; not timed (the same network)
+                assert r["tuned_at_T"] == cfg.levels and "images_per_s" not in r
+            else:  # each neuron kind is timed at T = L only, fused and with the Python loop
+                assert ("images_per_s" in r) == (r["T"] == cfg.levels), r
+                if r["T"] == cfg.levels:
+                    assert r["images_per_s"] > 0 and r["images_per_s_reference"] > 0
     png = (out / "demo.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     for task in tasks:
         assert load_checkpoint(str(out / f"{task}.pt"))["levels"] == cfg.levels
+        assert load_checkpoint(str(out / f"{task}-signed-finetuned.pt"))["levels"] == cfg.levels
+
+
+def test_demo_rows_read_off_one_run_equal_separate_conversions(demo_dir):
+    """The demo converts each SNN once, at max(T) with a sequence readout, and reads every T off
+    that run; its rows equal a separate to_snn at each T (mean readout), for the plain signed SNN
+    from the saved checkpoint and for the fine-tuned one from the tuned checkpoint (write_back)."""
+    from fastspike.data import digits
+    from fastspike.train import classification_accuracy
+
+    out, result = demo_dir
+    cfg = DemoConfig.quick()
+    rows = {(r["model"], r["T"]): r["value"] for r in result["rows"] if r["task"] == "classification"}
+    test = digits("test", seed=cfg.seed)
+    for model, path in (("SNN signed", "classification.pt"),
+                        ("SNN signed fine-tuned", "classification-signed-finetuned.pt")):
+        for T in cfg.time_steps:
+            snn = load_model(str(out / path), time_steps=T, neuron="signed")
+            assert classification_accuracy(snn, test, cfg.batch_size) == rows[(model, T)], (model, T)
+    # The tuned checkpoint converts to other weights than the quantized ANN's iff a layer was kept.
+    kept = [r for r in result["rows"] if r["task"] == "classification" and r["model"] == "SNN signed fine-tuned"]
+    base, tuned = (load_model(str(out / path), time_steps=1, neuron="signed")
+                   for path in ("classification.pt", "classification-signed-finetuned.pt"))
+    same = all(torch.equal(a, b) for a, b in zip(base.parameters(), tuned.parameters()))
+    assert same != bool(kept[0]["layers_kept"])
 
 
 def test_demo_classification_learns_and_the_snn_follows_the_quantized_ann(demo_dir):
