@@ -386,6 +386,14 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     # classifiers by their accuracy on the tuning data; detectors (mAP@0.5) and segmenters (mIoU)
     # on --tune-images held-out scenes of their own seed, neither trained nor tested on.
     metric_fn, metric = None, "train accuracy"  # classifiers: finetune_layerwise scores val_set
+    weight = None
+    if task == "detection" and args.readout_bias:
+        from .models.yolo import DEFAULT_ANCHORS, objectness_weight
+
+        num_anchors = len((ckpt.get("model_kwargs") or {}).get("anchors") or DEFAULT_ANCHORS)
+
+        def weight(output: torch.Tensor) -> torch.Tensor:
+            return objectness_weight(output, num_anchors, ckpt["num_classes"])
     if task != "classification":
         from torch.utils.data import DataLoader
 
@@ -404,7 +412,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
     report = finetune_layerwise(snn, qnet, dataset, _train_config(args), force=args.force, collate_fn=collate,
                                 val_set=dataset if task == "classification" else None, metric=metric_fn,
-                                max_batches=args.max_batches, device=device, progress=not args.no_progress)
+                                max_batches=args.max_batches, device=device, progress=not args.no_progress,
+                                readout_bias=args.readout_bias, readout_weight=weight)
     _save_tuned(args, ckpt, qnet, snn)
     print(f"{'layer':16s} {'params':>8s} {'MSE first':>10s} {'MSE last':>10s} {metric + ' before':>22s} "
           f"{'after':>8s}  kept")
@@ -621,6 +630,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-images", type=_positive_int, default=64,
                    help="held-out synthetic scenes (their own seed) that judge a detector's or segmenter's "
                         "layer updates by mAP@0.5 / mIoU")
+    p.add_argument("--readout-bias", action="store_true",
+                   help="last stage: shift the output layer's bias by the mean output error to the quantized "
+                        "ANN (a detector's weighted by the ANN's objectness), judged like the layers")
     _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
     p.set_defaults(func=cmd_finetune)
 

@@ -9,8 +9,10 @@
 Every task then runs Fast-SNN's pipeline to its end: the quantization-aware-trained
 network converted with signed IF neurons is tuned layer by layer at T = L
 (:func:`fastspike.finetune.finetune_layerwise`, each layer's update kept only if the task's
-own metric on a held-out tuning split did not drop), and evaluated on the test split at every T
-("SNN signed fine-tuned" rows; dashed curves in the plot).
+own metric on a held-out tuning split did not drop), then its output layer's bias is shifted by
+the mean output error to the quantized ANN (``readout_bias``; the detector's weighted by the
+ANN's objectness), judged the same way, and evaluated on the test split at every T ("SNN signed
+fine-tuned" rows; dashed curves in the plot).
 
 Each SNN (every neuron kind, and the fine-tuned one) is converted and run once, at max(T),
 with ``readout="sequence"``: the converted SNN is causal, so the mean of its first t steps is
@@ -66,16 +68,17 @@ class DemoConfig:
     seed: int = 0
     # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, once, at
     # T = L; evaluated at every T): each layer's MSE to the quantized ANN on `finetune_batches`
-    # training batches of `finetune_batch_size`, kept if the task's metric on the held-out tuning
-    # split (digits: the last `digits_tune` training images, left out of training; scenes:
-    # `scenes_tune` scenes of their own seed) did not drop.
+    # training batches of `finetune_batch_size`, then the readout bias correction on the same
+    # batches, each kept if the task's metric on the held-out tuning split (digits: the last
+    # `digits_tune` training images, left out of training; scenes: `scenes_tune` scenes of their
+    # own seed) did not drop.
     finetune_neurons: Sequence[str] = ("signed",)
     finetune_epochs: int = 1
     finetune_batches: int = 4
     finetune_batch_size: int = 32
     finetune_lr: float = 1e-3
     digits_tune: int = 300
-    scenes_tune: int = 64
+    scenes_tune: int = 128
 
     @classmethod
     def quick(cls) -> "DemoConfig":
@@ -134,6 +137,8 @@ class _Task:
     epochs: int
     finetune_epochs: int
     lr: float
+    # weights of the outputs for the readout bias correction (None: all alike)
+    readout_weight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
     @torch.no_grad()
     def evaluate(self, model: nn.Module, loader: DataLoader, steps: Optional[Sequence[int]] = None) -> Any:
@@ -231,7 +236,7 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
         snn = to_snn(qnet, t_speed, kind)
         report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
                                     collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
-                                    progress=False)
+                                    progress=False, readout_bias=True, readout_weight=task.readout_weight)
         tuned = write_back(snn, copy.deepcopy(qnet))
         save_checkpoint(make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", tuned,
                                         task.model_kwargs),
@@ -274,7 +279,7 @@ def _classification(cfg: DemoConfig) -> _Task:
 def _detection(cfg: DemoConfig) -> _Task:
     from .data import SyntheticScenes, collate_scenes
     from .metrics import DetectionMeter
-    from .models.yolo import DEFAULT_ANCHORS, decode_yolo, yolo_loss
+    from .models.yolo import DEFAULT_ANCHORS, decode_yolo, objectness_weight, yolo_loss
 
     size = cfg.scene_size
     downsamples = 3  # a 64 px scene gives an 8x8 grid
@@ -295,7 +300,8 @@ def _detection(cfg: DemoConfig) -> _Task:
                  _cached(SyntheticScenes(cfg.scenes_tune, size, seed=cfg.seed + 2)), collate_scenes,
                  "tiny_yolov2", 3, dict(width=0.25, num_downsamples=downsamples),
                  lambda out, targets: yolo_loss(out, targets, DEFAULT_ANCHORS, 3, size),
-                 Meter, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3)
+                 Meter, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3,
+                 lambda y: objectness_weight(y, len(DEFAULT_ANCHORS), 3))
 
 
 def _segmentation(cfg: DemoConfig) -> _Task:

@@ -17,6 +17,14 @@ mean input (straight through). After the layer's epochs a metric decides: the up
 only if the metric did not get worse (``force=True`` keeps it anyway). Everything runs on the
 fused kernels.
 
+**Readout bias correction** (``readout_bias=True``, a last stage named :data:`READOUT_BIAS`):
+the bias of the output layer (the linear head) is shifted by the mean of (quantized ANN's output
+− SNN's output) per output channel over the tuning batches, optionally weighted per output
+(``readout_weight``, e.g. :func:`fastspike.models.yolo.objectness_weight`: a detector's box
+channels where the quantized ANN sees an object). A signed-IF SNN at T = L under-counts input
+that arrives in the last steps, one-sidedly, and the rate-gradient MSE cannot see it (the layer's
+mean input is already right); the mean output error it leaves is what this removes, in closed form.
+
 **Surrogate-gradient training** (:func:`train_snn`): the whole SNN through the fused BPTT
 backward (``grad="surrogate"``), with the loop of :func:`fastspike.train.train_model`
 (checkpoints, resume, DDP, mixed precision).
@@ -37,12 +45,16 @@ from .nn import SpikingNeuron
 from .train import (TrainConfig, _to_device, classification_accuracy, make_loader, make_optimizer,
                     make_schedule, train_model)
 
-__all__ = ["READOUT", "finetune_layerwise", "spiking_layers", "feeding_parameters", "layer_loss", "write_back",
+__all__ = ["READOUT", "READOUT_BIAS", "finetune_layerwise", "readout_bias_shift", "spiking_layers", "feeding_parameters", "layer_loss", "write_back",
            "train_snn", "neuron_grad", "train_only", "FINETUNE_DEFAULTS"]
 
 #: The name of the readout stage of :func:`finetune_layerwise` (``readout=True``): the layers
 #: after the last spiking layers, tuned so that the SNN's output matches the quantized ANN's.
 READOUT = "output"
+
+#: The name of the readout-bias stage of :func:`finetune_layerwise` (``readout_bias=True``): the
+#: output layer's bias shifted by the (weighted) mean of the quantized ANN's output minus the SNN's.
+READOUT_BIAS = "output-bias"
 
 #: Recipe of the layer-wise fine-tuning unless a config is given: one epoch of Adam per layer.
 FINETUNE_DEFAULTS = TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
@@ -204,6 +216,76 @@ def _mean_layer_loss(snn, qnet, name, loader, device, max_batches) -> float:
     return total / max(1, batches)
 
 
+def _output_bias(snn: nn.Module) -> nn.Parameter:
+    """The bias of the SNN's output layer: of the convs/linears between the last spiking layers
+    and the output, the one the forward pass runs last."""
+    gm = _graph_module(snn)
+    readout = set(feeding_parameters(gm, READOUT).values())
+    found = None
+    for node in gm.graph.nodes:
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            if isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and module.bias is not None \
+                    and module.bias in readout:
+                found = module.bias
+    if found is None:
+        raise ValueError("readout_bias needs an output layer with a bias (a conv or linear after the last "
+                         "spiking layers)")
+    return found
+
+
+def _channel_sums(t: torch.Tensor) -> torch.Tensor:
+    """Sum over every dimension but 1 (the channels) of a [B, C, ...] tensor."""
+    return t.sum(dim=[d for d in range(t.dim()) if d != 1]) if t.dim() > 1 else t.sum().reshape(1)
+
+
+@torch.no_grad()
+def readout_bias_shift(snn: nn.Module, qnet: nn.Module, batches: Sequence[Any],
+                       weight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, Any]:
+    """Shifts the bias of ``snn``'s output layer (in place) by the mean of ``qnet(x) - snn(x)`` per
+    output channel over the inputs ``batches``, weighted by ``weight(qnet(x))`` (non-negative,
+    broadcastable to the output; default 1): the constant that minimises the weighted squared
+    error of each output channel. ``snn`` must read out the mean (``to_snn(readout="mean")``), and
+    the layers after its output layer must carry a per-channel constant through unchanged
+    (pooling, interpolation, flatten): checked on the first batch, the bias restored and a
+    ValueError raised if not. Returns ``{"shift": [C], "mse_before", "mse_after"}`` (weighted
+    mean squared output error over the batches, before and after)."""
+    bias = _output_bias(snn)
+    total = wsum = square = None
+    first, before = None, None
+    for x in batches:
+        y_q = _tensor_output(qnet(x)).float()
+        y_s = _tensor_output(snn(x)).float()
+        if y_q.dim() < 2 or y_q.shape[1] != bias.numel():
+            raise ValueError(f"readout_bias: the output's channels (dim 1, shape {list(y_q.shape)}) do not match "
+                             f"the output layer's {bias.numel()} biases")
+        w = torch.ones_like(y_q) if weight is None else torch.as_tensor(weight(y_q)).float().expand_as(y_q)
+        if bool((w < 0).any()):
+            raise ValueError("readout_weight must be non-negative")
+        diff = y_q - y_s
+        total = _channel_sums(w * diff) + (0 if total is None else total)
+        wsum = _channel_sums(w) + (0 if wsum is None else wsum)
+        square = _channel_sums(w * diff * diff) + (0 if square is None else square)
+        if first is None:
+            first, before = x, y_s
+    if first is None:
+        raise ValueError("readout_bias got no batches")
+    shift = torch.where(wsum > 0, total / wsum.clamp(min=1e-30), torch.zeros_like(total))
+    denominator = float(wsum.sum()) or 1.0
+    mse_before = float(square.sum()) / denominator
+    # sum w (d - s)^2 = sum w d^2 - 2 s sum w d + s^2 sum w, per channel
+    mse_after = float((square - 2 * shift * total + shift * shift * wsum).sum().clamp(min=0)) / denominator
+    saved = bias.detach().clone()
+    bias.add_(shift.to(bias.dtype))
+    moved = _tensor_output(snn(first)).float() - before
+    expected = shift.view((1, -1) + (1,) * (moved.dim() - 2))
+    if not torch.allclose(moved, expected.expand_as(moved), rtol=1e-3, atol=1e-4 * (1 + float(shift.abs().max()))):
+        bias.copy_(saved)
+        raise ValueError("readout_bias: shifting the output layer's bias does not shift the SNN's output by the "
+                         "same constant per channel (an operation after it is not affine with slope 1)")
+    return {"shift": shift, "mse_before": mse_before, "mse_after": mse_after}
+
+
 def finetune_layerwise(
     snn: nn.Module,
     qnet: nn.Module,
@@ -219,6 +301,8 @@ def finetune_layerwise(
     device: Optional[torch.device] = None,
     progress: bool = True,
     readout: bool = False,
+    readout_bias: bool = False,
+    readout_weight: Optional[Callable[[torch.Tensor], torch.Tensor]] = None,
 ) -> List[Dict[str, Any]]:
     """Fast-SNN layer-wise fine-tuning of ``snn`` (in place) towards its quantized ANN ``qnet``.
 
@@ -241,6 +325,11 @@ def finetune_layerwise(
         readout: after the spiking layers, also tune the layers after the last ones (the
             linear head) on the MSE between the SNN's output and the quantized ANN's, as one
             more stage named :data:`READOUT` (needs ``to_snn(readout="mean")``).
+        readout_bias: last, shift the output layer's bias by the mean output error
+            (:func:`readout_bias_shift` on the tuning batches), as a stage named
+            :data:`READOUT_BIAS`, judged like the others (needs ``to_snn(readout="mean")``).
+        readout_weight: ``weight(qnet_output) -> non-negative weights`` for that mean (e.g.
+            :func:`fastspike.models.yolo.objectness_weight`); default every output alike.
 
     A layer that already equals its quantized-ANN twin on the first batch (MSE below 1e-12 of
     the target's mean square, e.g. the first layer at T = L: its input is constant) is left as
@@ -258,17 +347,26 @@ def finetune_layerwise(
     if any(getattr(snn.get_submodule(name), "compact", False) for name in order):
         raise ValueError("snn emits compact spike counts (to_snn(compact_spikes=True)), whose scale is folded "
                          "into the next weights; fine-tune an SNN converted without compact_spikes")
-    if readout:
+    if readout or readout_bias:
         if any(isinstance(m, ReadoutOverTime) and m.mode != "mean" for m in snn.modules()):
-            raise ValueError("readout=True compares the SNN's output with the quantized ANN's: convert with "
+            flag = "readout=True" if readout else "readout_bias=True"
+            raise ValueError(f"{flag} compares the SNN's output with the quantized ANN's: convert with "
                              "to_snn(readout='mean')")
+    if readout:
         order = order + [READOUT]
+    if readout_bias:
+        _output_bias(snn)  # refuse early a network without an output bias
+        order = order + [READOUT_BIAS]
+    if readout_weight is not None and not callable(readout_weight):
+        raise TypeError(f"readout_weight must be a callable weight(output) -> tensor, got "
+                        f"{type(readout_weight).__name__}")
     if layers is None:
         layers = order
     unknown = [name for name in layers if name not in order]
     if unknown:
         raise ValueError(f"layers must name spiking layers of the SNN ({order}), got {unknown}"
-                         + (f" ({READOUT!r} needs readout=True)" if READOUT in unknown else ""))
+                         + (f" ({READOUT!r} needs readout=True)" if READOUT in unknown else "")
+                         + (f" ({READOUT_BIAS!r} needs readout_bias=True)" if READOUT_BIAS in unknown else ""))
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"max_batches must be None or an integer >= 1, got {max_batches!r}")
@@ -291,6 +389,28 @@ def finetune_layerwise(
     current = score(layers[0]) if global_metric else None
     report: List[Dict[str, Any]] = []
     for name in [n for n in order if n in layers]:
+        if name == READOUT_BIAS:
+            bias = _output_bias(snn)
+            saved = bias.detach().clone()
+            sampler.set_epoch(0)  # the batches of the layers' first epoch
+            batches = [_to_device(_first_input(batch), device)
+                       for _, batch in zip(range(steps_per_epoch), loader)]
+            before = current if global_metric else None
+            shifted = readout_bias_shift(snn, qnet, batches, readout_weight)
+            if not global_metric:  # judged by the weighted output MSE it minimises
+                before, after = -shifted["mse_before"], -shifted["mse_after"]
+            else:
+                after = score(name)
+            kept = force or after >= before
+            if not kept:
+                with torch.no_grad():
+                    bias.copy_(saved)
+            if global_metric:
+                current = after if kept else before
+            report.append({"layer": name, "parameters": bias.numel(), "loss_first_epoch": shifted["mse_before"],
+                           "loss_last_epoch": shifted["mse_after"], "metric_before": before, "metric_after": after,
+                           "kept": kept, "skipped": False})
+            continue
         params = feeding_parameters(snn, name)
         if not params:
             continue  # e.g. a neuron right after a pool of an earlier neuron: nothing to tune

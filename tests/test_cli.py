@@ -590,11 +590,11 @@ def test_finetune_judges_detectors_and_segmenters_by_their_task_metric(demo_dir,
     size = DemoConfig.quick().scene_size
     assert main(["finetune", str(out / f"{task}.pt"), "-T", "2", "--neuron", "signed", "--out", str(tuned),
                  "--data", "scenes", "--image-size", str(size), "--num-images", "8", "--tune-images", "4",
-                 "--batch-size", "4", "--max-batches", "1", "--epochs", "1", "--no-progress"]) == 0
+                 "--batch-size", "4", "--max-batches", "1", "--epochs", "1", "--no-progress", "--readout-bias"]) == 0
     printed = capsys.readouterr().out
     assert f"{metric} before" in printed and tuned.is_file()
     rows = [line.split() for line in printed.splitlines() if line.rstrip().endswith((" yes", " no"))]
-    assert rows
+    assert rows and rows[-1][0] == "output-bias"  # --readout-bias: the closed-form last stage
     for row in rows:
         before, after, kept = float(row[-3]), float(row[-2]), row[-1]
         assert (kept == "yes") == (after >= before)  # the metric decides

@@ -415,3 +415,72 @@ def test_finetuning_skips_exact_layers_and_tunes_the_readout(trained_qnet, digit
     assert moved == set(feeding_parameters(snn, "output")) and moved
     with pytest.raises(ValueError, match="readout=True"):
         finetune_layerwise(snn, trained_qnet, train, layers=["output"], progress=False)
+
+
+def test_readout_bias_removes_the_weighted_mean_output_error(trained_qnet, digit_sets):
+    # Issue 20: the closed-form readout stage. The output layer's bias moves by the (weighted) mean
+    # of qnet(x) - snn(x) per output channel, which that mean then is (up to rounding) on the same
+    # inputs; nothing else moves; weights of zero leave a channel alone.
+    from fastspike.finetune import READOUT_BIAS, readout_bias_shift
+
+    snn = fastspike.to_snn(trained_qnet, 2, "signed")  # T < L: the outputs lag the quantized ANN's
+    batches = [torch.stack([digit_sets[0][i][0] for i in range(j, j + 64)]) for j in (0, 64)]
+
+    def mean_error(weight):
+        with torch.no_grad():
+            num = sum((weight * (trained_qnet(x) - snn(x))).sum(0) for x in batches)
+            return num / sum(weight.expand(64, 10).sum(0) for _ in batches)
+
+    ones = torch.ones(1, 10)
+    before = mean_error(ones)
+    assert before.abs().max() > 1e-3
+    original = copy.deepcopy(snn.state_dict())
+    result = readout_bias_shift(snn, trained_qnet, batches)
+    torch.testing.assert_close(result["shift"], before, rtol=1e-4, atol=1e-6)
+    assert mean_error(ones).abs().max() < 1e-5
+    assert result["mse_after"] < result["mse_before"]
+    moved = {k for k, v in snn.state_dict().items() if not torch.equal(v, original[k])}
+    assert len(moved) == 1 and moved.pop().endswith("bias")
+    snn.load_state_dict(original)
+    half = torch.tensor([[1.0] * 5 + [0.0] * 5])
+    shift = readout_bias_shift(snn, trained_qnet, batches, weight=lambda y: half)["shift"]
+    assert torch.equal(shift[5:], torch.zeros(5)) and mean_error(half)[:5].abs().max() < 1e-5
+    # As a stage of finetune_layerwise, judged without a metric by the weighted MSE it lowers.
+    snn.load_state_dict(original)
+    report = finetune_layerwise(snn, trained_qnet, Subset(digit_sets[0], range(128)),
+                                TrainConfig(epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0),
+                                layers=[READOUT_BIAS], readout_bias=True, progress=False)
+    assert [r["layer"] for r in report] == [READOUT_BIAS] and report[0]["kept"]
+    assert report[0]["loss_last_epoch"] < report[0]["loss_first_epoch"]
+    with pytest.raises(ValueError, match="readout_bias=True"):
+        finetune_layerwise(fastspike.to_snn(trained_qnet, 2, "signed", readout="sum"), trained_qnet,
+                           Subset(digit_sets[0], range(64)), readout_bias=True, progress=False)
+
+
+def test_readout_bias_refuses_an_output_its_bias_does_not_shift_and_objectness_weights():
+    from fastspike.finetune import readout_bias_shift
+    from fastspike.models.yolo import objectness_weight
+
+    class Doubled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(x))) * 2  # the bias moves the output twice as far
+
+    torch.manual_seed(0)
+    x = torch.rand(4, 3, 8, 8)
+    qnet = fastspike.quantize(Doubled(), levels=4)
+    fastspike.calibrate(qnet, [x])
+    snn = fastspike.to_snn(qnet, 2, "signed")
+    bias = snn.head.bias.detach().clone()
+    with pytest.raises(ValueError, match="slope 1"):
+        readout_bias_shift(snn, qnet, [x])
+    assert torch.equal(snn.head.bias, bias)
+    # The detector's weights: sigmoid(to) of each anchor, on all of its 5 + C channels.
+    out = torch.randn(2, 2 * (5 + 3), 4, 4)
+    w = objectness_weight(out, 2, 3)
+    for a in range(2):
+        block = w[:, a * 8:(a + 1) * 8]
+        assert torch.equal(block, torch.sigmoid(out[:, a * 8 + 4:a * 8 + 5]).expand_as(block))

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_ANCHORS", "TinyYOLOv2", "YOLOv2ResNet34", "decode_yolo", "yolo_loss"]
+__all__ = ["DEFAULT_ANCHORS", "TinyYOLOv2", "YOLOv2ResNet34", "decode_yolo", "yolo_loss", "objectness_weight"]
 
 # (w, h) in grid cells of a stride-32 map: a 64 px image has 2x2 cells of 32 px, so
 # these span objects of 8..21 px, 1/8..1/3 of the image, square and elongated.
@@ -139,6 +139,16 @@ def _split(output: torch.Tensor, num_anchors: int, num_classes: int) -> torch.Te
                          f"for {num_anchors} anchors and {num_classes} classes, got {tuple(output.shape)}")
     b, _, h, w = output.shape
     return output.view(b, num_anchors, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
+
+
+def objectness_weight(output: torch.Tensor, num_anchors: int, num_classes: int) -> torch.Tensor:
+    """sigmoid(to) of each anchor and cell, repeated over that anchor's 5 + C channels: weights
+    of a raw map ``[B, A*(5+C), H, W]`` by how likely it says an object is there (for
+    :func:`fastspike.finetune.finetune_layerwise`'s ``readout_weight``, with the quantized ANN's
+    map: the box and class channels of the anchors that make the detections)."""
+    p = _split(output, num_anchors, num_classes)  # [B, A, H, W, 5+C]
+    weight = torch.sigmoid(p[..., 4:5]).expand_as(p)
+    return weight.permute(0, 1, 4, 2, 3).reshape(output.shape)
 
 
 @torch.no_grad()
