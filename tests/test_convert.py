@@ -119,16 +119,23 @@ class PoolNet(nn.Module):
         return F.max_pool2d(F.relu(self.conv2(y)), 3, 2, 1)
 
 
-@torch.no_grad()
-def test_max_pool_after_activation_moves_before_it_exactly():
-    torch.manual_seed(0)
-    model = PoolNet(nn.MaxPool2d(2)).eval()
+def _quantize_moving_pools(model: nn.Module) -> nn.Module:
+    """quantize (L = 3) with warnings as errors (moving a max-pool is exact: no warning), the two
+    quantizers' λ set to 0.8 and 0.6 in call order."""
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # moving is exact: no warning
+        warnings.simplefilter("error")
         qmodel = fastspike.quantize(model, levels=3, strict=True)
     q1, q2 = _quantizers_in_call_order(qmodel)
     q1.set_threshold(torch.tensor(0.8))
     q2.set_threshold(torch.tensor(0.6))
+    return qmodel
+
+
+@torch.no_grad()
+def test_max_pool_after_activation_moves_before_it_exactly():
+    torch.manual_seed(0)
+    model = PoolNet(nn.MaxPool2d(2)).eval()
+    qmodel = _quantize_moving_pools(model)
     # Each quantizer now reads the pooled value.
     sources = {n.target: n.args[0] for n in qmodel.graph.nodes if n.op == "call_module"}
     for node in qmodel.graph.nodes:
@@ -187,12 +194,7 @@ def test_adaptive_max_pools_move_before_the_activation_exactly():
 
     torch.manual_seed(0)
     model = AdaptivePoolNet().eval()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # moving is exact: no warning
-        qmodel = fastspike.quantize(model, levels=3, strict=True)
-    q1, q2 = _quantizers_in_call_order(qmodel)
-    q1.set_threshold(torch.tensor(0.8))
-    q2.set_threshold(torch.tensor(0.6))
+    qmodel = _quantize_moving_pools(model)
     x = torch.randn(2, 3, 11, 11)
     quant = lambda z, lam, L=3: quantize_tensor(z, torch.tensor(lam), L)  # noqa: E731
     expected = F.adaptive_max_pool2d(quant(model.conv2(F.adaptive_max_pool2d(quant(model.conv1(x), 0.8), 5)), 0.6),
