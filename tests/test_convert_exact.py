@@ -415,6 +415,68 @@ def test_batch_size_read_only_for_shapes_converts_exactly(where):
     assert_converts_exactly(BatchIndex(where), torch.randn(3, 3, 8, 8))
 
 
+# Dims counted from the end: dim 0 only on a tensor of rank <= k, which the graph does not
+# know. On the usual [B, C, H, W] spikes they are fine (x.size(-1) was a false refusal); on a
+# 1-dim [B] tensor, [T·B] in the converted network, cumsum(-1) and cat(dim=-1) used to mix time
+# steps with samples silently. The converted network now checks the rank as it runs.
+
+_FROM_THE_END = {
+    "arange of size(-1)": lambda y: y + torch.arange(y.size(-1)).to(y.dtype),
+    "shape[-1]": lambda y: y * y.shape[-1],
+    "cumsum(-1)": lambda y: y.cumsum(-1),
+    "cat(dim=-1)": lambda y: torch.cat([y, 2 * y], dim=-1),
+    "[..., 1:]": lambda y: y[..., 1:],
+    "transpose(-1, -2)": lambda y: y.transpose(-1, -2),
+    "unsqueeze(-2)": lambda y: y.unsqueeze(-2).sum(-2),
+    "matmul": lambda y: y @ y.new_ones(y.shape[-1], 2),
+}
+
+
+class FromTheEnd(nn.Module):
+    def __init__(self, op: str, flat: bool):
+        super().__init__()
+        self.op, self.flat = op, flat
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        if self.flat:  # [B] ([B, C] for a transpose): a dim counted from the end is the batch dim
+            y = y.flatten(2).sum(2) if self.op.startswith("transpose") else y.flatten(1).sum(1)
+            return _FROM_THE_END[self.op](y)
+        return self.conv2(_FROM_THE_END[self.op](y))
+
+
+@pytest.mark.parametrize("op", sorted(_FROM_THE_END))
+def test_dims_counted_from_the_end_of_4_dim_spikes_convert_exactly(op):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6, 6)
+    assert_converts_exactly(FromTheEnd(op, flat=False), x)
+    # At T > 1 too: each sample's output is the one it gets alone (no time step mixed with a sample).
+    qnet = fastspike.quantize(FromTheEnd(op, flat=False), levels=LEVELS)
+    fastspike.calibrate(qnet, [x])
+    for kwargs in ({}, {"compact_spikes": True}):
+        snn = fastspike.to_snn(qnet, time_steps=4, neuron="signed", **kwargs)
+        alone = torch.cat([snn(x[i:i + 1]) for i in range(len(x))])
+        torch.testing.assert_close(snn(x), alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(torch.jit.script(snn)(x), snn(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("op", sorted(_FROM_THE_END))
+def test_dims_counted_from_the_end_that_reach_the_merged_batch_dim_are_refused_when_run(op):
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 6, 6)
+    qnet = fastspike.quantize(FromTheEnd(op, flat=True), levels=LEVELS)
+    fastspike.calibrate(qnet, [x])
+    qnet(x)  # the quantized network runs; its SNN would not compute it
+    for T in (1, 4):
+        snn = fastspike.to_snn(qnet, time_steps=T)
+        with pytest.raises(AssertionError, match=r"fastspike: node '\w+' .* counts a dim from the end .* [12]-dim"):
+            snn(x)
+    with pytest.raises(torch.jit.Error, match="counts a dim from the end"):
+        torch.jit.script(snn)(x)
+
+
 # ---------------------------------------------------------------------------
 # Found by a red-team pass after the first version of these rules
 

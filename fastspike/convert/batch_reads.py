@@ -4,14 +4,14 @@ and dim 0 holds time steps as well as samples."""
 from __future__ import annotations
 
 import operator
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import fx
 
-from .graph import (ConversionError, _describe, _is_neuron, _placeholder_descendants, _reads_full_shape, _size_dims,
-                    _skips_batch_dim, _source_line)
+from .graph import (ConversionError, _describe, _is_neuron, _negative_reach, _placeholder_descendants,
+                    _reads_full_shape, _size_dims, _skips_batch_dim, _source_line)
 from .time_rule import _reads_metadata, _time_varying
 
 # ---------------------------------------------------------------------------
@@ -19,6 +19,14 @@ from .time_rule import _reads_metadata, _time_varying
 # merged into the batch ([T·B, ...]), so x.shape[0] is T·B. That is right for
 # shapes (x.view(x.size(0), -1) keeps each row's values) and wrong for values
 # (torch.arange(x.shape[0]) counts T·B rows).
+#
+# A dim counted from the end (x.size(-1), shape[-2:], cumsum(-1), cat(dim=-1))
+# is dim 0 only on a tensor of low enough rank, which fx does not know: such a
+# use is accepted and the converted network checks the rank when it runs
+# (torch._assert, a guard), so a rank-1 [T·B] tensor is refused, not mixed.
+
+# (node to guard, the tensor whose rank decides, k): the dim is dim 0 iff rank <= k
+_Guard = Tuple[fx.Node, fx.Node, int]
 
 _SHAPE_USE_METHODS = {"view", "reshape", "expand", "new_zeros", "new_ones", "new_empty", "new_full", "unflatten",
                       "repeat"}
@@ -29,10 +37,10 @@ _SIZE_ARITHMETIC = {operator.add, operator.sub, operator.mul, operator.floordiv,
 
 def _reads_rows(node: fx.Node) -> bool:
     """The value read may include the size of dim 0 (the whole shape, size(0),
-    len, numel; a negative dim is taken to possibly be dim 0)."""
+    len, numel; a dim counted from the end is guarded instead, see _Guard)."""
     if node.op == "call_method" and node.target == "size":
         dims = _size_dims(node)
-        return not dims or not _skips_batch_dim(dims[0])
+        return not dims or not (_skips_batch_dim(dims[0]) or _negative_reach(dims[0]) is not None)
     if node.op == "call_method":
         return node.target in ("numel", "nelement")
     return node.op == "call_function" and (
@@ -52,6 +60,7 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
     inputs = _placeholder_descendants(gm)
     origin: Dict[fx.Node, fx.Node] = {}  # size value built from dim 0 -> the read it comes from
     sizes: set = set()  # nodes holding sizes (ints or torch.Size), from dim 0 or not
+    guards: List[_Guard] = []
     placeholders = {n for n in gm.graph.nodes if n.op == "placeholder"}
     merged: set = set(varying) | (set() if constant_input_once else placeholders)
     for node in gm.graph.nodes:
@@ -64,11 +73,17 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
         if node.op == "call_function" and node.target is operator.getitem and _node_in(node.args[0], sizes):
             sizes.add(node)  # shape[d] of a whole shape is batch-free for d >= 1
             whole = origin.get(node.args[0]) is node.args[0] and _reads_full_shape(node.args[0])
-            if node.args[0] in origin and not (whole and _skips_batch_dim(node.args[1])):
+            reach = _negative_reach(node.args[1]) if whole else None
+            if reach is not None:  # shape[-k], shape[-k:]: batch-free unless the rank is <= k
+                guards.append((node, node.args[0].args[0], reach))
+            elif node.args[0] in origin and not (whole and _skips_batch_dim(node.args[1])):
                 origin[node] = origin[node.args[0]]
             continue
         if node.op == "call_method" and node.target == "size":
-            sizes.add(node)  # x.size(d), d >= 1
+            sizes.add(node)  # x.size(d), d >= 1, or x.size(-k), guarded
+            reach = _negative_reach(_size_dims(node)[0])
+            if reach is not None and (read_of in inputs or read_of in merged):
+                guards.append((node, read_of, reach))
             continue
         from_batch = [v for v in node.all_input_nodes if v in origin]
         if node.op.startswith("call") and not _reads_metadata(node) and any(
@@ -91,7 +106,8 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
             "network merges the T time steps into the batch ([T·B, ...]), so that read gives T·B and the "
             "value would differ from the quantized network's. Use the batch size only for shapes "
             "(view/reshape/expand/zeros/full/repeat), or build such values outside forward() and pass them in.")
-    check_batch_dim(gm, merged, origin)
+    check_batch_dim(gm, merged, origin, guards)
+    _insert_rank_guards(gm, guards)
     if constant_input_once:
         # The part before the first neurons runs once on [B, ...] and is repeated where it meets
         # spikes: an in-place write of spikes into it would land on the repeated copy.
@@ -123,7 +139,7 @@ def _shape_use(node: fx.Node, origin: Dict[fx.Node, fx.Node]) -> bool:
 # joins or reduces rows of dim 0 mixes time steps with samples. Merging dim 0
 # with the dims after it (flatten(0, 1), view(-1, C)) keeps T outermost and is
 # fine; so is a view whose first size is -1 or the batch size read off a merged
-# tensor. A negative dim is taken to be a trailing one.
+# tensor. A dim counted from the end is guarded (see _Guard).
 
 _TUPLE_RESULTS = {"split", "chunk", "unbind", "tensor_split", "hsplit", "vsplit", "dsplit", "max", "min",
                   "sort", "topk", "kthvalue", "median", "mode", "aminmax"}
@@ -161,17 +177,29 @@ def _has_zero(value: Any) -> bool:
     return not isinstance(value, int) or value == 0
 
 
-def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -> Optional[str]:
+def _guard_dims(guards: List[_Guard], node: fx.Node, tensor: Any, dims: Any, new_dim: bool = False) -> None:
+    """Guards the dims of ``dims`` (an int or a list) counted from the end; ``new_dim``: they
+    index the result, one dim more than ``tensor`` (stack, unsqueeze)."""
+    reach = max([r for d in (dims if isinstance(dims, (list, tuple)) else [dims])
+                 if (r := _negative_reach(d)) is not None], default=0) - new_dim
+    if reach >= 1 and isinstance(tensor, fx.Node):
+        guards.append((node, tensor, reach))
+
+
+def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node], guards: List[_Guard]) -> Optional[str]:
     """None if ``node`` keeps the rows of dim 0 of its merged operands as they
-    are; else why not."""
+    are (perhaps after a rank guard, appended to ``guards``); else why not."""
     name = _name(node)
     first = node.args[0] if node.args else None
     if name in ("cat", "concat", "concatenate", "stack") and isinstance(first, (list, tuple)):
         if not any(v in merged for v in first if isinstance(v, fx.Node)):
             return None
+        first = next(v for v in first if isinstance(v, fx.Node) and v in merged)  # the tensor to guard
     elif name in ("matmul", "mm", "bmm") or node.target is operator.matmul:
         if len(node.args) > 1 and _node_in(node.args[1], merged) and not _node_in(first, merged):
             return "the time-varying operand is on the right of a matrix product, which contracts its rows"
+        if _node_in(first, merged):
+            guards.append((node, first, 1))  # a 1-dim left operand is contracted along dim 0
         return None
     elif name == "einsum":
         spec = node.args[0] if isinstance(node.args[0], str) else ""
@@ -187,7 +215,12 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
             return None  # an item of a tuple result (split, chunk, ...)
         index = node.args[1]
         lead = index[0] if isinstance(index, tuple) and index else index
-        if lead is Ellipsis or (isinstance(lead, slice) and lead == slice(None)):
+        if lead is Ellipsis:  # x[..., i, j] indexes dims from the end: dim 0 iff the rank is 2
+            after = [i for i in index[1:] if i is not None]
+            if after and not (isinstance(after[0], slice) and after[0] == slice(None)):
+                guards.append((node, first, len(after)))
+            return None
+        if isinstance(lead, slice) and lead == slice(None):
             return None
         return "it indexes dim 0"
     if name in _DIM_ARGS:
@@ -195,10 +228,16 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
         dim = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else default)
         if name == "squeeze" and dim == -1 and keyword not in node.kwargs and len(node.args) <= position:
             return None  # squeeze() of every size-1 dim
-        return f"it acts along dim 0 ({keyword}={dim!r})" if _has_zero(dim) else None
+        if _has_zero(dim):
+            return f"it acts along dim 0 ({keyword}={dim!r})"
+        _guard_dims(guards, node, first, dim, new_dim=name in ("stack", "unsqueeze"))
+        return None
     if name in _TRANSPOSES:
         dims = list(node.args[1:]) + list(node.kwargs.values())
-        return "it moves dim 0" if _has_zero(dims) else None
+        if _has_zero(dims):
+            return "it moves dim 0"
+        _guard_dims(guards, node, first, dims)
+        return None
     if name == "permute":
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
         return None if dims and dims[0] == 0 else "it moves dim 0"
@@ -207,7 +246,10 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
     if name in _SIZED:
         sizes = list(node.args[1:])
         if name == "unflatten":
-            return "it splits dim 0" if _has_zero(sizes[:1]) else None
+            if _has_zero(sizes[:1]):
+                return "it splits dim 0"
+            _guard_dims(guards, node, first, sizes[:1])
+            return None
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
         if sizes and (sizes[0] == -1 or _node_in(sizes[0], origin)):
@@ -222,14 +264,28 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node]) -
     return None
 
 
-def check_batch_dim(gm: fx.GraphModule, merged: set, origin: Dict[fx.Node, fx.Node]) -> None:
+def check_batch_dim(gm: fx.GraphModule, merged: set, origin: Dict[fx.Node, fx.Node], guards: List[_Guard]) -> None:
     """Raises :class:`ConversionError` for an operation along dim 0 of a
-    tensor in the merged [T·B, ...] layout (``merged``)."""
+    tensor in the merged [T·B, ...] layout (``merged``); appends to ``guards``
+    the operations whose dims counted from the end reach dim 0 on a low rank."""
     for node in gm.graph.nodes:
-        why = _why_batch_dim(node, merged, origin) if node.op in ("call_function", "call_method") else None
+        why = _why_batch_dim(node, merged, origin, guards) if node.op in ("call_function", "call_method") else None
         if why is not None:
             raise ConversionError(
                 f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} cannot run on the converted "
                 f"network's merged [T·B, ...] layout: {why}. There dim 0 holds the T time steps of every "
                 "sample (time-major), so that would mix time steps with samples. Keep dim 0 the batch (use "
                 "dims >= 1, view(x.size(0), ...), F.linear), or move this out of forward().")
+
+
+def _insert_rank_guards(gm: fx.GraphModule, guards: List[_Guard]) -> None:
+    """Before each guarded node: torch._assert(tensor.dim() > k, why), which the converted
+    network runs (and TorchScript, torch.compile and torch.export keep)."""
+    for node, tensor, k in guards:
+        why = (f"fastspike: node '{node.name}' ({_describe(gm, node)}){_source_line(node)} counts a dim from "
+               f"the end that is dim 0 on this {k}-dim tensor; in the converted network dim 0 holds the T time "
+               "steps of every sample ([T·B, ...]), so it would mix time steps with samples. Count that dim "
+               "from the front (>= 1), or keep the tensor's rank above it.")
+        with gm.graph.inserting_before(node):
+            rank = gm.graph.call_method("dim", (tensor,))
+            gm.graph.call_function(torch._assert, (gm.graph.call_function(operator.gt, (rank, k)), why))

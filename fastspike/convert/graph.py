@@ -190,6 +190,17 @@ def _reads_full_shape(node: fx.Node) -> bool:
             or (node.op == "call_method" and node.target == "size" and not _size_dims(node)))
 
 
+def _negative_reach(index: Any) -> Optional[int]:
+    """For a dim counted from the end (``-k``, or a forward slice starting at ``-k``): k, as
+    it reaches dim 0 exactly on tensors of rank <= k; else None."""
+    if isinstance(index, slice):
+        step_ok = index.step is None or (isinstance(index.step, int) and index.step >= 1)
+        index = index.start if step_ok else None
+    if isinstance(index, int) and not isinstance(index, bool) and index < 0:
+        return -index
+    return None
+
+
 def _skips_batch_dim(index: Any) -> bool:
     """``shape[index]`` never selects dim 0, whatever the rank: an int >= 1 or
     a forward slice starting at >= 1 (a negative index may reach dim 0)."""
