@@ -420,15 +420,23 @@ def test_batch_size_read_only_for_shapes_converts_exactly(where):
 # 1-dim [B] tensor, [T·B] in the converted network, cumsum(-1) and cat(dim=-1) used to mix time
 # steps with samples silently. The converted network now checks the rank as it runs.
 
+# name -> (op, the rank of the small tensor on which its dim counted from the end is dim 0)
 _FROM_THE_END = {
-    "arange of size(-1)": lambda y: y + torch.arange(y.size(-1)).to(y.dtype),
-    "shape[-1]": lambda y: y * y.shape[-1],
-    "cumsum(-1)": lambda y: y.cumsum(-1),
-    "cat(dim=-1)": lambda y: torch.cat([y, 2 * y], dim=-1),
-    "[..., 1:]": lambda y: y[..., 1:],
-    "transpose(-1, -2)": lambda y: y.transpose(-1, -2),
-    "unsqueeze(-2)": lambda y: y.unsqueeze(-2).sum(-2),
-    "matmul": lambda y: y @ y.new_ones(y.shape[-1], 2),
+    "arange of size(-1)": (lambda y: y + torch.arange(y.size(-1)).to(y.dtype), 1),
+    "shape[-1]": (lambda y: y * y.shape[-1], 1),
+    "cumsum(-1)": (lambda y: y.cumsum(-1), 1),
+    "cat(dim=-1)": (lambda y: torch.cat([y, 2 * y], dim=-1), 1),
+    "cat(tensors=, dim=-1)": (lambda y: torch.cat(tensors=[y, 2 * y], dim=-1), 1),
+    "[..., 1:]": (lambda y: y[..., 1:], 1),
+    "transpose(-1, -2)": (lambda y: y.transpose(-1, -2), 2),
+    "movedim((-2,), (-1,))": (lambda y: y.movedim((-2,), (-1,)), 2),
+    ".mT": (lambda y: y.mT, 2),
+    "einsum('...ij->...ji')": (lambda y: torch.einsum("...ij->...ji", y), 2),
+    "unsqueeze(-2)": (lambda y: y.unsqueeze(-2).sum(-2), 1),
+    "matmul": (lambda y: y @ y.new_ones(y.shape[-1], 2), 1),
+    "F.pad(1, 1)": (lambda y: F.pad(y, (1, 1)), 1),
+    "tile(1, 1, 2)": (lambda y: y.tile(1, 1, 2), 1),
+    "repeat(1, 1, 1, 2)": (lambda y: y.repeat(1, 1, 1, 2), 1),
 }
 
 
@@ -441,10 +449,10 @@ class FromTheEnd(nn.Module):
 
     def forward(self, x):
         y = F.relu(self.conv1(x))
-        if self.flat:  # [B] ([B, C] for a transpose): a dim counted from the end is the batch dim
-            y = y.flatten(2).sum(2) if self.op.startswith("transpose") else y.flatten(1).sum(1)
-            return _FROM_THE_END[self.op](y)
-        return self.conv2(_FROM_THE_END[self.op](y))
+        fn, rank = _FROM_THE_END[self.op]
+        if self.flat:  # [B] or [B, C]: a dim counted from the end is the batch dim
+            return fn(y.flatten(2).sum(2) if rank == 2 else y.flatten(1).sum(1))
+        return self.conv2(fn(y))
 
 
 @pytest.mark.parametrize("op", sorted(_FROM_THE_END))
@@ -471,10 +479,98 @@ def test_dims_counted_from_the_end_that_reach_the_merged_batch_dim_are_refused_w
     qnet(x)  # the quantized network runs; its SNN would not compute it
     for T in (1, 4):
         snn = fastspike.to_snn(qnet, time_steps=T)
-        with pytest.raises(AssertionError, match=r"fastspike: node '\w+' .* counts a dim from the end .* [12]-dim"):
+        with pytest.raises(AssertionError, match=r"fastspike: node '\w+' .* counts a dim from the end .* dims or fewer"):
             snn(x)
     with pytest.raises(torch.jit.Error, match="counts a dim from the end"):
         torch.jit.script(snn)(x)
+
+
+class DimZero(nn.Module):
+    """Ops along dim 0 of the spikes, spelled as the batch rule first missed them."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.unflatten = nn.Unflatten(0, (1, -1))
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        if self.op == "nn.Unflatten(0, ...)":
+            return self.unflatten(y).flip(1).flatten(0, 1)
+        return _DIM_ZERO[self.op](y)
+
+
+_DIM_ZERO = {
+    "cat(tensors=, dim=0)": lambda y: torch.cat(tensors=[y, y], dim=0),
+    "cumsum(input=, dim=0)": lambda y: torch.cumsum(input=y, dim=0),
+    "sum(input=, dim=0)": lambda y: torch.sum(input=y, dim=0),
+    "transpose(input=, 0, 1)": lambda y: torch.transpose(input=y, dim0=0, dim1=1),
+    "permute(input=, dims=)": lambda y: torch.permute(input=y, dims=(1, 0, 2, 3)),
+    "reshape(input=, shape=)": lambda y: torch.reshape(input=y, shape=(1, -1)),
+    "sum(dim=())": lambda y: y + y.sum(dim=()),
+    "unflatten(dim=0)": lambda y: y.unflatten(dim=0, sizes=(1, -1)).flip(1).flatten(0, 1),
+    "nn.Unflatten(0, ...)": None,
+}
+
+
+@pytest.mark.parametrize("op", sorted(_DIM_ZERO))
+def test_dim_0_ops_in_every_spelling_are_refused(op):
+    qnet = fastspike.quantize(DimZero(op), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "merged [T·B, ...] layout")
+
+
+class InputPart(nn.Module):
+    """Nonlinear ops along dim 0 of the input before the first ReLU. With constant_input_once=False
+    that part runs on the T-fold repeated input [T·B, ...], where they would see T·B rows."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.softmax = nn.Softmax(dim=0)
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        x = self.softmax(x) if self.op == "nn.Softmax(dim=0)" else _INPUT_PART[self.op](x)
+        return F.relu(self.conv(x))
+
+
+_INPUT_PART = {
+    "softmax(0)": lambda x: x.softmax(0),
+    "nn.Softmax(dim=0)": None,
+    "F.normalize(dim=0)": lambda x: F.normalize(x, dim=0),
+    "sort(0)": lambda x: x.sort(0).values,
+    "x / x.norm()": lambda x: x / x.norm(),
+    "logsumexp(0)": lambda x: x - x.logsumexp(0),
+    "a batch-sized tensor's softmax": lambda x: x * x.new_ones(x.size(0)).softmax(0).view(-1, 1, 1, 1),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_INPUT_PART))
+def test_nonlinear_ops_along_dim_0_of_the_repeated_input_are_refused(op):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    qnet = fastspike.quantize(InputPart(op), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4, constant_input_once=False),
+                   "merged [T·B, ...] layout")
+    if op.startswith("a batch-sized"):  # shaped by the batch size: [T·B] rows in either mode
+        assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "merged [T·B, ...] layout")
+    else:  # run once on the [B, ...] input, they are exact
+        assert_converts_exactly(InputPart(op), x, variants=(True,))
+
+
+def test_keyword_operands_and_whole_index_on_spikes_convert_exactly():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(2, 4, 3, padding=1)
+
+        def forward(self, x):
+            y = F.relu(self.c1(x))[...]  # y[...] is y (it crashed the batch rule once)
+            return self.c2(torch.index_select(input=y, dim=1, index=torch.tensor([2, 0])))
+
+    torch.manual_seed(0)
+    assert_converts_exactly(Net(), torch.randn(2, 3, 6, 6))
 
 
 # ---------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch import fx
+from torch import fx, nn
 
 from .graph import (ConversionError, _describe, _is_neuron, _negative_reach, _placeholder_descendants,
                     _reads_full_shape, _size_dims, _skips_batch_dim, _source_line)
@@ -151,7 +151,16 @@ _DIM_ARGS = {
     "gather": (1, "dim", None), "cumsum": (1, "dim", None), "cumprod": (1, "dim", None),
     "flip": (1, "dims", None), "roll": (2, "dims", None), "sum": (1, "dim", None), "mean": (1, "dim", None),
     "nansum": (1, "dim", None), "prod": (1, "dim", None), "unsqueeze": (1, "dim", None),
-    "squeeze": (1, "dim", -1), "diagonal": (2, "dim1", 0), "repeat_interleave": (2, "dim", None),
+    "squeeze": (1, "dim", -1), "repeat_interleave": (2, "dim", None),
+    # Not affine, so never on spikes (the time rule), but on other merged tensors: the input part
+    # with constant_input_once=False, and tensors shaped by the batch size. None: every dim.
+    "softmax": (1, "dim", None), "log_softmax": (1, "dim", None), "softmin": (1, "dim", None),
+    "normalize": (2, "dim", 1), "norm": (2, "dim", None), "renorm": (2, "dim", None),
+    "std": (1, "dim", None), "var": (1, "dim", None), "std_mean": (1, "dim", None), "var_mean": (1, "dim", None),
+    "nanmean": (1, "dim", None), "logsumexp": (1, "dim", None), "logcumsumexp": (1, "dim", None),
+    "cummax": (1, "dim", None), "cummin": (1, "dim", None), "argmax": (1, "dim", None),
+    "argmin": (1, "dim", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1),
+    "kthvalue": (2, "dim", -1), "diff": (2, "dim", -1), "count_nonzero": (1, "dim", None),
 }
 _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
 _SIZED = {"view", "reshape", "expand", "unflatten"}
@@ -169,98 +178,173 @@ def _name(node: fx.Node) -> str:
 
 
 def _has_zero(value: Any) -> bool:
-    """A dim argument that is (or contains) dim 0; None (all dims) counts."""
+    """A dim argument that is (or contains) dim 0; None and () (all dims) count."""
     if value is None:
         return True
     if isinstance(value, (list, tuple)):
-        return any(_has_zero(v) for v in value)
+        return not value or any(_has_zero(v) for v in value)
     return not isinstance(value, int) or value == 0
 
 
+def _flat(values: Any) -> List[Any]:
+    if isinstance(values, (list, tuple)):
+        return [v for item in values for v in _flat(item)]
+    return [values]
+
+
 def _guard_dims(guards: List[_Guard], node: fx.Node, tensor: Any, dims: Any, new_dim: bool = False) -> None:
-    """Guards the dims of ``dims`` (an int or a list) counted from the end; ``new_dim``: they
-    index the result, one dim more than ``tensor`` (stack, unsqueeze)."""
-    reach = max([r for d in (dims if isinstance(dims, (list, tuple)) else [dims])
-                 if (r := _negative_reach(d)) is not None], default=0) - new_dim
-    if reach >= 1 and isinstance(tensor, fx.Node):
-        guards.append((node, tensor, reach))
+    """Guards the dims of ``dims`` (an int or nested lists) counted from the end; ``new_dim``:
+    they index the result, one dim more than ``tensor`` (stack, unsqueeze)."""
+    reach = max([r for d in _flat(dims) if (r := _negative_reach(d)) is not None], default=0) - new_dim
+    _guard(guards, node, tensor, reach)
+
+
+def _guard(guards: List[_Guard], node: fx.Node, tensor: Any, k: int) -> None:
+    """``node`` is exact iff ``tensor`` has more than k dims."""
+    if k >= 1 and isinstance(tensor, fx.Node):
+        guards.append((node, tensor, k))
+
+
+def _positional(node: fx.Node) -> Tuple[List[Any], Dict[str, Any]]:
+    """The node's arguments with the tensor operand first: torch functions also take it as
+    input= (tensors= for cat/stack), and then every argument is a keyword."""
+    args, kwargs = list(node.args), dict(node.kwargs)
+    for key in ("input", "tensors", "self"):
+        if not args and key in kwargs:
+            args.append(kwargs.pop(key))
+    return args, kwargs
+
+
+def _factors(args: List[Any], kwargs: Dict[str, Any], key: str) -> List[Any]:
+    """repeat(2, 1) / repeat((2, 1)) / repeat(repeats=...) alike."""
+    factors = list(args[1:]) if len(args) > 1 else [kwargs.get(key)] if key in kwargs else []
+    return list(factors[0]) if len(factors) == 1 and isinstance(factors[0], (list, tuple)) else factors
+
+
+def _why_einsum(args: List[Any], merged: set, guards: List[_Guard], node: fx.Node) -> Optional[str]:
+    spec = args[0] if args and isinstance(args[0], str) else ""
+    ins, _, out = spec.replace(" ", "").partition("->")
+    operands = args[1:]
+    if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+        operands = list(operands[0])
+    for term, operand in zip(ins.split(","), operands):
+        if not (isinstance(operand, fx.Node) and operand in merged):
+            continue
+        if not (term and out and term[0] == out[0]):
+            return "its equation does not keep the first index of the time-varying operand first"
+        if term.startswith("..."):  # dim 0 is in '...' unless the rank is the explicit indices' count
+            _guard(guards, node, operand, len(term) - 3)
+    return None
 
 
 def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node], guards: List[_Guard]) -> Optional[str]:
     """None if ``node`` keeps the rows of dim 0 of its merged operands as they
     are (perhaps after a rank guard, appended to ``guards``); else why not."""
     name = _name(node)
-    first = node.args[0] if node.args else None
+    args, kwargs = _positional(node)
+    first = args[0] if args else None
     if name in ("cat", "concat", "concatenate", "stack") and isinstance(first, (list, tuple)):
         if not any(v in merged for v in first if isinstance(v, fx.Node)):
             return None
         first = next(v for v in first if isinstance(v, fx.Node) and v in merged)  # the tensor to guard
     elif name in ("matmul", "mm", "bmm") or node.target is operator.matmul:
-        if len(node.args) > 1 and _node_in(node.args[1], merged) and not _node_in(first, merged):
+        other = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
+        if _node_in(other, merged) and not _node_in(first, merged):
             return "the time-varying operand is on the right of a matrix product, which contracts its rows"
         if _node_in(first, merged):
-            guards.append((node, first, 1))  # a 1-dim left operand is contracted along dim 0
+            _guard(guards, node, first, 1)  # a 1-dim left operand is contracted along dim 0
         return None
     elif name == "einsum":
-        spec = node.args[0] if isinstance(node.args[0], str) else ""
-        ins, _, out = spec.replace(" ", "").partition("->")
-        for term, operand in zip(ins.split(","), node.args[1:]):
-            if isinstance(operand, fx.Node) and operand in merged and not (term and out and term[0] == out[0]):
-                return "its equation does not keep the first index of the time-varying operand first"
-        return None
+        return _why_einsum(args, merged, guards, node)
     elif not (isinstance(first, fx.Node) and first in merged):
         return None
     if node.target is operator.getitem:
         if isinstance(first, fx.Node) and _name(first) in _TUPLE_RESULTS:
             return None  # an item of a tuple result (split, chunk, ...)
-        index = node.args[1]
+        index = args[1]
         lead = index[0] if isinstance(index, tuple) and index else index
         if lead is Ellipsis:  # x[..., i, j] indexes dims from the end: dim 0 iff the rank is 2
-            after = [i for i in index[1:] if i is not None]
+            after = [i for i in index[1:] if i is not None] if isinstance(index, tuple) else []
             if after and not (isinstance(after[0], slice) and after[0] == slice(None)):
-                guards.append((node, first, len(after)))
+                _guard(guards, node, first, len(after))
             return None
         if isinstance(lead, slice) and lead == slice(None):
             return None
         return "it indexes dim 0"
+    if name == "diagonal":
+        dims = [kwargs.get("dim1", args[2] if len(args) > 2 else 0), kwargs.get("dim2", args[3] if len(args) > 3 else 1)]
+        if _has_zero(dims):
+            return f"it acts along dim 0 (dims {dims})"
+        _guard_dims(guards, node, first, dims)
+        return None
     if name in _DIM_ARGS:
         position, keyword, default = _DIM_ARGS[name]
-        dim = node.kwargs.get(keyword, node.args[position] if len(node.args) > position else default)
-        if name == "squeeze" and dim == -1 and keyword not in node.kwargs and len(node.args) <= position:
+        dim = kwargs.get(keyword, args[position] if len(args) > position else default)
+        if name == "squeeze" and dim == -1 and keyword not in kwargs and len(args) <= position:
             return None  # squeeze() of every size-1 dim
         if _has_zero(dim):
             return f"it acts along dim 0 ({keyword}={dim!r})"
         _guard_dims(guards, node, first, dim, new_dim=name in ("stack", "unsqueeze"))
         return None
     if name in _TRANSPOSES:
-        dims = list(node.args[1:]) + list(node.kwargs.values())
+        dims = list(args[1:]) + list(kwargs.values())
         if _has_zero(dims):
             return "it moves dim 0"
         _guard_dims(guards, node, first, dims)
         return None
     if name == "permute":
-        dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
+        dims = kwargs["dims"] if "dims" in kwargs else (
+            args[1] if len(args) == 2 and isinstance(args[1], (list, tuple)) else args[1:])
         return None if dims and dims[0] == 0 else "it moves dim 0"
-    if name == "t" or (node.target is getattr and node.args[1] in ("T", "H")):
+    if name == "t" or (node.target is getattr and args[1] in ("T", "H")):
         return "it transposes dim 0"
+    if node.target is getattr and args[1] in ("mT", "mH"):
+        _guard(guards, node, first, 2)  # transposes the last two dims
+        return None
+    if name == "unflatten":
+        dim = kwargs.get("dim", args[1] if len(args) > 1 else None)
+        if _has_zero(dim):
+            return "it splits dim 0"
+        _guard_dims(guards, node, first, dim)
+        return None
     if name in _SIZED:
-        sizes = list(node.args[1:])
-        if name == "unflatten":
-            if _has_zero(sizes[:1]):
-                return "it splits dim 0"
-            _guard_dims(guards, node, first, sizes[:1])
-            return None
+        sizes = list(args[1:]) or [kwargs.get("shape", kwargs.get("size"))]
         if len(sizes) == 1 and isinstance(sizes[0], (list, tuple)):
             sizes = list(sizes[0])
         if sizes and (sizes[0] == -1 or _node_in(sizes[0], origin)):
             rest = [s for s in sizes[1:] if _node_in(s, origin)]
             return None if not rest else "it puts the batch size in a dim other than 0"
         return "its first size is neither -1 nor the batch size read off a tensor, so it regroups the rows of dim 0"
-    if name == "repeat":
-        factors = list(node.args[1:])
-        if len(factors) == 1 and isinstance(factors[0], (list, tuple)):
-            factors = list(factors[0])
-        return None if factors and factors[0] == 1 else "it repeats the rows of dim 0"
+    if name == "repeat":  # one factor per dim, extra ones add leading dims
+        factors = _factors(args, kwargs, "repeats")
+        if not (factors and factors[0] == 1):
+            return "it repeats the rows of dim 0"
+        _guard(guards, node, first, len(factors) - 1)
+        return None
+    if name == "tile":  # factors align with the last dims; extra ones add leading dims
+        factors = _factors(args, kwargs, "dims")
+        _guard(guards, node, first, len(factors) - (1 if factors and factors[0] == 1 else 0))
+        return None
+    if name == "layer_norm":  # normalises the last len(normalized_shape) dims
+        shape = args[1] if len(args) > 1 else kwargs.get("normalized_shape", ())
+        _guard(guards, node, first, len(shape) if isinstance(shape, (list, tuple)) else 1)
+        return None
+    if name == "pad":  # pairs from the last dim backwards; the ones that pad nothing do not count
+        pad = list(args[1] if len(args) > 1 else kwargs.get("pad", ()))
+        pairs = [pad[i:i + 2] for i in range(0, len(pad), 2)]
+        _guard(guards, node, first, max([j + 1 for j, p in enumerate(pairs) if p != [0, 0]], default=0))
+        return None
+    return None
+
+
+def _module_dims(module: nn.Module) -> Optional[Tuple[str, Any]]:
+    """(what it does, the dims it acts along) for modules with dims of their own."""
+    if isinstance(module, nn.Unflatten):
+        return "it splits", module.dim
+    if isinstance(module, (nn.Softmax, nn.LogSoftmax, nn.Softmin)):
+        return "it normalises along", module.dim
+    if isinstance(module, nn.LayerNorm):
+        return "it normalises along", -len(module.normalized_shape)
     return None
 
 
@@ -270,6 +354,12 @@ def check_batch_dim(gm: fx.GraphModule, merged: set, origin: Dict[fx.Node, fx.No
     the operations whose dims counted from the end reach dim 0 on a low rank."""
     for node in gm.graph.nodes:
         why = _why_batch_dim(node, merged, origin, guards) if node.op in ("call_function", "call_method") else None
+        if node.op == "call_module" and _node_in(node.args[0] if node.args else None, merged):
+            acts = _module_dims(gm.get_submodule(node.target))
+            if acts is not None and _has_zero(acts[1]):
+                why = f"{acts[0]} dim 0"
+            elif acts is not None:
+                _guard_dims(guards, node, node.args[0], acts[1])
         if why is not None:
             raise ConversionError(
                 f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} cannot run on the converted "
@@ -283,7 +373,8 @@ def _insert_rank_guards(gm: fx.GraphModule, guards: List[_Guard]) -> None:
     network runs (and TorchScript, torch.compile and torch.export keep)."""
     for node, tensor, k in guards:
         why = (f"fastspike: node '{node.name}' ({_describe(gm, node)}){_source_line(node)} counts a dim from "
-               f"the end that is dim 0 on this {k}-dim tensor; in the converted network dim 0 holds the T time "
+               f"the end that is dim 0 when the tensor has {k} dims or fewer, as this one has; in the converted "
+               "network dim 0 holds the T time "
                "steps of every sample ([T·B, ...]), so it would mix time steps with samples. Count that dim "
                "from the front (>= 1), or keep the tensor's rank above it.")
         with gm.graph.inserting_before(node):

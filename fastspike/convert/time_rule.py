@@ -139,7 +139,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
                           F.conv_transpose3d, F.linear) and any(v in varying for v in node.args[1:3]):
                 return "its weight varies over time"
             if target in (operator.getitem, torch.index_select, torch.gather) and any(
-                    v in varying for v in node.all_input_nodes if v is not node.args[0]):
+                    v in varying for v in node.all_input_nodes if v is not _arg_values(node, 0, "input")):
                 return "its index varies over time"
             return None
         if target in _PRODUCT_FUNCTIONS:
@@ -151,7 +151,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
                 return None
             return "it is called with training=True (traced in training mode), so it drops a new random mask at every step"
         if target is F.batch_norm:
-            if _arg_values(node, 5, "training") in (None, False) and node.args[1] is not None:
+            if _arg_values(node, 5, "training") in (None, False) and _arg_values(node, 1, "running_mean") is not None:
                 return None
             return "it normalises with the statistics of the batch"
         if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
