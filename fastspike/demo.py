@@ -6,15 +6,16 @@
 2. Detection: a small Tiny-YOLOv2 on synthetic scenes, the same path, mAP@0.5.
 3. Segmentation: a small DeepLab on the same scenes, mean IoU.
 
-Every task then runs Fast-SNN's pipeline to its end: the quantization-aware-trained
-network converted with signed IF neurons is tuned layer by layer at T = L
-(:func:`fastspike.finetune.finetune_layerwise`, each layer's update kept only if the task's
-own metric on a held-out tuning split did not drop), then its output layer's bias is shifted by
-the mean output error to the quantized ANN (``readout_bias``; the detector's weighted by the
-ANN's objectness), judged the same way, and evaluated on the test split at every T ("SNN signed
-fine-tuned" rows; dashed curves in the plot).
+Every task then runs Fast-SNN's pipeline to its end, once for each T of the table: the
+quantization-aware-trained network converted with signed IF neurons for T steps is tuned layer
+by layer at that T (:func:`fastspike.finetune.finetune_layerwise`, each layer's update kept only
+if the task's own metric on a held-out tuning split did not drop), then its output layer's bias
+is shifted by the mean output error to the quantized ANN (``readout_bias``; the detector's
+weighted by the ANN's objectness), judged the same way, and evaluated on the test split at that
+T ("SNN signed fine-tuned" rows; dashed curves in the plot). Fast-SNN tunes at the T the SNN
+runs (T = L); an SNN tuned at T = L and run for fewer steps keeps corrections made for L steps.
 
-Each SNN (every neuron kind, and the fine-tuned one) is converted and run once, at max(T),
+Each SNN of every neuron kind is converted and run once, at max(T),
 with ``readout="sequence"``: the converted SNN is causal, so the mean of its first t steps is
 the t-step SNN's output (:mod:`fastspike.evaluate`), and every T's row comes from that one run.
 Each neuron kind's row at T = L (at max(T) if L is not among the Ts) also reports images per
@@ -66,8 +67,8 @@ class DemoConfig:
     batch_size: int = 64
     timing_batch: int = 64
     seed: int = 0
-    # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, once, at
-    # T = L; evaluated at every T): each layer's MSE to the quantized ANN on `finetune_batches`
+    # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, at each T,
+    # each evaluated at its T): each layer's MSE to the quantized ANN on `finetune_batches`
     # training batches of `finetune_batch_size`, then the readout bias correction on the same
     # batches, each kept if the task's metric on the held-out tuning split (digits: the last
     # `digits_tune` training images, left out of training; scenes: `scenes_tune` scenes of their
@@ -170,8 +171,8 @@ def _cached(dataset: Dataset) -> List[Any]:
 
 
 def _speed_steps(cfg: DemoConfig) -> int:
-    """The T at which the demo times the SNNs and fine-tunes them: T = L (Fast-SNN's setting),
-    or max(T) if L is not among the Ts."""
+    """The T at which the demo times the SNNs: T = L (Fast-SNN's setting), or max(T) if L is
+    not among the Ts."""
     return cfg.levels if cfg.levels in cfg.time_steps else max(cfg.time_steps)
 
 
@@ -201,14 +202,13 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
             speed["speedup"] = speed["images_per_s"] / speed["images_per_s_reference"]
         return speed
 
-    def snn_rows(model_name: str, qnet_: nn.Module, kind: str, group: Optional[int], speed: bool,
-                 **extra: Any) -> None:
+    def snn_rows(model_name: str, kind: str, group: Optional[int]) -> None:
         # One conversion and one run at max(T); the t-step SNN is the mean of the first t steps.
-        seq = to_snn(qnet_, steps[-1], kind, group_size=group, readout="sequence")
+        seq = to_snn(qnet, steps[-1], kind, group_size=group, readout="sequence")
         values = task.evaluate(seq, test, steps)
-        timing = timed(to_snn(qnet_, t_speed, kind, group_size=group), reference=True) if speed else {}
+        timing = timed(to_snn(qnet, t_speed, kind, group_size=group), reference=True)
         for T in cfg.time_steps:
-            row(model_name, T, values[T], **(timing if T == t_speed else {}), **extra)
+            row(model_name, T, values[T], **(timing if T == t_speed else {}))
 
     ann = get_model(task.model_name, task.num_classes, **task.model_kwargs).to(device)
     _fit(ann, task, cfg, task.epochs, task.lr, f"{task.name}: ANN", device)
@@ -224,27 +224,29 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
     for kind in tqdm(cfg.neurons, desc=f"{task.name}: SNNs", leave=False):
         group = cfg.group_size if kind == "group" else None
         label = f"{kind} (m={group})" if group else kind
-        snn_rows(f"SNN {label}", qnet, kind, group, speed=True)
+        snn_rows(f"SNN {label}", kind, group)
 
-    # Fast-SNN: layer-wise fine-tuning at T = L, judged by the task's metric on the held-out tuning
-    # split; the tuned weights are written back into a copy of the quantized ANN (saved as
-    # <task>-<kind>-finetuned.pt), which converts to the tuned SNN at every T.
+    # Fast-SNN: layer-wise fine-tuning at the T the SNN will run (Fast-SNN tunes at T = L; the
+    # table's other Ts get their own tuning, not the T = L network run shorter), judged by the
+    # task's metric on the held-out tuning split; the tuned weights are written back into a copy
+    # of the quantized ANN (saved as <task>-<kind>-finetuned-T<T>.pt), which converts to the tuned SNN.
     tune = DataLoader(task.tune_set, cfg.batch_size, collate_fn=task.collate)
     recipe = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, optimizer="adam",
                          lr=cfg.finetune_lr, weight_decay=0.0, seed=cfg.seed)
-    for kind in tqdm(cfg.finetune_neurons, desc=f"{task.name}: fine-tuning", leave=False):
-        snn = to_snn(qnet, t_speed, kind)
-        report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
-                                    collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
-                                    progress=False, readout_bias=True, readout_weight=task.readout_weight)
-        tuned = write_back(snn, copy.deepcopy(qnet))
-        save_checkpoint(make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", tuned,
-                                        task.model_kwargs),
-                        os.path.join(out_dir, f"{task.name}-{kind}-finetuned.pt"))
-        tune_metric = [report[0]["metric_before"], max(
-            [report[0]["metric_before"]] + [r["metric_after"] for r in report if r["kept"]])]
-        snn_rows(f"SNN {kind} fine-tuned", tuned, kind, None, speed=False, tuned_at_T=t_speed,
-                 layers_kept=[r["layer"] for r in report if r["kept"]], tune_metric=tune_metric)
+    for kind in cfg.finetune_neurons:
+        for T in tqdm(steps, desc=f"{task.name}: fine-tuning {kind} at each T", leave=False):
+            snn = to_snn(qnet, T, kind)
+            report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
+                                        collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
+                                        progress=False, readout_bias=True, readout_weight=task.readout_weight)
+            tuned = write_back(snn, copy.deepcopy(qnet))
+            save_checkpoint(make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", tuned,
+                                            task.model_kwargs),
+                            os.path.join(out_dir, f"{task.name}-{kind}-finetuned-T{T}.pt"))
+            tune_metric = [report[0]["metric_before"], max(
+                [report[0]["metric_before"]] + [r["metric_after"] for r in report if r["kept"]])]
+            row(f"SNN {kind} fine-tuned", T, task.evaluate(to_snn(tuned, T, kind), test), tuned_at_T=T,
+                layers_kept=[r["layer"] for r in report if r["kept"]], tune_metric=tune_metric)
     return rows
 
 
@@ -349,9 +351,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
         speed = f"{r['speedup']:7.1f}x" if "speedup" in r else ""
         lines.append(f"{r['task']:15s} {r['model']:28s} {T:>3s} {r['metric']:>8s} {r['value']:7.3f} "
                      f"{fused} {ref} {speed:>8s}".rstrip())
-    tuned = sorted({r["tuned_at_T"] for r in rows if "tuned_at_T" in r})
-    lines.append("SNN speeds are measured at one T per neuron kind (T = L); fine-tuned rows: tuned once at "
-                 f"T = {', '.join(map(str, tuned)) or '-'}, evaluated at every T")
+    lines.append("SNN speeds are measured at one T per neuron kind (T = L); each fine-tuned row is an SNN "
+                 "tuned at its own T")
     return "\n".join(lines)
 
 
@@ -373,8 +374,8 @@ def plot(rows: List[Dict[str, Any]], path: str) -> None:
         for model in dict.fromkeys(r["model"] for r in task_rows if r["T"] is not None):
             points = sorted((r["T"], r["value"]) for r in task_rows if r["model"] == model)
             kind = model.replace(" fine-tuned", "")  # a curve per neuron kind, its fine-tuned one dashed
-            tuned = [r["tuned_at_T"] for r in task_rows if r["model"] == model and "tuned_at_T" in r]
-            label = f"{model} (at T={tuned[0]})" if tuned else model
+            tuned = any("tuned_at_T" in r for r in task_rows if r["model"] == model)
+            label = f"{model} (at each T)" if tuned else model
             line, = ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label,
                             linestyle="--" if model.endswith("fine-tuned") else "-", color=colours.get(kind))
             colours.setdefault(kind, line.get_color())

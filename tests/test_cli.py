@@ -49,8 +49,8 @@ def test_demo_runs_end_to_end_and_writes_json_and_png(demo_dir):
             assert 0.0 <= r["value"] <= 1.0
             if r["T"] is None:  # the ANNs are timed
                 assert r["images_per_s"] > 0
-            elif r["model"].endswith("fine-tuned"):  # tuned once, at T = L; not timed (the same network)
-                assert r["tuned_at_T"] == cfg.levels and "images_per_s" not in r
+            elif r["model"].endswith("fine-tuned"):  # tuned at its own T; not timed (the same network)
+                assert r["tuned_at_T"] == r["T"] and "images_per_s" not in r
             else:  # each neuron kind is timed at T = L only, fused and with the Python loop
                 assert ("images_per_s" in r) == (r["T"] == cfg.levels), r
                 if r["T"] == cfg.levels:
@@ -59,13 +59,14 @@ def test_demo_runs_end_to_end_and_writes_json_and_png(demo_dir):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
     for task in tasks:
         assert load_checkpoint(str(out / f"{task}.pt"))["levels"] == cfg.levels
-        assert load_checkpoint(str(out / f"{task}-signed-finetuned.pt"))["levels"] == cfg.levels
+        for T in cfg.time_steps:
+            assert load_checkpoint(str(out / f"{task}-signed-finetuned-T{T}.pt"))["levels"] == cfg.levels
 
 
 def test_demo_rows_read_off_one_run_equal_separate_conversions(demo_dir):
     """The demo converts each SNN once, at max(T) with a sequence readout, and reads every T off
-    that run; its rows equal a separate to_snn at each T (mean readout), for the plain signed SNN
-    from the saved checkpoint and for the fine-tuned one from the tuned checkpoint (write_back)."""
+    that run; its rows equal a separate to_snn at each T (mean readout) from the saved checkpoint.
+    Each fine-tuned row equals its T's tuned checkpoint (write_back) converted at that T."""
     from fastspike.data import digits
     from fastspike.train import classification_accuracy
 
@@ -73,17 +74,19 @@ def test_demo_rows_read_off_one_run_equal_separate_conversions(demo_dir):
     cfg = DemoConfig.quick()
     rows = {(r["model"], r["T"]): r["value"] for r in result["rows"] if r["task"] == "classification"}
     test = digits("test", seed=cfg.seed)
-    for model, path in (("SNN signed", "classification.pt"),
-                        ("SNN signed fine-tuned", "classification-signed-finetuned.pt")):
-        for T in cfg.time_steps:
+    for T in cfg.time_steps:
+        for model, path in (("SNN signed", "classification.pt"),
+                            ("SNN signed fine-tuned", f"classification-signed-finetuned-T{T}.pt")):
             snn = load_model(str(out / path), time_steps=T, neuron="signed")
             assert classification_accuracy(snn, test, cfg.batch_size) == rows[(model, T)], (model, T)
-    # The tuned checkpoint converts to other weights than the quantized ANN's iff a layer was kept.
-    kept = [r for r in result["rows"] if r["task"] == "classification" and r["model"] == "SNN signed fine-tuned"]
-    base, tuned = (load_model(str(out / path), time_steps=1, neuron="signed")
-                   for path in ("classification.pt", "classification-signed-finetuned.pt"))
-    same = all(torch.equal(a, b) for a, b in zip(base.parameters(), tuned.parameters()))
-    assert same != bool(kept[0]["layers_kept"])
+    # A tuned checkpoint converts to other weights than the quantized ANN's iff a layer was kept.
+    kept = {r["T"]: r["layers_kept"] for r in result["rows"]
+            if r["task"] == "classification" and r["model"] == "SNN signed fine-tuned"}
+    base = load_model(str(out / "classification.pt"), time_steps=1, neuron="signed")
+    for T in cfg.time_steps:
+        tuned = load_model(str(out / f"classification-signed-finetuned-T{T}.pt"), time_steps=1, neuron="signed")
+        same = all(torch.equal(a, b) for a, b in zip(base.parameters(), tuned.parameters()))
+        assert same != bool(kept[T]), T
 
 
 def test_demo_classification_learns_and_the_snn_follows_the_quantized_ann(demo_dir):
@@ -94,6 +97,27 @@ def test_demo_classification_learns_and_the_snn_follows_the_quantized_ann(demo_d
     quantized = rows[(f"quantized ANN (L={L})", None)]
     # Signed neurons at T = L stay close to the quantized ANN (a three-epoch model in the quick run).
     assert rows[("SNN signed", L)] >= quantized - 0.15
+
+
+def test_detection_bootstrap_rebuilds_the_demo_rows(demo_dir, tmp_path):
+    """benchmarks/detection_bootstrap.py (README, issue 20): on all test scenes its mAP of every
+    model is the demo's row (same checkpoints, same scenes)."""
+    out, result = demo_dir
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "detection_bootstrap.py"), str(out),
+                        "--resamples", "4", "--out", str(tmp_path / "boot.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    boot = json.loads((tmp_path / "boot.json").read_text())
+    rows = {(x["model"], x["T"]): x["value"] for x in result["rows"] if x["task"] == "detection"}
+    cfg = DemoConfig.quick()
+    assert boot["scenes"] == cfg.scenes_test and boot["resamples"] == 4
+    assert boot["map"]["quantized ANN"] == pytest.approx(rows[(f"quantized ANN (L={cfg.levels})", None)], abs=1e-12)
+    for T in cfg.time_steps:
+        for name, model in (("IF", "SNN if"), ("signed", "SNN signed"), ("signed fine-tuned", "SNN signed fine-tuned")):
+            assert boot["map"][f"{name} T={T}"] == pytest.approx(rows[(model, T)], abs=1e-12), (name, T)
+    for d in boot["differences"]:
+        assert d["difference"] == pytest.approx(boot["map"][d["a"]] - boot["map"][d["b"]], abs=1e-12)
+        assert 0.0 <= d["fraction_at_or_below_0"] <= 1.0 and d["std"] >= 0.0
 
 
 def test_convert_and_eval_from_the_command_line(demo_dir, tmp_path):
