@@ -54,7 +54,10 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
 
     Merged tensors: the time-varying ones, tensors built with a size read off
     a merged one, and (unless ``constant_input_once``) everything computed
-    from the inputs, which then run on the T-fold repeated batch."""
+    from the inputs, which then run on the T-fold repeated batch.
+
+    Edits ``gm``: before each use of a dim counted from the end on a merged
+    tensor it inserts the rank guard (see ``_Guard``); ``to_snn`` calls it once."""
     spiking = lambda n: _is_neuron(gm, n)  # noqa: E731
     varying = _time_varying(gm, spiking)
     inputs = _placeholder_descendants(gm)
