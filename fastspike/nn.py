@@ -372,13 +372,17 @@ def record_spike_trains(model: nn.Module, *inputs: Any, **kwargs: Any) -> Tuple[
 
 
 class RepeatOverTime(nn.Module):
-    """[B, ...] -> [T·B, ...]: the same analog input at every step (time-major)."""
+    """[B, ...] -> [T·B, ...]: the same analog input at every step (time-major).
+    A 0-dim tensor (a scalar input, or ``x.abs().amax()`` before the first
+    neurons) has no batch dim: it broadcasts alike over B and T·B rows."""
 
     def __init__(self, time_steps: int):
         super().__init__()
         self.time_steps = time_steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 0:
+            return x
         shape: List[int] = list(x.shape)  # lists, not tuples of torch.Size: TorchScript compiles it
         return x.unsqueeze(0).expand([self.time_steps] + shape).reshape([self.time_steps * shape[0]] + shape[1:])
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import fastspike
 from fastspike.convert import ConversionError
-from oracles import LEVELS, assert_converts_exactly
+from oracles import LEVELS, assert_converts_exactly, rel
 
 
 def _bn_with_statistics(channels: int) -> nn.BatchNorm2d:
@@ -729,3 +729,191 @@ class InPlaceThroughCast(nn.Module):
 
 def test_in_place_relu_through_an_aliasing_cast_is_refused():
     assert_refused(lambda: fastspike.quantize(InPlaceThroughCast(), levels=LEVELS), "in-place ReLU", "shares memory")
+
+
+# ---------------------------------------------------------------------------
+# Red-team round 3: the time axis and the batch rule
+
+
+def _if_at_t_equals_l(model: nn.Module, x: torch.Tensor, **to_snn_kwargs) -> float:
+    """rel. error of IF neurons at T = L against the quantized net: exact on a net with one
+    spiking layer fed a constant input (the T = 1 oracle cannot see stale copies over T)."""
+    qnet = fastspike.quantize(model.eval(), levels=LEVELS, threshold=1.0)
+    fastspike.calibrate(qnet, [x])
+    qnet.eval()
+    with torch.no_grad():
+        y = qnet(x)
+        return rel(fastspike.to_snn(qnet, time_steps=LEVELS, **to_snn_kwargs)(x), y)
+
+
+class InPlaceAfterUse(nn.Module):
+    """The value before the first spiking layer is changed in place after a use that meets spikes."""
+
+    def __init__(self, where):
+        super().__init__()
+        self.where = where
+        self.stem, self.c1, self.c2 = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+        self.register_buffer("mean", torch.tensor([0.5, -0.5, 0.25, 1.0]).view(1, 4, 1, 1))
+
+    def forward(self, x):
+        h = self.stem(x)
+        y = F.relu(self.c1(h))
+        if self.where == "sub_ after a use":
+            z = y + h
+            h.sub_(self.mean)
+            return self.c2(z + h)
+        h.mul_(0.5)  # "before any use": h = h * 0.5 in place, then added to the spikes twice
+        return self.c2(y + h) + self.c2(h * y)
+
+
+@pytest.mark.parametrize("where", ["sub_ after a use", "before any use"])
+def test_in_place_changes_of_the_input_part_reach_every_later_use(where):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 2, 2)
+    for once in (True, False):  # the copy over T was made once, before the in-place op
+        assert _if_at_t_equals_l(InPlaceAfterUse(where), x, constant_input_once=once) < 1e-6
+
+
+class ScalarScale(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(2, 4, 1), nn.Conv2d(4, 3, 1)
+
+    def forward(self, x, scale):
+        return self.d(F.relu(self.c(x)) * x.abs().amax() * scale)
+
+
+def test_0_dim_values_before_the_first_spiking_layer_broadcast_over_time():
+    torch.manual_seed(0)
+    x, scale = torch.randn(3, 2, 2, 2), torch.tensor(0.5)
+    qnet = fastspike.quantize(ScalarScale().eval(), levels=LEVELS, threshold=1.0)
+    with torch.no_grad():
+        for once in (True, False):  # was an IndexError in RepeatOverTime
+            snet = fastspike.to_snn(qnet.eval(), time_steps=LEVELS, constant_input_once=once)
+            assert rel(snet(x, scale), qnet(x, scale)) < 1e-6
+
+
+class WithEmbedding(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.proj = nn.Conv2d(2, 4, 1), nn.Linear(4, 8)
+        self.class_emb = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x):
+        return self.proj(F.relu(self.c(x)).mean((2, 3))), self.class_emb
+
+
+@pytest.mark.parametrize("T", [2, 4])
+def test_outputs_that_depend_on_no_input_are_returned_as_they_are(T):
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 2, 2)
+    qnet = fastspike.quantize(WithEmbedding().eval(), levels=LEVELS)
+    with torch.no_grad():
+        y, emb = fastspike.to_snn(qnet, time_steps=T)(x)
+    assert y.shape == (2, 8) and torch.equal(emb, qnet.class_emb)  # was read out over T: rows averaged
+
+
+class AnchorBuffer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(2, 3, 1)
+        self.register_buffer("anchors", torch.randn(1, 3, 2, 2))
+
+    def forward(self, x):
+        return F.relu(self.c(x)) + self.anchors.expand(x.size(0), -1, -1, -1)
+
+
+def test_a_buffer_expanded_to_the_batch_size_converts_exactly():
+    torch.manual_seed(0)  # fx once baked the buffer in and could not expand it to a traced size
+    assert_converts_exactly(AnchorBuffer(), torch.randn(3, 2, 2, 2))
+
+
+class InputPart3(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.conv = nn.Conv2d(2, 4, 1)
+
+    def forward(self, x):
+        return F.relu(self.conv(_INPUT_PART_3[self.op](x)))
+
+
+# Along dim 0 of the input, which constant_input_once=False repeats over T; the name lists once missed them.
+_INPUT_PART_3 = {
+    "vstack": lambda x: torch.vstack([x, -x]),
+    "linalg.norm": lambda x: x / torch.linalg.norm(x),
+    "linalg.vector_norm": lambda x: x / torch.linalg.vector_norm(x),
+    "quantile": lambda x: x - torch.quantile(x, 0.3),
+    "special.softmax(0)": lambda x: torch.special.softmax(x, 0) * 4,
+    "special.logsumexp(0)": lambda x: x - torch.special.logsumexp(x, 0),
+    "msort": lambda x: torch.msort(x),
+    "sort(axis=0)": lambda x: x.sort(axis=0).values,
+    "topk(axis=0)": lambda x: x - x.topk(2, axis=0).values[1:],
+    "dist": lambda x: x * torch.dist(x, -x),
+}
+
+
+@pytest.mark.parametrize("op", sorted(_INPUT_PART_3))
+def test_more_ops_along_dim_0_of_the_repeated_input_are_refused(op):
+    torch.manual_seed(0)
+    x = torch.randn(4, 2, 2, 2)
+    qnet = fastspike.quantize(InputPart3(op), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4, constant_input_once=False),
+                   "merged [T·B, ...] layout")
+    assert_converts_exactly(InputPart3(op), x, variants=(True,))
+
+
+class BatchShaped(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c = nn.Conv2d(2, 3, 1)
+        self.pad = nn.ZeroPad2d((0, 0, 1, 1))
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        if self.op == "nn.ZeroPad2d on [B, C]":
+            return self.pad(y.flatten(1))
+        return _BATCH_SHAPED[self.op](y)
+
+
+_BATCH_SHAPED = {
+    "ones_like(y).sum()": lambda y: y / torch.ones_like(y).sum(),
+    "ones_like(y).cumsum(0)": lambda y: y * torch.ones_like(y).cumsum(0),
+    "inner(ones(B), ones(B))": lambda y: (lambda w: y * torch.inner(w, w))(y.new_ones(y.size(0))),
+    "vector_norm(ones(B))": lambda y: y * torch.linalg.vector_norm(y.new_ones(y.size(0))),
+    "ones(1, B) @ y": lambda y: (y.new_ones(1, y.size(0)) @ y.flatten(1)).expand(y.size(0), -1).view(y.shape),
+    "nn.ZeroPad2d on [B, C]": None,
+}
+
+
+@pytest.mark.parametrize("op", sorted(_BATCH_SHAPED))
+def test_tensors_shaped_by_the_batch_size_are_refused_along_dim_0(op):
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 2, 2)
+    qnet = fastspike.quantize(BatchShaped(op), levels=LEVELS)
+    try:
+        snet = fastspike.to_snn(qnet, time_steps=4)
+    except ConversionError as err:
+        assert "merged [T·B, ...] layout" in str(err)
+        return
+    with pytest.raises(AssertionError, match="counts a dim from the end"):  # the rank guard, when it runs
+        snet(x)
+
+
+class AxisKeyword(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(2, 4, 1), nn.Conv2d(8, 3, 1)
+        self.mix = nn.Parameter(torch.randn(4, 4))
+
+    def forward(self, x):
+        x = x - x.sum(axis=1, keepdim=True) / x.abs().amax()
+        y = F.relu(self.c1(x))
+        y = y + (self.mix @ y.flatten(2)).view(y.shape)  # mixing along dim 1 of [B, C, HW]
+        return self.c2(torch.cat([y, 2 * y], axis=1))
+
+
+def test_axis_keywords_and_a_matrix_times_rank_3_spikes_convert_exactly():
+    torch.manual_seed(0)  # axis= was read as a missing dim (0); W @ y was refused for any rank
+    assert_converts_exactly(AxisKeyword(), torch.randn(3, 2, 2, 2))

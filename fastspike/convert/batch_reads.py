@@ -89,7 +89,7 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
                 guards.append((node, read_of, reach))
             continue
         from_batch = [v for v in node.all_input_nodes if v in origin]
-        if node.op.startswith("call") and not _reads_metadata(node) and any(
+        if node.op.startswith("call") and (not _reads_metadata(node) or _name(node).endswith("_like")) and any(
                 v in merged for v in node.all_input_nodes if v not in sizes):
             merged.add(node)
         if not from_batch:
@@ -164,7 +164,17 @@ _DIM_ARGS = {
     "cummax": (1, "dim", None), "cummin": (1, "dim", None), "argmax": (1, "dim", None),
     "argmin": (1, "dim", None), "sort": (1, "dim", -1), "argsort": (1, "dim", -1), "topk": (2, "dim", -1),
     "kthvalue": (2, "dim", -1), "diff": (2, "dim", -1), "count_nonzero": (1, "dim", None),
+    "special_softmax": (1, "dim", None), "special_log_softmax": (1, "dim", None),
+    "special_logsumexp": (1, "dim", None), "quantile": (2, "dim", None), "nanquantile": (2, "dim", None),
+    "linalg_norm": (2, "dim", None), "linalg_vector_norm": (2, "dim", None),
+    "linalg_matrix_norm": (2, "dim", (-2, -1)),
 }
+# Reductions that give the same value on T repeated copies of the rows (max, amax, min, median,
+# mode, all, any, ...) need no entry. Ops along dim 0 of every merged operand, whatever the arguments:
+_ALONG_DIM_0 = {"msort", "dot", "vdot", "dist", "cov", "corrcoef", "trace"}
+# Joins of a list of tensors: (dim, the rank at or below which that dim is dim 0 or the rows move).
+_JOINS = {"cat": None, "concat": None, "concatenate": None, "stack": None, "hstack": 1, "dstack": 2,
+          "column_stack": 0, "vstack": None, "row_stack": None}
 _TRANSPOSES = {"transpose", "swapaxes", "swapdims", "movedim", "moveaxis"}
 _SIZED = {"view", "reshape", "expand", "unflatten"}
 
@@ -246,21 +256,39 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node], g
     name = _name(node)
     args, kwargs = _positional(node)
     first = args[0] if args else None
-    if name in ("cat", "concat", "concatenate", "stack") and isinstance(first, (list, tuple)):
-        if not any(v in merged for v in first if isinstance(v, fx.Node)):
+    if name in _JOINS and isinstance(first, (list, tuple)):
+        joined = [v for v in first if isinstance(v, fx.Node) and v in merged]
+        if not joined:
             return None
-        first = next(v for v in first if isinstance(v, fx.Node) and v in merged)  # the tensor to guard
-    elif name in ("matmul", "mm", "bmm") or node.target is operator.matmul:
+        first = joined[0]  # the tensor to guard
+        if name not in _DIM_ARGS:
+            for tensor in joined:
+                _guard(guards, node, tensor, _JOINS[name] or 0)
+            return "it joins along dim 0" if _JOINS[name] is None else None
+    elif name in ("matmul", "mm", "bmm", "inner") or node.target is operator.matmul:
         other = args[1] if len(args) > 1 else kwargs.get("other", kwargs.get("mat2"))
-        if _node_in(other, merged) and not _node_in(first, merged):
-            return "the time-varying operand is on the right of a matrix product, which contracts its rows"
+        if _node_in(other, merged):
+            if name in ("mm", "inner"):
+                return "the time-varying operand is on the right of a matrix product, which contracts its rows"
+            # A batched product keeps dim 0 of both operands (rank >= 3); a matrix on
+            # the right contracts its rows.
+            _guard(guards, node, other, 2)
+            if _node_in(first, merged):
+                _guard(guards, node, first, 2)
         if _node_in(first, merged):
             _guard(guards, node, first, 1)  # a 1-dim left operand is contracted along dim 0
         return None
     elif name == "einsum":
         return _why_einsum(args, merged, guards, node)
+    elif name == "cdist":  # batched on rank >= 3; on matrices, between rows
+        for tensor in args[:2]:
+            if _node_in(tensor, merged):
+                _guard(guards, node, tensor, 2)
+        return None
     elif not (isinstance(first, fx.Node) and first in merged):
         return None
+    if name in _ALONG_DIM_0:
+        return "it acts along dim 0"
     if node.target is operator.getitem:
         if isinstance(first, fx.Node) and _name(first) in _TUPLE_RESULTS:
             return None  # an item of a tuple result (split, chunk, ...)
@@ -282,8 +310,9 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node], g
         return None
     if name in _DIM_ARGS:
         position, keyword, default = _DIM_ARGS[name]
-        dim = kwargs.get(keyword, args[position] if len(args) > position else default)
-        if name == "squeeze" and dim == -1 and keyword not in kwargs and len(args) <= position:
+        # torch takes axis= for dim= (numpy's spelling) in the same place
+        dim = kwargs.get(keyword, kwargs.get("axis", args[position] if len(args) > position else default))
+        if name == "squeeze" and dim == -1 and not {keyword, "axis"} & set(kwargs) and len(args) <= position:
             return None  # squeeze() of every size-1 dim
         if _has_zero(dim):
             return f"it acts along dim 0 ({keyword}={dim!r})"
@@ -348,7 +377,16 @@ def _module_dims(module: nn.Module) -> Optional[Tuple[str, Any]]:
         return "it normalises along", module.dim
     if isinstance(module, nn.LayerNorm):
         return "it normalises along", -len(module.normalized_shape)
+    if isinstance(module, _PAD_MODULES):  # pairs from the last dim backwards, as F.pad
+        pairs = [module.padding[i:i + 2] for i in range(0, len(module.padding), 2)]
+        reach = max([j + 1 for j, p in enumerate(pairs) if tuple(p) != (0, 0)], default=0)
+        return ("it pads", -reach) if reach else None
     return None
+
+
+_PAD_MODULES = tuple(getattr(nn.modules.padding, c) for c in
+                     ("_ConstantPadNd", "_ReflectionPadNd", "_ReplicationPadNd", "_CircularPadNd")
+                     if hasattr(nn.modules.padding, c))
 
 
 def check_batch_dim(gm: fx.GraphModule, merged: set, origin: Dict[fx.Node, fx.Node], guards: List[_Guard]) -> None:

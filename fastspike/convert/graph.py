@@ -31,6 +31,9 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
         self.record_stack_traces = True  # refusals name the user's source line
+        # A buffer read in forward() is a graph value (get_attr), not a tensor baked in: its
+        # sizes may then be used for shapes (self.anchors.expand(x.size(0), -1, -1)).
+        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _LEAVES + self.extra_leaves) or _declared_time_linear(m):

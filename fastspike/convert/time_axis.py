@@ -10,7 +10,9 @@ import torch
 from torch import fx
 
 from ..nn import ReadoutOverTime, RepeatOverTime, ShapeOverTime
-from .graph import (_called_once, _is_neuron, _module, _reads_full_shape, _size_dims, _skips_batch_dim)
+from .graph import (_called_once, _is_neuron, _module, _placeholder_descendants, _reads_full_shape, _size_dims,
+                    _skips_batch_dim)
+from .time_rule import _writes_first_argument
 
 # ---------------------------------------------------------------------------
 # Pass: the time axis
@@ -67,6 +69,14 @@ def _read_size_over_time(gm: fx.GraphModule, node: fx.Node) -> Tuple[fx.Node, fx
     return shape, read
 
 
+def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """The node may change a tensor it did not make (x.sub_(m), x += y, out=,
+    an in-place module): a copy of that tensor made earlier is then stale."""
+    if node.op == "call_module":
+        return bool(getattr(_module(gm, node), "inplace", False))
+    return _writes_first_argument(node) or "out" in node.kwargs
+
+
 def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
                   constant_input_once: bool = False) -> fx.GraphModule:
     """Repeats every input over T (merged layout) and reads the outputs out over T.
@@ -91,10 +101,13 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
     # (parameters, literals, batch-free metadata reads) is used as it is.
     # sizes: nodes holding a whole shape, whose items past dim 0 are batch-free.
     constant, varying, repeated, sizes = set(), set(), {}, set()
+    computed = _placeholder_descendants(gm)  # the outputs that depend on no input are not read out
 
-    def repeat(value: fx.Node) -> fx.Node:
+    def repeat(value: fx.Node, before: fx.Node) -> fx.Node:
+        # Copies made before an in-place op are dropped from `repeated` (below),
+        # so every use reads the value as it is at that point of forward().
         if value not in repeated:
-            with gm.graph.inserting_after(value):
+            with gm.graph.inserting_before(before):
                 repeated[value] = gm.graph.call_module("repeat_over_time", (value,))
             varying.add(repeated[value])
         return repeated[value]
@@ -102,21 +115,28 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
     def repeat_constant_inputs(node: fx.Node) -> None:
         for value in node.all_input_nodes:
             if value in constant:
-                node.replace_input_with(value, repeat(value))
+                node.replace_input_with(value, repeat(value, node))
 
     for node in list(gm.graph.nodes):
+        if constant_input_once and _may_write(gm, node):
+            repeated.clear()
         if node.op == "placeholder":
             if constant_input_once:
                 constant.add(node)
             else:
-                rep = repeat(node)
+                with gm.graph.inserting_after(node):
+                    rep = gm.graph.call_module("repeat_over_time", (node,))
                 node.replace_all_uses_with(rep, delete_user_cb=lambda user: user is not rep)
         elif node.op == "output":
             if constant_input_once:
-                node.args = fx.node.map_arg(node.args, lambda v: repeat(v) if v in constant else v)
-            with gm.graph.inserting_before(node):
-                read = gm.graph.call_module("readout_over_time", (node.args[0],))
-            node.args = (read,)
+                node.args = fx.node.map_arg(node.args, lambda v: repeat(v, node) if v in constant else v)
+
+            def read_out(value: fx.Node) -> fx.Node:
+                if value not in computed and not (value.op == "call_module" and value.target == "repeat_over_time"):
+                    return value  # a parameter or constant returned as it is: no time axis to read out
+                with gm.graph.inserting_before(node):
+                    return gm.graph.call_module("readout_over_time", (value,))
+            node.args = (fx.node.map_arg(node.args[0], read_out),)
         elif not constant_input_once:
             continue
         elif _is_neuron(gm, node) and not node.kwargs and len(node.args) <= 2 and _called_once(gm, node):
