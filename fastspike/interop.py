@@ -8,7 +8,8 @@ naming the module path and class.
 * :func:`from_qcfs` (github.com/putshua/SNN_conversion_QCFS): ``MyFloor(up, t)``,
   ``TCL``, ``ScaledNeuron(scale)``;
 * :func:`from_fastsnn` (github.com/yangfan-hu/Fast-SNN): ``QuantReLU`` (uniform
-  levels), ``QuantConv2d``/``QuantLinear``/``first_conv``/``last_fc``,
+  levels; with ``act_alq`` or with ``bit``/``power``),
+  ``QuantConv2d``/``QuantLinear``/``first_conv``/``last_fc``,
   ``QuantAvg``/``QuantAvgPool2d``, and the spiking models' ``Spiking``,
   ``Spiking_Oneway``, ``Spiking_Twoways``, ``last_Spiking``, ``IF``;
 * :func:`from_gn` (github.com/Lyu6PosHao/ANN2SNN_GN): ``QCFS(T)``, ``GN(m)``,
@@ -65,6 +66,18 @@ __all__ = [
 RULES = ("qcfs", "gn", "fastsnn")
 
 
+def _fastsnn_value(z: torch.Tensor, alpha: torch.Tensor, levels: int) -> torch.Tensor:
+    """Fast-SNN's uniform activation value in the code base's order: relu, x/α,
+    clamp to [0, 1], ·L, ``torch.round`` (half to even), /L, ·α. Both of its
+    ``QuantReLU`` variants compute this (``act_quantization(power=False)`` and
+    ``uniform_quantization(..., is_weight=False)``; the latter's straight-through
+    ``(round(d) − d).detach() + d`` has the value round(d) exactly: for
+    round(d) ≥ 1, d lies in [round(d)/2, 2·round(d)], so the difference and
+    the sum are exact). The one place for the rule: the imported quantizer
+    computes it and :func:`_fastsnn_levels` checks the source against it."""
+    return torch.clamp(F.relu(z) / alpha, 0, 1).mul(levels).round().div(levels).mul(alpha)
+
+
 class ImportedQuantReLU(QuantReLU):
     """A :class:`~fastspike.quant.QuantReLU` that computes its value in the
     source code base's own operation order (so the imported ANN equals the
@@ -110,8 +123,8 @@ class ImportedQuantReLU(QuantReLU):
         with torch.no_grad():
             if self.rule == "gn":
                 value = torch.clamp(torch.floor(z * self.levels / lam + 0.5), 0, self.levels) * lam / self.levels
-            else:  # fastsnn: relu, x/α, clamp, ·L, round, /L, ·α
-                value = torch.clamp(F.relu(z) / lam, 0, 1).mul(self.levels).round().div(self.levels).mul(lam)
+            else:
+                value = _fastsnn_value(z, lam, self.levels)
         # The source's value, the preset's gradient: y − y.detach() is exactly 0.
         return value + (y - y.detach())
 
@@ -327,7 +340,8 @@ def from_gn(model: nn.Module, *, levels: Optional[int] = None, time_steps: Optio
 # ---------------------------------------------------------------------------
 # Fast-SNN (Hu et al.)
 
-_FASTSNN_HINT = ("Fast-SNN code base: QuantReLU (uniform levels) is the quantized ReLU; QuantConv2d, "
+_FASTSNN_HINT = ("Fast-SNN code base: QuantReLU (uniform levels: act_alq with power=False, or bit < 32 with "
+                 "power=False) is the quantized ReLU; QuantConv2d, "
                  "QuantLinear, first_conv and last_fc quantize their weights; Spiking, Spiking_Oneway, "
                  "Spiking_Twoways, last_Spiking and IF make its spiking models.")
 
@@ -396,25 +410,77 @@ def _plain_layer(m: nn.Module, path: str) -> nn.Module:
     return layer
 
 
-def _fastsnn_levels(m: nn.Module, path: str) -> int:
-    """L of a Fast-SNN activation quantizer (``act_alq``, ``act_alpha``), read
-    off its output on a dense probe of [0, 1.25·α] and checked to be the
-    uniform grid round(clamp(z/α, 0, 1)·L)/L·α bit for bit; APoT (power-of-two)
-    levels are refused."""
+def _is_fastsnn_activation(m: nn.Module) -> bool:
+    """A Fast-SNN activation quantizer (``QuantReLU``, ``QuantAvg``, ``QuantAvgPool2d``)
+    of either variant the code base has (see :func:`_fastsnn_levels`)."""
+    if type(m).__name__ not in ("QuantReLU", "QuantAvg", "QuantAvgPool2d"):
+        return False
+    return (hasattr(m, "act_alq") and hasattr(m, "act_alpha")) or (hasattr(m, "bit") and hasattr(m, "power"))
+
+
+def _fastsnn_levels(m: nn.Module, path: str) -> Optional[int]:
+    """L of a Fast-SNN activation quantizer, checked to compute
+    :func:`_fastsnn_value` with α = ``act_alpha`` bit for bit on a dense probe
+    of [0, 1.25·α]; None where the module quantizes nothing. The code base has
+    two variants (all files ``quant_layer.py``):
+
+    * ``act_alq`` (``image classification/CIFAR10``: VGG11, AlexNet): a
+      closure ``act_alq(x, act_alpha)``; the training scripts swap it for
+      ``act_quantization(b=bit, power=False)`` without updating ``bit``, so L
+      is read off the probe's output.
+    * ``bit``/``power``, no ``act_alq`` (``CIFAR10_res``, ``CIFAR10_resnet18``,
+      ``ImageNet``, ``object detection/backbone``, ``semantic segmentation``):
+      the forward is ReLU (or ``F.avg_pool2d``) then, for ``bit`` < 32,
+      ``uniform_quantization`` with L = 2^bit − 1 (``power=False``, its
+      default) or APoT levels (``power=True``); ``bit`` = 32 is the
+      full-precision ReLU/pool (no ``act_alpha``): None. The module's own
+      forward is probed.
+
+    APoT (additive powers-of-two) levels are not uniform: refused by name."""
     cls = type(m).__name__
+    apot = (f"module '{path}' ({cls}) quantizes to non-uniform levels (Fast-SNN's APoT, additive power-of-two "
+            "activation levels): IF neurons emit uniform levels only. ")
+    if hasattr(m, "act_alq"):
+        levels: Optional[int] = None  # read off the probe
+        fix = ("Fast-SNN itself uses uniform activation levels (act_quantization(power=False)) for the models it "
+               "converts; set those and fine-tune.")
+    else:
+        bit = int(m.bit)
+        if bit >= 32:
+            return None
+        if m.power:
+            raise ConversionError(apot + "Construct it with power=False (the default of this QuantReLU and "
+                                  "QuantAvgPool2d, uniform levels) and fine-tune.")
+        levels = 2 ** bit - 1
+        if levels < 1:
+            raise ConversionError(f"module '{path}' ({cls}) has bit={bit}: no quantization levels (2^bit − 1 < 1)")
     alpha = m.act_alpha.detach()
     probe = torch.linspace(0, 1.25, 20001, dtype=alpha.dtype, device=alpha.device) * alpha
     with torch.no_grad():
-        out = m.act_alq(probe.clone(), m.act_alpha)
-        levels = int(torch.unique(out).numel()) - 1
-        if levels >= 1:
-            uniform = torch.clamp(probe / alpha, 0, 1).mul(levels).round().div(levels).mul(alpha)
-        if levels < 1 or not torch.equal(out, uniform):
+        if levels is None:
+            pre, out = probe, m.act_alq(probe.clone(), m.act_alpha)
+        else:  # the module's own forward
+            x = probe
+            if isinstance(m, nn.AvgPool2d):  # one constant window per row
+                kh, kw = nn.modules.utils._pair(m.kernel_size)
+                x = probe.reshape(-1, 1, 1, 1).expand(-1, 1, kh, kw).contiguous()
+                pre = F.avg_pool2d(x, m.kernel_size, m.stride).reshape(-1)
+            else:
+                pre = probe
+            out = m(x.clone()).reshape(-1)
+        if levels is None:
+            levels = int(torch.unique(out).numel()) - 1
+            if levels < 1:
+                raise ConversionError(apot + fix)
+        if out.shape != pre.shape or not torch.equal(out, _fastsnn_value(pre, alpha, levels)):
+            if hasattr(m, "act_alq"):
+                raise ConversionError(apot + fix)
+            why = (" (its grad_scale rescales α in the forward: (α − α·s) + α·s, not α in floats)"
+                   if getattr(m, "grad_scale", None) else "")
             raise ConversionError(
-                f"module '{path}' ({cls}) quantizes to non-uniform levels (Fast-SNN's APoT, power-of-two "
-                "activation levels): IF neurons emit uniform levels only. Fast-SNN itself uses uniform "
-                "activation levels (act_quantization(power=False)) for the models it converts; set those "
-                "and fine-tune.")
+                f"module '{path}' ({cls}, bit={m.bit}, power=False) does not compute Fast-SNN's uniform "
+                f"quantization round(clamp(x/α, 0, 1)·L)/L·α with α = act_alpha, L = 2^bit − 1 = {levels} on a "
+                f"probe{why}; fastspike maps that one exactly.")
     return levels
 
 
@@ -459,16 +525,22 @@ def from_fastsnn(model: nn.Module, *, time_steps: Optional[int] = None, exact: b
                  **snn_kwargs: Any) -> fx.GraphModule:
     """Imports a model of the Fast-SNN code base (Hu et al., TPAMI 2023).
 
-    * ``QuantReLU`` (an ``nn.ReLU`` with ``act_alpha`` and ``act_alq``) with
-      uniform levels becomes a ``fastsnn`` quantizer with α = ``act_alpha``
-      and L read off its ``act_alq`` (2^bit − 1; the ``bit`` attribute is not
-      trusted, the code base replaces ``act_alq`` without updating it); its
-      value is computed in the code base's order with ``torch.round``
-      (half to even) bit for bit. APoT levels are refused by name.
+    * ``QuantReLU`` with uniform levels becomes a ``fastsnn`` quantizer with
+      α = ``act_alpha``; its value is computed in the code base's order with
+      ``torch.round`` (half to even) bit for bit. Both of the code base's
+      variants: with ``act_alq`` (CIFAR10 VGG11/AlexNet) L is read off its
+      ``act_alq`` (2^bit − 1; the ``bit`` attribute is not trusted, the
+      training scripts replace ``act_alq`` without updating it); with
+      ``bit``/``power`` and no ``act_alq`` (ResNet_Cifar, the CIFAR ResNet-18,
+      the ImageNet models, the detection and segmentation backbones) L =
+      2^bit − 1, checked on a probe of its forward. Refused by name: APoT
+      levels (``act_quantization(power=True)``, ``power=True``) and
+      ``bit=32`` (the full-precision ReLU of the code base's float model).
     * ``QuantConv2d``/``QuantLinear`` (APoT weights) and the 8-bit
       ``first_conv``/``last_fc``: plain layers carrying the effective weights
       their forward computes (taken from the one conv/linear call it makes).
-    * ``QuantAvg``/``QuantAvgPool2d``: the average pool followed by its quantizer.
+    * ``QuantAvg``/``QuantAvgPool2d``: the average pool followed by its
+      quantizer (the same rules; a ``bit=32`` one is the pool alone).
     * Spiking models (``S_VGG11``, ``S_ResNet_Cifar``, ...): ``Spiking(block, T)``,
       ``Spiking_Oneway``, ``Spiking_Twoways`` become their ANN form with the
       ``IF``'s ``act_alpha`` as θ and L = T, signed or not as their ``sign``;
@@ -528,11 +600,19 @@ def from_fastsnn(model: nn.Module, *, time_steps: Optional[int] = None, exact: b
                 _set_module(model, path, nn.Flatten(m.start_dim - 1, m.end_dim if m.end_dim < 0 else m.end_dim - 1))
     for path, m in list(model.named_modules()):
         cls = type(m).__name__
-        if cls == "QuantReLU" and hasattr(m, "act_alpha") and hasattr(m, "act_alq"):
-            _set_module(model, path, quantizer(m, path, _fastsnn_levels(m, path), True))
-        elif cls in ("QuantAvg", "QuantAvgPool2d") and hasattr(m, "act_alq"):
-            pool = nn.AvgPool2d(m.kernel_size, m.stride)
-            _set_module(model, path, nn.Sequential(pool, quantizer(m, path, _fastsnn_levels(m, path), True)))
+        if _is_fastsnn_activation(m):
+            levels = _fastsnn_levels(m, path)
+            if cls == "QuantReLU":
+                if levels is None:
+                    raise ConversionError(
+                        f"module '{path}' ({cls}) has bit={m.bit}: Fast-SNN computes a full-precision ReLU there "
+                        "(no act_alpha, no quantization levels), whose SNN is not exact at any T. Train the "
+                        "quantized model (the code base's --bit below 32, e.g. 2 to 5) and import that.")
+                new = quantizer(m, path, levels, True)
+            else:  # the average pool, then its quantizer (none at bit 32)
+                pool = nn.AvgPool2d(m.kernel_size, m.stride)
+                new = pool if levels is None else nn.Sequential(pool, quantizer(m, path, levels, True))
+            _set_module(model, path, new)
         elif (isinstance(m, (nn.Linear, nn.modules.conv._ConvNd)) and not _plain_torch_forward(m)
               and hasattr(m, "weight")):
             _set_module(model, path, _plain_layer(m, path))

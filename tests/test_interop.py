@@ -585,6 +585,200 @@ def test_fastsnn_refuses_apot_levels():
         interop.from_fastsnn(ann)
 
 
+# The other QuantReLU of the Fast-SNN code base (CIFAR10_res, CIFAR10_resnet18, ImageNet,
+# object detection/backbone, semantic segmentation: models/quant_layer.py there): no act_alq; it
+# keeps bit and power and, for bit < 32, quantizes uniformly with a straight-through round
+# (power=False, its default) or to APoT levels (power=True); bit = 32 is a plain ReLU without
+# act_alpha. Stand-ins in a namespace, so that the class names are the code base's.
+
+
+def uniform_ste(x, alpha, bit):
+    """round(clamp(x/α, 0, 1)·(2^bit − 1))/(2^bit − 1)·α with the rounding straight-through
+    ((round(d) − d).detach() + d), the order of the code base's uniform_quantization."""
+    d = (x / alpha).clamp(0, 1) * (2 ** bit - 1)
+    d = (d.round() - d).detach() + d
+    return d / (2 ** bit - 1) * alpha
+
+
+class fastsnn_res:
+    class QuantReLU(nn.ReLU):
+        def __init__(self, inplace=False, bit=5, power=False):
+            super().__init__(inplace)
+            self.bit, self.power = bit, power
+            if bit < 32:
+                self.act_alpha = nn.Parameter(torch.tensor(6.0))
+
+        def forward(self, x):
+            x = F.relu(x, inplace=self.inplace)
+            if self.bit == 32:
+                return x
+            if self.power:  # nearest of the non-uniform grid {0, 1/8, 1/4, 1/2, 5/8, 3/4, 1}
+                grid = torch.tensor([0.0, 0.125, 0.25, 0.5, 0.625, 0.75, 1.0], dtype=x.dtype)
+                y = (x / self.act_alpha).clamp(0, 1)
+                return grid[(y.reshape(-1, 1) - grid).abs().argmin(dim=1)].reshape(y.shape) * self.act_alpha
+            return uniform_ste(x, self.act_alpha, self.bit)
+
+    class QuantAvgPool2d(nn.AvgPool2d):
+        def __init__(self, kernel_size, stride, bit=5, power=False):
+            super().__init__(kernel_size, stride)
+            self.bit, self.power = bit, power
+            if bit < 32:
+                self.act_alpha = nn.Parameter(torch.tensor(6.0))
+
+        def forward(self, x):
+            x = F.avg_pool2d(x, self.kernel_size, self.stride)
+            return x if self.bit == 32 else uniform_ste(x, self.act_alpha, self.bit)
+
+    class QuantConv2d(nn.Conv2d):
+        """Weights normalised, clipped at ±weight_alpha and projected to a non-uniform grid (APoT)."""
+
+        def __init__(self, *args, bit=5, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.bit = bit
+            self.weight_alpha = nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x):
+            w = self.weight
+            if self.bit < 32:
+                w = w.add(-w.mean()).div(w.std()).div(self.weight_alpha).clamp(-1, 1)
+                grid = torch.tensor([0.0, 0.25, 0.5, 1.0], dtype=w.dtype)
+                wq = grid[(w.abs().reshape(-1, 1) - grid).abs().argmin(dim=1)].reshape(w.shape) * w.sign()
+                w = ((wq - w).detach() + w) * self.weight_alpha
+            return F.conv2d(x, w, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+class Oneway(nn.Module):
+    def __init__(self, conv, bn, relu):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.idem = conv, bn, relu, False
+
+    def forward(self, x):
+        return x if self.idem else self.relu(self.bn(self.conv(x)))
+
+
+class Twoways(nn.Module):
+    def __init__(self, conv, bn, relu, downsample=None):
+        super().__init__()
+        self.conv, self.bn, self.relu, self.downsample, self.idem = conv, bn, relu, downsample, False
+
+    def forward(self, x, identity):
+        if self.idem:
+            return x
+        x = self.bn(self.conv(x))
+        if self.downsample is not None:
+            identity = self.downsample(identity)
+        x += identity
+        return self.relu(x)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, cin, cout, stride, bit, power):
+        super().__init__()
+        conv = lambda a, b, s: fastsnn_res.QuantConv2d(a, b, 3, stride=s, padding=1, bias=False, bit=bit)
+        relu = lambda: fastsnn_res.QuantReLU(inplace=True, bit=bit, power=power)
+        down = None
+        if stride != 1 or cin != cout:
+            down = nn.Sequential(fastsnn_res.QuantConv2d(cin, cout, 1, stride=stride, bias=False, bit=bit), _bn(cout))
+        self.idem, self.inter = False, False
+        self.part1 = Oneway(conv(cin, cout, stride), _bn(cout), relu())
+        self.part2 = Twoways(conv(cout, cout, 1), _bn(cout), relu(), down)
+
+    def forward(self, x):
+        if self.idem:
+            return x
+        out = self.part1(x)
+        return out if self.inter else self.part2(out, x)
+
+
+class ResNetCifar(nn.Module):
+    """Fast-SNN's ResNet_Cifar pattern (CIFAR10_res/models/resnet.py), two blocks."""
+
+    def __init__(self, bit=3, power=False, pool_bit=None):
+        super().__init__()
+        self.layer0 = Dummy(nn.Sequential(first_conv(3, 8, 3, stride=1, padding=1, bias=False), _bn(8),
+                                          fastsnn_res.QuantReLU(inplace=True, bit=bit, power=power)))
+        self.layer1 = nn.Sequential(BasicBlock(8, 8, 1, bit, power), BasicBlock(8, 16, 2, bit, power))
+        pool = (nn.AvgPool2d(4, stride=1) if pool_bit is None
+                else fastsnn_res.QuantAvgPool2d(4, stride=1, bit=pool_bit))
+        self.layer4 = Dummy(nn.Sequential(pool, nn.Flatten(1), last_fc(16, 5)))
+
+    def forward(self, x):
+        return self.layer4(self.layer1(self.layer0(x)))
+
+
+def _res_ann(seed, **kwargs):
+    torch.manual_seed(seed)
+    ann = ResNetCifar(**kwargs).eval()
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in ann.modules():
+            if hasattr(m, "act_alpha"):  # float32 values, as trained
+                m.act_alpha.fill_(float(torch.rand((), generator=gen)) * 2 + 0.5)
+    return ann.double()
+
+
+_RES_RELUS = {"layer0.block.2", "layer1.0.part1.relu", "layer1.0.part2.relu", "layer1.1.part1.relu",
+              "layer1.1.part2.relu"}
+
+
+@pytest.mark.parametrize("bit", [2, 3, 5])
+@pytest.mark.parametrize("pool_bit", [None, 4, 32])
+def test_fastsnn_resnet_quantrelu_without_act_alq_equals_source_exactly(bit, pool_bit):
+    """Red-team finding: this QuantReLU (no act_alq) was refused ("cannot map ... (QuantReLU)"), so
+    ResNet_Cifar, which the README names, and the ImageNet/detection models did not import."""
+    ann = _res_ann(11 + bit, bit=bit, pool_bit=pool_bit)
+    qnet = interop.from_fastsnn(ann)
+    quants = dict(fastspike.convert.quantizers(qnet))
+    pool_q = {"layer4.block.0.1"} if pool_bit not in (None, 32) else set()
+    assert set(quants) == _RES_RELUS | pool_q
+    for name, q in quants.items():
+        bits = pool_bit if name in pool_q else bit
+        src = ann.get_submodule(name.removesuffix(".1") if name in pool_q else name)
+        assert q.levels == 2 ** bits - 1 and q.preset == "fastsnn" and q.rule == "fastsnn" and q.signed
+        assert float(q.threshold().detach()) == float(src.act_alpha.detach())
+    assert not any(type(m).__name__ in ("QuantConv2d", "QuantReLU", "QuantAvgPool2d", "first_conv", "last_fc")
+                   for m in qnet.modules())
+    x = _x(11).double() * 3
+    with torch.no_grad():
+        y = ann(x.clone())
+        assert torch.equal(qnet(x), y)
+        # every level is hit somewhere, so the check above is not vacuous
+        levels_hit = qnet.get_submodule("layer0.block.2")(torch.linspace(-1, 4, 1001, dtype=torch.float64))
+        assert torch.unique(levels_hit).numel() == 2 ** bit
+
+
+@pytest.mark.parametrize("bit", [2, 3])
+def test_fastsnn_resnet_group_neuron_snn_at_one_step_equals_quantized_ann(bit):
+    """The sharp oracle: group neurons with m = L at T = 1 compute each quantizer exactly, so the
+    SNN of the imported ResNet equals its quantized ANN (float64, up to ~1e-15; a level flipped by a
+    wrongly mapped α or L shows as ~1e-2)."""
+    ann = _res_ann(21 + bit, bit=bit)
+    qnet = interop.from_fastsnn(ann)
+    levels = 2 ** bit - 1
+    x = _x(21).double() * 3
+    with torch.no_grad():
+        y_q = qnet(x)
+        assert torch.equal(y_q, ann(x.clone()))
+        snet = interop.to_snn(qnet, 1, group_size=levels).double()
+        y_s = snet(x)
+    assert y_s.shape == y_q.shape
+    assert ((y_s - y_q).norm() / y_q.norm()).item() < 1e-9
+
+
+def test_fastsnn_quantrelu_without_act_alq_refusals_name_module_and_reason():
+    with pytest.raises(ConversionError, match=r"'layer0\.block\.2' \(QuantReLU\).*APoT.*power=False"):
+        interop.from_fastsnn(_res_ann(30, bit=3, power=True))
+    with pytest.raises(ConversionError, match=r"'layer0\.block\.2' \(QuantReLU\) has bit=32.*full-precision"):
+        interop.from_fastsnn(_res_ann(31, bit=32))
+    # a look-alike whose forward is not the uniform grid its bit and act_alpha say (here α is off by 1%)
+    # is refused, not mapped to the wrong levels
+    ann = _res_ann(32, bit=3)
+    ann.layer0.block[2].forward = lambda x: uniform_ste(F.relu(x), ann.layer0.block[2].act_alpha * 1.01, 3)
+    with pytest.raises(ConversionError, match=r"'layer0\.block\.2' \(QuantReLU, bit=3, power=False\) does not "
+                                              r"compute Fast-SNN's uniform quantization"):
+        interop.from_fastsnn(ann)
+
+
 # ---------------------------------------------------------------------------
 # SpikingJelly, the real package
 
