@@ -74,7 +74,7 @@ def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
     an in-place module): a copy of that tensor made earlier is then stale."""
     if node.op == "call_module":
         return bool(getattr(_module(gm, node), "inplace", False))
-    return _writes_first_argument(node) or "out" in node.kwargs
+    return _writes_first_argument(node) or "out" in node.kwargs or bool(node.kwargs.get("inplace"))
 
 
 def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
