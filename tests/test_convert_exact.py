@@ -729,3 +729,42 @@ class InPlaceThroughCast(nn.Module):
 
 def test_in_place_relu_through_an_aliasing_cast_is_refused():
     assert_refused(lambda: fastspike.quantize(InPlaceThroughCast(), levels=LEVELS), "in-place ReLU", "shares memory")
+
+
+# ---------------------------------------------------------------------------
+# Found by a second red-team pass: casts, writes through out= and views, in-place
+# adds on views, BN into a conv that overrides _conv_forward, compact spikes
+# into shared or token-wise weights
+
+class WSConv2d(nn.Conv2d):
+    """Weight standardisation in _conv_forward (forward is torch's own)."""
+
+    def _conv_forward(self, input, weight, bias):
+        w = (weight - weight.mean((1, 2, 3), keepdim=True)) / (weight.std((1, 2, 3), keepdim=True) + 1e-5)
+        return super()._conv_forward(input, w, bias)
+
+
+class WSConvBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c0, self.ws, self.bn = nn.Conv2d(3, 4, 3, padding=1), WSConv2d(4, 4, 3, padding=1), _bn_with_statistics(4)
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(F.relu(self.bn(self.ws(F.relu(self.c0(x))))))
+
+
+def test_batch_norm_is_not_folded_into_a_conv_overriding_conv_forward():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6)
+    assert_converts_exactly(WSConvBN(), x)  # traced into: the standardisation is weight arithmetic
+    fastspike.time_linear(WSConv2d)  # kept whole as one call: the fold must not touch it
+    try:
+        assert_converts_exactly(WSConvBN(), x)
+        snet = fastspike.to_snn(fastspike.quantize(WSConvBN().eval(), levels=LEVELS), time_steps=1)
+        assert sum(isinstance(m, nn.BatchNorm2d) for m in snet.modules()) == 1
+    finally:
+        fastspike.convert.graph._TIME_LINEAR_CLASSES.discard(WSConv2d)
+    # a leaf that is not declared: fastspike cannot tell that _conv_forward is affine in its input
+    assert_refused(lambda: fastspike.quantize(WSConvBN(), levels=LEVELS, leaf_modules=[WSConv2d]), "module 'ws'",
+                   "_conv_forward")

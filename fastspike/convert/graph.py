@@ -10,6 +10,7 @@ from typing import Any, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
@@ -139,6 +140,35 @@ def _global_forward_hooks() -> bool:
 def _plain_torch_forward(m: nn.Module) -> bool:
     """``m.forward`` is torch's own (not overridden by a user subclass)."""
     return getattr(type(m).forward, "__module__", "").startswith("torch.")
+
+
+# What a module's call runs besides forward: torch's convs compute in _conv_forward, which a
+# subclass may override (weight standardisation) while keeping torch's forward.
+_COMPUTING_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")
+
+
+def _plain_torch_compute(m: nn.Module) -> bool:
+    """Calling ``m`` runs only torch's own code: neither ``forward`` nor what it
+    delegates to (``_conv_forward``) nor ``__call__`` is overridden by a user subclass."""
+    cls = type(m)
+    return all(getattr(getattr(cls, name), "__module__", "").startswith("torch.")
+               for name in _COMPUTING_METHODS if hasattr(cls, name))
+
+
+def _owns_its_parameters(gm: fx.GraphModule, target: str, layer: nn.Module) -> bool:
+    """Editing ``layer``'s parameters (folding a BN or a spike scale into them)
+    changes what this call of the layer computes, and nothing else: it runs
+    torch's own code (:func:`_plain_torch_compute`) on its own parameters (no
+    parametrization or weight-norm hook recomputing them), and no other module
+    or graph node reads them (weight tying, ``F.conv_transpose2d(z,
+    self.enc.weight)``)."""
+    if not _plain_torch_compute(layer) or parametrize.is_parametrized(layer) or _has_forward_hooks(layer):
+        return False
+    own = {id(p) for p in layer.parameters()}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if id(p) in own and not name.startswith(target + "."):
+            return False
+    return not any(n.op == "get_attr" and str(n.target).startswith(target + ".") for n in gm.graph.nodes)
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

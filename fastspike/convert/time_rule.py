@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _has_forward_hooks,
-                    _plain_torch_forward, _source_line)
+                    _plain_torch_compute, _plain_torch_forward, _source_line)
 from .max_pools import _MAX_POOL_FUNCTIONS, _MAX_POOL_MODULES
 
 # ---------------------------------------------------------------------------
@@ -124,10 +124,10 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
                 return None  # eval mode: a per-channel affine map
             return "it normalises with the statistics of the batch, which differ between spikes and rates"
         if isinstance(m, _AFFINE_MODULES):
-            if _plain_torch_forward(m):
+            if _plain_torch_compute(m):
                 return None
-            return (f"{type(m).__name__} overrides forward(), so fastspike cannot tell that it is still "
-                    "affine in its input")
+            return (f"{type(m).__name__} overrides forward() (or _conv_forward()), so fastspike cannot tell "
+                    "that it is still affine in its input")
         return f"{type(m).__name__} is not known to be affine in its input"
     target = node.target
     name = getattr(target, "__name__", str(target))
