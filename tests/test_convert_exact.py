@@ -736,6 +736,9 @@ def test_in_place_relu_through_an_aliasing_cast_is_refused():
 # adds on views, BN into a conv that overrides _conv_forward, compact spikes
 # into shared or token-wise weights
 
+from oracles import rel  # noqa: E402  (this block's imports stay in it)
+
+
 class WSConv2d(nn.Conv2d):
     """Weight standardisation in _conv_forward (forward is torch's own)."""
 
@@ -768,3 +771,58 @@ def test_batch_norm_is_not_folded_into_a_conv_overriding_conv_forward():
     # a leaf that is not declared: fastspike cannot tell that _conv_forward is affine in its input
     assert_refused(lambda: fastspike.quantize(WSConvBN(), levels=LEVELS, leaf_modules=[WSConv2d]), "module 'ws'",
                    "_conv_forward")
+
+
+class TiedCompact(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.enc = nn.Conv2d(3, 6, 3, padding=1), nn.Conv2d(6, 8, 3, padding=1)
+
+    def forward(self, x):  # the decoder reads the encoder's weight (get_attr)
+        return F.conv_transpose2d(F.relu(self.enc(F.relu(self.stem(x)))), self.enc.weight, padding=1)
+
+
+class SharedCompact(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.a, self.b = nn.Conv2d(3, 6, 1), nn.Conv2d(6, 6, 1), nn.Conv2d(6, 6, 1)
+        self.b.weight = self.a.weight  # one Parameter, two modules
+
+    def forward(self, x):
+        return self.a(F.relu(self.stem(x))) + self.b(x.repeat(1, 2, 1, 1))
+
+
+@pytest.mark.parametrize("model", [TiedCompact, SharedCompact])
+def test_compact_spikes_leave_weights_read_elsewhere_alone(model):
+    torch.manual_seed(0)
+    assert_converts_exactly(model(), torch.randn(2, 3, 6, 6), compact_spikes=True)
+
+
+class TokensMLP(nn.Module):
+    def __init__(self, flatten: bool):
+        super().__init__()
+        self.flatten = flatten
+        self.fc0, self.fc1 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc1(F.relu(self.fc0(x.flatten(1) if self.flatten else x)))
+
+
+@pytest.mark.parametrize("preset, shape, flatten, folds", [
+    ("cs-qcfs", (2, 4, 4), False, False),  # tokens [B, N = 4, C = 4]: the scale is along N, fc1 reads C
+    ("qcfs", (2, 4, 4), False, True),      # one scale for every channel
+    ("cs-qcfs", (2, 2, 2), True, True),    # flatten(1): a matrix, its dim 1 is fc1's input
+])
+@torch.no_grad()
+def test_compact_spikes_fold_a_per_channel_scale_into_a_linear_only_on_a_matrix(preset, shape, flatten, folds):
+    torch.manual_seed(0)
+    x = torch.randn(*shape, dtype=torch.float64)
+    qnet = fastspike.quantize(TokensMLP(flatten).eval(), levels=LEVELS, threshold=1.0, preset=preset,
+                              example_input=x.float())
+    fastspike.calibrate(qnet, [x.float()])
+    qnet = qnet.double()
+    snets = [fastspike.to_snn(qnet, 1, "group", group_size=LEVELS, compact_spikes=c).double() for c in (False, True)]
+    plain, compact = (s(x) for s in snets)
+    assert rel(compact, plain) < 1e-9
+    assert rel(plain, qnet(x)) < 1e-6  # (per-channel λ is a softplus: not float32-exact in float64)
+    assert [m.compact for m in snets[1].modules() if isinstance(m, fastspike.nn.SpikingNeuron)] == [folds]
