@@ -739,6 +739,85 @@ def test_in_place_relu_through_an_aliasing_cast_is_refused():
 from oracles import rel  # noqa: E402  (this block's imports stay in it)
 
 
+class WrittenOnSpikes(nn.Module):
+    """Spikes reach a tensor through out= or an in-place write, read afterwards
+    through the tensor, its base or a view taken before the write."""
+
+    def __init__(self, variant, final=torch.sigmoid):
+        super().__init__()
+        self.variant, self.final = variant, final
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        buf = torch.zeros_like(y)
+        if self.variant == "out=":
+            torch.add(y, 0.0, out=buf)
+            read = buf
+        elif self.variant == "view taken before the write":
+            read = buf.view(buf.size(0), -1)
+            buf.add_(y)
+        elif self.variant == "write into a view, base read":
+            buf[:, :2].add_(y[:, :2])
+            read = buf
+        else:  # out= a view, base read
+            torch.mul(y[:, 2:], 2.0, out=buf[:, 2:])
+            read = buf
+        return self.final(read)
+
+
+WRITES = ["out=", "view taken before the write", "write into a view, base read", "out= a view, base read"]
+
+
+@pytest.mark.parametrize("variant", WRITES)
+def test_spikes_written_through_out_or_views_count_as_spikes(variant):
+    assert_refused(lambda: fastspike.quantize(WrittenOnSpikes(variant), levels=LEVELS), "node 'sigmoid'",
+                   "acts on time-varying spikes")
+
+
+@pytest.mark.parametrize("variant", WRITES)
+def test_spikes_written_through_out_or_views_and_read_linearly_convert_exactly(variant):
+    torch.manual_seed(0)
+    model = WrittenOnSpikes(variant, final=nn.Conv2d(4, 2, 1) if variant != WRITES[1] else nn.Linear(144, 2))
+    # (constant_input_once=True refuses buf, built from the spikes' shape, as if it were constant)
+    assert_converts_exactly(model, torch.randn(2, 3, 6, 6), variants=(False,))
+
+
+class OutIntoConstant(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(3, 4, 1), nn.Conv2d(4, 4, 1), nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        s0 = self.c1(x)
+        torch.add(s0, self.c2(F.relu(s0)), out=s0)  # spikes written into the constant part by out=
+        return self.c3(F.relu(s0))
+
+
+def test_out_write_of_spikes_into_the_constant_part_is_refused_or_exact():
+    torch.manual_seed(0)
+    qnet = fastspike.quantize(OutIntoConstant(), levels=LEVELS)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=2), "written in place", "constant_input_once=False")
+    assert_converts_exactly(OutIntoConstant(), torch.randn(2, 3, 4, 4), variants=(False,))
+
+
+class InPlaceAddOnAView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2, self.c3 = nn.Conv2d(2, 4, 1), nn.Conv2d(2, 2, 1), nn.Conv2d(6, 3, 1)
+
+    def forward(self, x):
+        z = self.c1(x)
+        h = F.relu(z[:, :2].add_(self.c2(x)))  # also changes z[:, :2], read below
+        return self.c3(torch.cat([h, z], 1))
+
+
+def test_in_place_add_on_a_view_is_not_fused_into_the_neuron():
+    torch.manual_seed(0)
+    for fuse in (True, False):
+        assert_converts_exactly(InPlaceAddOnAView(), torch.randn(2, 2, 2, 2), fuse_residual=fuse)
+
+
 class WSConv2d(nn.Conv2d):
     """Weight standardisation in _conv_forward (forward is torch's own)."""
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Tuple, Type
+from typing import Any, Callable, Container, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _has_forward_hooks,
-                    _plain_torch_compute, _plain_torch_forward, _source_line)
+from .graph import (_VALUE_ATTRS, ConversionError, _aliases, _arg_values, _declared_time_linear, _describe,
+                    _has_forward_hooks, _plain_torch_compute, _plain_torch_forward, _source_line, _writes_in_place)
 from .max_pools import _MAX_POOL_FUNCTIONS, _MAX_POOL_MODULES
 
 # ---------------------------------------------------------------------------
@@ -73,10 +73,6 @@ _METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_l
                        torch.full_like}
 
 
-# Attributes that are the tensor's values (views of them), not its metadata.
-_VALUE_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
-
-
 def _reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _METADATA_METHODS
@@ -85,15 +81,7 @@ def _reads_metadata(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
-def _writes_first_argument(node: fx.Node) -> bool:
-    """An in-place op (x.add_(y), x += y): it changes its first argument."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and str(name).endswith("_") and not str(name).startswith("_") \
-        or (node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
-                                                           operator.itruediv))
-
-
-def _why_not_division(node: fx.Node, varying: set) -> Optional[str]:
+def _why_not_division(node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
     """x / y, torch.div(x, y), x.div(y) (or other=y): exact only without rounding and with a constant divisor."""
     if _arg_values(node, 2, "rounding_mode") is not None:
         return "it rounds"
@@ -101,12 +89,11 @@ def _why_not_division(node: fx.Node, varying: set) -> Optional[str]:
     return "it divides by a time-varying value" if isinstance(divisor, fx.Node) and divisor in varying else None
 
 
-def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
-                         inference: bool) -> Optional[str]:
+def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node],
+                         spiking: Callable[[fx.Node], bool], inference: bool) -> Optional[str]:
     """None if ``node`` (which reads a time-varying value) computes the same on
     the spikes of each step as on their rate; else the reason it does not."""
-    inputs: List[fx.Node] = []  # every time-varying operand, repeats counted (y * y)
-    fx.node.map_arg((node.args, node.kwargs), lambda v: inputs.append(v) if v in varying else None)
+    inputs = [v for v in _reads(node) if v in varying]  # every time-varying operand, repeats counted (y * y)
     if spiking(node) or node.op == "output" or _reads_metadata(node):
         return None
     if node.op == "call_module":
@@ -172,25 +159,57 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
     return f".{target}() is not affine in its input"
 
 
+def _reads(node: fx.Node) -> List[fx.Node]:
+    """The graph values ``node`` reads: its operands, not the out= tensors it only writes."""
+    found: List[fx.Node] = []
+    fx.node.map_arg((node.args, {k: v for k, v in node.kwargs.items() if k != "out"}), found.append)
+    return found
+
+
+def _time_varying_since(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool],
+                        writes: bool = True) -> Dict[fx.Node, int]:
+    """The nodes whose value differs between time steps, each with the position
+    (in graph order) from which it does: what a spiking node computes and
+    everything computed from it (metadata reads excepted), and, with
+    ``writes``, a tensor that a time-varying value is written into (in place,
+    ``x.add_(s)``, or by ``out=``) together with everything that shares its
+    memory: its views, taken before the write or after, and what it is a view
+    of. A node reading one of those after the write reads spikes; one reading
+    it before does not."""
+    since: Dict[fx.Node, int] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        if spiking(node) or (not _reads_metadata(node) and any(v in since for v in _reads(node))):
+            since.setdefault(node, position)
+            if writes:
+                for written in _writes_in_place(node):
+                    for alias in _aliases(gm, written, skip=node):
+                        since.setdefault(alias, position)
+    return since
+
+
 def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], writes: bool = True) -> set:
-    """The nodes whose value differs between time steps: what a spiking node
-    computes and everything computed from it (metadata reads excepted), and,
-    with ``writes``, a tensor an in-place op writes a time-varying value into."""
-    varying: set = set()
-    for node in gm.graph.nodes:
-        if spiking(node) or (not _reads_metadata(node) and any(v in varying for v in node.all_input_nodes)):
-            varying.add(node)
-            if writes and _writes_first_argument(node) and node.args and isinstance(node.args[0], fx.Node):
-                varying.add(node.args[0])
-    return varying
+    """The nodes whose value differs between time steps (see :func:`_time_varying_since`)."""
+    return set(_time_varying_since(gm, spiking, writes))
+
+
+class _VaryingBefore:
+    """The values that vary over time where the node at ``position`` runs (``v in ...``):
+    a tensor written with spikes varies only from that write on."""
+
+    def __init__(self, since: Dict[fx.Node, int], position: int):
+        self.since, self.position = since, position
+
+    def __contains__(self, value: Any) -> bool:
+        return isinstance(value, fx.Node) and self.since.get(value, self.position) < self.position
 
 
 def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], inference: bool) -> None:
     """Raises :class:`ConversionError` for the first operation on a
     time-varying value that does not commute with the time average."""
-    varying = _time_varying(gm, spiking)
-    for node in gm.graph.nodes:
-        if node not in varying or spiking(node):
+    since = _time_varying_since(gm, spiking)
+    for position, node in enumerate(gm.graph.nodes):
+        varying = _VaryingBefore(since, position)
+        if spiking(node) or not any(v in varying for v in _reads(node)):
             continue
         why = _why_not_time_linear(gm, node, varying, spiking, inference)
         if why is None:
