@@ -739,6 +739,69 @@ def test_in_place_relu_through_an_aliasing_cast_is_refused():
 from oracles import rel  # noqa: E402  (this block's imports stay in it)
 
 
+def _if_at_t_equals_l(model: nn.Module, x: torch.Tensor) -> float:
+    """rel. error of IF neurons at T = L against the quantized ANN (exact on a
+    constant input with one spiking layer), in float32."""
+    qnet = fastspike.quantize(model.eval(), levels=LEVELS, threshold=1.0)
+    fastspike.calibrate(qnet, [x])
+    with torch.no_grad():
+        return rel(fastspike.to_snn(qnet, LEVELS)(x), qnet.eval()(x))
+
+
+class CastOnSpikes(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.conv, self.head = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 2, 1)
+        self.register_buffer("index", torch.zeros(1, dtype=torch.int64))
+        self.register_buffer("scale", torch.ones(1))
+
+    def forward(self, x):
+        y = F.relu(self.conv(x))
+        return self.head(self.op(self, y, x))
+
+
+INTEGER_CASTS = {
+    "to(an int64 buffer)": lambda m, y, x: y.to(m.index).float(),
+    "type_as(an int64 buffer)": lambda m, y, x: y.type_as(m.index).float(),
+    "to(buffer.dtype)": lambda m, y, x: y.to(m.index.dtype).float(),
+    "to(dtype=buffer.dtype)": lambda m, y, x: y.to(dtype=m.index.dtype).float(),
+    "to(the input), dtype unknown": lambda m, y, x: y.to(x).float(),
+    "sum(dtype=torch.int64)": lambda m, y, x: y.sum(1, keepdim=True, dtype=torch.int64).float().expand_as(y),
+    "torch.cumsum(dtype=torch.int32)": lambda m, y, x: torch.cumsum(y, 1, dtype=torch.int32).float(),
+    "view(torch.int32)": lambda m, y, x: y.view(torch.int32).float(),
+    "type('torch.LongTensor')": lambda m, y, x: y.type("torch.LongTensor").float(),
+}
+
+
+@pytest.mark.parametrize("name", list(INTEGER_CASTS))
+def test_casts_of_spikes_to_integer_dtypes_are_refused_however_spelled(name):
+    model = CastOnSpikes(INTEGER_CASTS[name])
+    assert_refused(lambda: fastspike.quantize(model, levels=LEVELS), "acts on time-varying spikes")
+
+
+FLOATING_CASTS = {
+    "half().float()": lambda m, y, x: y.half().float(),
+    "to(device=...)": lambda m, y, x: y.to(device=y.device),
+    "to(x.device)": lambda m, y, x: y.to(x.device),
+    "to(torch.float64)": lambda m, y, x: y.to(torch.float64).float(),
+    "type('torch.FloatTensor')": lambda m, y, x: y.type("torch.FloatTensor"),
+    "to(a float buffer)": lambda m, y, x: y.to(m.scale),
+    "type_as(a float buffer)": lambda m, y, x: y.type_as(m.scale),
+    "to(y.dtype)": lambda m, y, x: y.to(y.dtype),
+    "type_as(x.float())": lambda m, y, x: y.type_as(x.float()),
+    "sum(dtype=torch.float64)": lambda m, y, x: y.sum(1, keepdim=True, dtype=torch.float64).float().expand_as(y),
+}
+
+
+@pytest.mark.parametrize("name", list(FLOATING_CASTS))
+def test_casts_of_spikes_to_floating_dtypes_convert_exactly(name):
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 6, 6, generator=torch.Generator().manual_seed(0))
+    tolerance = 1e-3 if "half" in name else 1e-5  # half rounds the spikes and their rate differently
+    assert _if_at_t_equals_l(CastOnSpikes(FLOATING_CASTS[name]), x) < tolerance
+
+
 class WrittenOnSpikes(nn.Module):
     """Spikes reach a tensor through out= or an in-place write, read afterwards
     through the tensor, its base or a view taken before the write."""

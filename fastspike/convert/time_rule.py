@@ -81,6 +81,90 @@ def _reads_metadata(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
+# Tensor type names of .type('torch.FloatTensor') (also torch.cuda.*) that are floating.
+_FLOATING_TYPE_NAMES = {"FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor"}
+
+
+def _known_dtype(gm: fx.GraphModule, value: Any, varying: Container[fx.Node]) -> Optional[torch.dtype]:
+    """The dtype ``value`` (a dtype, or a tensor whose dtype a cast takes) stands for,
+    where the graph tells it: a literal, a parameter, buffer or constant (get_attr),
+    ``t.dtype`` of a known ``t``, a cast to a literal dtype, fx's shape metadata; a
+    time-varying value is floating (every cast of spikes to another dtype is refused).
+    None when unknown."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    if not isinstance(value, fx.Node):
+        return None
+    for key in ("val", "tensor_meta"):
+        dtype = getattr(value.meta.get(key), "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    if value.op == "get_attr":
+        try:
+            attr = fx.graph_module._get_attr(gm, value.target)
+        except AttributeError:
+            return None
+        return attr.dtype if isinstance(attr, torch.Tensor) else None
+    if value.op == "call_function" and value.target is getattr and value.args[1:] == ("dtype",):
+        return _known_dtype(gm, value.args[0], varying)
+    if value.op == "call_method" and value.target in _CAST_METHODS:
+        return _CAST_METHODS[value.target]
+    if value.op == "call_method" and value.target == "to":
+        literal = [a for a in list(value.args[1:]) + list(value.kwargs.values()) if isinstance(a, torch.dtype)]
+        if literal:
+            return literal[0]
+    if value in varying:
+        return torch.get_default_dtype()  # floating: which one does not matter here
+    return None
+
+
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _why_not_cast(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
+    """A cast of spikes to a non-floating dtype rounds each step's value, so it
+    is refused however it is spelled: a dtype anywhere in the call (``.to(torch.long)``,
+    ``sum(dtype=torch.int64)``), the dtype of another tensor (``.to(t)``,
+    ``.type_as(t)``, ``.to(t.dtype)``: accepted only where that dtype is known to be
+    floating), a type name (``.type('torch.LongTensor')``). A view as another
+    dtype reinterprets the bits."""
+    literals: List[torch.dtype] = []
+    fx.node.map_aggregate((node.args, node.kwargs),
+                          lambda a: literals.append(a) if isinstance(a, torch.dtype) else None)
+    if node.op == "call_method" and node.target == "view" and literals:
+        return "it views the tensor as another dtype, which reinterprets its bits"
+    for dtype in literals:
+        if not dtype.is_floating_point:
+            return f"it casts to {dtype}, not a floating dtype, which rounds"
+    others: List[Any] = []
+    if node.op == "call_method" and node.target in ("to", "type_as", "type"):
+        others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)
+                  and not (a.op == "call_function" and a.target is getattr and a.args[1:] == ("device",))]
+    if isinstance(node.kwargs.get("dtype"), fx.Node) and node.kwargs["dtype"] not in others:
+        others.append(node.kwargs["dtype"])
+    for other in others:
+        dtype = _known_dtype(gm, other, varying)
+        if other.op == "call_function" and other.target is getattr and isinstance(other.args[0], fx.Node):
+            other = other.args[0]  # .to(t.dtype): name t
+        if dtype is None:
+            return (f"it casts to the dtype of '{other.name}', which fastspike cannot tell is floating (a cast to "
+                    "an integer or bool dtype would round); cast to an explicit floating dtype instead "
+                    "(.float(), .to(torch.float32))")
+        if not dtype.is_floating_point:
+            return f"it casts to the dtype of '{other.name}', {dtype}, not a floating dtype, which rounds"
+    if node.op == "call_method" and node.target == "type":
+        names = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, str)]
+        if not names and not literals and not others:
+            return ".type() without a dtype returns the type's name, not a tensor"
+        for name in names:
+            if name.rsplit(".", 1)[-1] not in _FLOATING_TYPE_NAMES:
+                return f"it casts to {name}, not a floating type, which rounds"
+    return None
+
+
 def _why_not_division(node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
     """x / y, torch.div(x, y), x.div(y) (or other=y): exact only without rounding and with a constant divisor."""
     if _arg_values(node, 2, "rounding_mode") is not None:
@@ -116,6 +200,9 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[f
             return (f"{type(m).__name__} overrides forward() (or _conv_forward()), so fastspike cannot tell "
                     "that it is still affine in its input")
         return f"{type(m).__name__} is not known to be affine in its input"
+    why = _why_not_cast(gm, node, varying)
+    if why is not None:
+        return why
     target = node.target
     name = getattr(target, "__name__", str(target))
     if node.op == "call_function":
@@ -144,9 +231,8 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[f
         if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
             return None
         return f"{name} is not affine in its input"
-    if target in ("to", "type") and any(isinstance(a, torch.dtype) and not a.is_floating_point
-                                        for a in list(node.args[1:]) + list(node.kwargs.values())):
-        return "it casts to an integer or bool dtype, which rounds"
+    if target == "type":
+        return None  # a cast to a floating type (_why_not_cast)
     if target in _REARRANGING_METHODS or target in _LINEAR_METHODS:
         if target in ("index_select", "gather", "masked_fill") and any(
                 v in varying for v in node.all_input_nodes if v is not node.args[0]):
