@@ -3,7 +3,6 @@ activation-like modules are refused."""
 
 from __future__ import annotations
 
-import operator
 import re
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
@@ -13,9 +12,9 @@ from torch import fx, nn
 
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
-from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _finish, _global_forward_hooks,
-                    _has_forward_hooks, _module, _placeholder_descendants, _plain_torch_forward,
-                    _replace_with_module, _source_line, copy_model, trace)
+from .graph import (ConversionError, _aliases, _arg_values, _declared_time_linear, _describe, _finish,
+                    _global_forward_hooks, _has_forward_hooks, _module, _placeholder_descendants,
+                    _plain_torch_forward, _replace_with_module, _source_line, copy_model, trace)
 
 # ---------------------------------------------------------------------------
 # Pass: ReLU call sites -> quantizers
@@ -40,50 +39,6 @@ def _relu_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.target in (torch.relu_, F.relu_, "relu_"):
         return True
     return node.target is F.relu and bool(_arg_values(node, 1, "inplace"))
-
-
-# Operations whose result may share memory with their first argument: an
-# in-place ReLU on any of them changes the others too.
-_ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
-                     "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "squeeze", "unsqueeze",
-                     "expand", "expand_as", "narrow", "select", "split", "tensor_split", "hsplit", "vsplit",
-                     "dsplit", "chunk", "unbind", "contiguous", "detach", "as_strided", "diagonal",
-                     # casts and moves return the tensor itself when nothing changes
-                     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"}
-_ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.flatten, torch.unflatten, torch.reshape, torch.permute,
-                       torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
-                       torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split,
-                       torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
-                       torch.t, torch.detach, torch.diagonal, torch.as_strided, operator.iadd, operator.isub,
-                       operator.imul, operator.itruediv}
-_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
-
-
-def _may_alias_input(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_method":
-        return node.target in _ALIASING_METHODS or str(node.target).endswith("_")
-    if node.op == "call_function":
-        return node.target in _ALIASING_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
-    if node.op == "call_module":
-        m = _module(gm, node)
-        return isinstance(m, _ALIASING_MODULES) or bool(getattr(m, "inplace", False))
-    return False
-
-
-def _aliases(gm: fx.GraphModule, value: fx.Node, skip: fx.Node) -> set:
-    """The graph values that may share memory with ``value`` (views of it,
-    what it is a view of, and so on), ``skip`` left out."""
-    found, todo = {value}, [value]
-    while todo:
-        n = todo.pop()
-        related = [u for u in n.users if u is not skip and _may_alias_input(gm, u) and u.args[:1] == (n,)]
-        if _may_alias_input(gm, n) and n.args and isinstance(n.args[0], fx.Node):
-            related.append(n.args[0])
-        for r in related:
-            if r not in found:
-                found.add(r)
-                todo.append(r)
-    return found
 
 
 def _later_reads_of_overwritten(gm: fx.GraphModule, node: fx.Node, order: Dict[fx.Node, int]) -> List[fx.Node]:

@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from torch import fx, nn
-from torch.nn.utils import parametrize
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from .graph import _called_once, _finish, _fresh_name, _module, _plain_torch_forward
+from .graph import _called_once, _finish, _fresh_name, _module, _owns_its_parameters
 
 def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
     """Folds each eval-mode BatchNorm whose input is a conv/linear used only by
     it into that layer's weights and bias. Only into a layer that runs torch's
-    own forward on its own parameters (a subclass or parametrization that
-    transforms its weight would transform the folded one, and a tied weight
+    own forward and _conv_forward on its own parameters (a subclass or
+    parametrization that transforms its weight, weight standardisation in an
+    overridden _conv_forward, would transform the folded one, and a tied weight
     read elsewhere would change there: such a BN stays, as the per-channel
-    affine map it is); a layer called at several sites gets a copy for this
+    affine map it is; see graph._owns_its_parameters); a layer called at several sites gets a copy for this
     site, so the others keep the unfolded weights. Linear + BatchNorm1d is not
     folded (on [B, N, C] the BN normalises N, not the linear's outputs)."""
     for node in list(gm.graph.nodes):
@@ -23,7 +23,7 @@ def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
             continue
         source = node.args[0]
         layer = _module(gm, source) if isinstance(source, fx.Node) else None
-        if layer is None or len(source.users) != 1 or not _foldable(gm, source.target, layer):
+        if layer is None or len(source.users) != 1 or not _owns_its_parameters(gm, source.target, layer):
             continue
         if isinstance(layer, nn.modules.conv._ConvNd) and not isinstance(layer, nn.modules.conv._ConvTransposeNd):
             fuse = fuse_conv_bn_eval
@@ -43,17 +43,3 @@ def fold_batch_norms(gm: fx.GraphModule) -> fx.GraphModule:
         gm.graph.erase_node(node)
     return _finish(gm)
 
-
-def _foldable(gm: fx.GraphModule, target: str, layer: nn.Module) -> bool:
-    """Folding changes ``layer``'s weight and bias: only where nothing else sees
-    them. The layer runs torch's own forward on its own parameters (no
-    parametrization or weight-norm hook recomputing them), and no other module
-    or graph node reads those parameters (weight tying, F.conv_transpose2d(z,
-    self.enc.weight))."""
-    if not _plain_torch_forward(layer) or parametrize.is_parametrized(layer) or layer._forward_pre_hooks:
-        return False
-    own = {id(p) for p in layer.parameters()}
-    for name, p in gm.named_parameters(remove_duplicate=False):
-        if id(p) in own and not name.startswith(target + "."):
-            return False
-    return not any(n.op == "get_attr" and str(n.target).startswith(target + ".") for n in gm.graph.nodes)

@@ -5,11 +5,13 @@ node's arguments and of tensor sizes."""
 from __future__ import annotations
 
 import copy
+import operator
 import os
 from typing import Any, List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import fx, nn
+from torch.nn.utils import parametrize
 
 from ..nn import SpikingNeuron
 from ..quant import QuantReLU
@@ -142,6 +144,116 @@ def _global_forward_hooks() -> bool:
 def _plain_torch_forward(m: nn.Module) -> bool:
     """``m.forward`` is torch's own (not overridden by a user subclass)."""
     return getattr(type(m).forward, "__module__", "").startswith("torch.")
+
+
+# What a module's call runs besides forward: torch's convs compute in _conv_forward, which a
+# subclass may override (weight standardisation) while keeping torch's forward.
+_COMPUTING_METHODS = ("forward", "_conv_forward", "__call__", "_call_impl")
+
+
+def _plain_torch_compute(m: nn.Module) -> bool:
+    """Calling ``m`` runs only torch's own code: neither ``forward`` nor what it
+    delegates to (``_conv_forward``) nor ``__call__`` is overridden by a user subclass."""
+    cls = type(m)
+    return all(getattr(getattr(cls, name), "__module__", "").startswith("torch.")
+               for name in _COMPUTING_METHODS if hasattr(cls, name))
+
+
+def _owns_its_parameters(gm: fx.GraphModule, target: str, layer: nn.Module) -> bool:
+    """Editing ``layer``'s parameters (folding a BN or a spike scale into them)
+    changes what this call of the layer computes, and nothing else: it runs
+    torch's own code (:func:`_plain_torch_compute`) on its own parameters (no
+    parametrization or weight-norm hook recomputing them), and no other module
+    or graph node reads them (weight tying, ``F.conv_transpose2d(z,
+    self.enc.weight)``)."""
+    if not _plain_torch_compute(layer) or parametrize.is_parametrized(layer) or _has_forward_hooks(layer):
+        return False
+    own = {id(p) for p in layer.parameters()}
+    for name, p in gm.named_parameters(remove_duplicate=False):
+        if id(p) in own and not name.startswith(target + "."):
+            return False
+    return not any(n.op == "get_attr" and str(n.target).startswith(target + ".") for n in gm.graph.nodes)
+
+
+# ---------------------------------------------------------------------------
+# Aliasing: which graph values may share memory (an in-place write to one changes the others)
+
+# Attributes that are the tensor's values (views of it), not its metadata.
+_VALUE_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
+
+# Operations whose result may share memory with their first operand.
+_ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unflatten", "permute",
+                     "transpose", "t", "swapaxes", "swapdims", "movedim", "moveaxis", "squeeze", "unsqueeze",
+                     "expand", "expand_as", "narrow", "select", "split", "tensor_split", "hsplit", "vsplit",
+                     "dsplit", "chunk", "unbind", "contiguous", "detach", "as_strided", "diagonal",
+                     # casts and moves return the tensor itself when nothing changes
+                     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"}
+_ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.flatten, torch.unflatten, torch.reshape, torch.permute,
+                       torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
+                       torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split,
+                       torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
+                       torch.t, torch.detach, torch.diagonal, torch.as_strided, operator.iadd, operator.isub,
+                       operator.imul, operator.itruediv}
+_ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
+# Python's augmented assignments: in place on tensors.
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior,
+                       operator.ixor, operator.ilshift, operator.irshift}
+
+
+def _first_operand(node: fx.Node) -> Any:
+    """The tensor a method or function acts on: args[0], or input= (self=)."""
+    if node.args:
+        return node.args[0]
+    return node.kwargs.get("input", node.kwargs.get("self"))
+
+
+def _may_alias_input(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node``'s result may share memory with its first operand (a view, a
+    cast that changes nothing, an in-place op returning its target)."""
+    if node.op == "call_method":
+        return node.target in _ALIASING_METHODS or str(node.target).endswith("_")
+    if node.op == "call_function":
+        if node.target is getattr:  # y.T is a view of y; y.shape or y.dtype is no tensor
+            return len(node.args) > 1 and node.args[1] in _VALUE_ATTRS
+        return node.target in _ALIASING_FUNCTIONS or getattr(node.target, "__name__", "").endswith("_")
+    if node.op == "call_module":
+        m = _module(gm, node)
+        return isinstance(m, _ALIASING_MODULES) or bool(getattr(m, "inplace", False))
+    return False
+
+
+def _aliases(gm: fx.GraphModule, value: fx.Node, skip: Optional[fx.Node] = None) -> set:
+    """The graph values that may share memory with ``value`` (views of it,
+    what it is a view of, and so on), ``skip`` left out."""
+    found, todo = {value}, [value]
+    while todo:
+        n = todo.pop()
+        related = [u for u in n.users if u is not skip and _may_alias_input(gm, u) and _first_operand(u) is n]
+        base = _first_operand(n)
+        if _may_alias_input(gm, n) and isinstance(base, fx.Node):
+            related.append(base)
+        for r in related:
+            if r not in found:
+                found.add(r)
+                todo.append(r)
+    return found
+
+
+def _writes_in_place(node: fx.Node) -> List[fx.Node]:
+    """The tensors ``node`` writes into: the target of an in-place op
+    (``x.add_(y)``, ``x += y``, ``torch.relu_(x)``) and its ``out=`` tensors."""
+    if node.op not in ("call_method", "call_function"):
+        return []
+    written: List[fx.Node] = []
+    fx.node.map_arg(node.kwargs.get("out"), written.append)
+    name = str(node.target if node.op == "call_method" else getattr(node.target, "__name__", ""))
+    in_place = (name.endswith("_") and not name.startswith("_")) or (
+        node.op == "call_function" and node.target in _IN_PLACE_OPERATORS)
+    target = _first_operand(node)
+    if in_place and isinstance(target, fx.Node) and target not in written:
+        written.append(target)
+    return written
 
 
 _TORCH_DIR = os.path.dirname(torch.__file__)

@@ -11,8 +11,7 @@ from torch import fx
 
 from ..nn import ReadoutOverTime, RepeatOverTime, ShapeOverTime
 from .graph import (_called_once, _is_neuron, _module, _placeholder_descendants, _reads_full_shape, _size_dims,
-                    _skips_batch_dim)
-from .time_rule import _writes_first_argument
+                    _skips_batch_dim, _writes_in_place)
 
 # ---------------------------------------------------------------------------
 # Pass: the time axis
@@ -74,7 +73,7 @@ def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
     an in-place module): a copy of that tensor made earlier is then stale."""
     if node.op == "call_module":
         return bool(getattr(_module(gm, node), "inplace", False))
-    return _writes_first_argument(node) or "out" in node.kwargs or bool(node.kwargs.get("inplace"))
+    return bool(_writes_in_place(node)) or bool(node.kwargs.get("inplace"))
 
 
 def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import operator
-from typing import Callable, List, Optional, Tuple, Type
+from typing import Any, Callable, Container, Dict, List, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import (ConversionError, _arg_values, _declared_time_linear, _describe, _has_forward_hooks,
-                    _plain_torch_forward, _source_line)
+from .graph import (_VALUE_ATTRS, ConversionError, _aliases, _arg_values, _declared_time_linear, _describe,
+                    _has_forward_hooks, _plain_torch_compute, _plain_torch_forward, _source_line, _writes_in_place)
 from .max_pools import _MAX_POOL_FUNCTIONS, _MAX_POOL_MODULES
 
 # ---------------------------------------------------------------------------
@@ -73,10 +73,6 @@ _METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_l
                        torch.full_like}
 
 
-# Attributes that are the tensor's values (views of them), not its metadata.
-_VALUE_ATTRS = {"T", "mT", "H", "mH", "data", "real", "imag"}
-
-
 def _reads_metadata(node: fx.Node) -> bool:
     if node.op == "call_method":
         return node.target in _METADATA_METHODS
@@ -85,15 +81,91 @@ def _reads_metadata(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target in _METADATA_FUNCTIONS
 
 
-def _writes_first_argument(node: fx.Node) -> bool:
-    """An in-place op (x.add_(y), x += y): it changes its first argument."""
-    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
-    return node.op in ("call_method", "call_function") and str(name).endswith("_") and not str(name).startswith("_") \
-        or (node.op == "call_function" and node.target in (operator.iadd, operator.isub, operator.imul,
-                                                           operator.itruediv))
+# Tensor type names of .type('torch.FloatTensor') (also torch.cuda.*) that are floating.
+_FLOATING_TYPE_NAMES = {"FloatTensor", "DoubleTensor", "HalfTensor", "BFloat16Tensor"}
 
 
-def _why_not_division(node: fx.Node, varying: set) -> Optional[str]:
+def _known_dtype(gm: fx.GraphModule, value: Any, varying: Container[fx.Node]) -> Optional[torch.dtype]:
+    """The dtype ``value`` (a dtype, or a tensor whose dtype a cast takes) stands for,
+    where the graph tells it: a literal, a parameter, buffer or constant (get_attr),
+    ``t.dtype`` of a known ``t``, a cast to a literal dtype, fx's shape metadata; a
+    time-varying value is floating (every cast of spikes to another dtype is refused).
+    None when unknown."""
+    if isinstance(value, torch.dtype):
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.dtype
+    if not isinstance(value, fx.Node):
+        return None
+    for key in ("val", "tensor_meta"):
+        dtype = getattr(value.meta.get(key), "dtype", None)
+        if isinstance(dtype, torch.dtype):
+            return dtype
+    if value.op == "get_attr":
+        try:
+            attr = fx.graph_module._get_attr(gm, value.target)
+        except AttributeError:
+            return None
+        return attr.dtype if isinstance(attr, torch.Tensor) else None
+    if value.op == "call_function" and value.target is getattr and value.args[1:] == ("dtype",):
+        return _known_dtype(gm, value.args[0], varying)
+    if value.op == "call_method" and value.target in _CAST_METHODS:
+        return _CAST_METHODS[value.target]
+    if value.op == "call_method" and value.target == "to":
+        literal = [a for a in list(value.args[1:]) + list(value.kwargs.values()) if isinstance(a, torch.dtype)]
+        if literal:
+            return literal[0]
+    if value in varying:
+        return torch.get_default_dtype()  # floating: which one does not matter here
+    return None
+
+
+_CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.float16,
+                 "bfloat16": torch.bfloat16}
+
+
+def _why_not_cast(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
+    """A cast of spikes to a non-floating dtype rounds each step's value, so it
+    is refused however it is spelled: a dtype anywhere in the call (``.to(torch.long)``,
+    ``sum(dtype=torch.int64)``), the dtype of another tensor (``.to(t)``,
+    ``.type_as(t)``, ``.to(t.dtype)``: accepted only where that dtype is known to be
+    floating), a type name (``.type('torch.LongTensor')``). A view as another
+    dtype reinterprets the bits."""
+    literals: List[torch.dtype] = []
+    fx.node.map_aggregate((node.args, node.kwargs),
+                          lambda a: literals.append(a) if isinstance(a, torch.dtype) else None)
+    if node.op == "call_method" and node.target == "view" and literals:
+        return "it views the tensor as another dtype, which reinterprets its bits"
+    for dtype in literals:
+        if not dtype.is_floating_point:
+            return f"it casts to {dtype}, not a floating dtype, which rounds"
+    others: List[Any] = []
+    if node.op == "call_method" and node.target in ("to", "type_as", "type"):
+        others = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, fx.Node)
+                  and not (a.op == "call_function" and a.target is getattr and a.args[1:] == ("device",))]
+    if isinstance(node.kwargs.get("dtype"), fx.Node) and node.kwargs["dtype"] not in others:
+        others.append(node.kwargs["dtype"])
+    for other in others:
+        dtype = _known_dtype(gm, other, varying)
+        if other.op == "call_function" and other.target is getattr and isinstance(other.args[0], fx.Node):
+            other = other.args[0]  # .to(t.dtype): name t
+        if dtype is None:
+            return (f"it casts to the dtype of '{other.name}', which fastspike cannot tell is floating (a cast to "
+                    "an integer or bool dtype would round); cast to an explicit floating dtype instead "
+                    "(.float(), .to(torch.float32))")
+        if not dtype.is_floating_point:
+            return f"it casts to the dtype of '{other.name}', {dtype}, not a floating dtype, which rounds"
+    if node.op == "call_method" and node.target == "type":
+        names = [a for a in list(node.args[1:]) + list(node.kwargs.values()) if isinstance(a, str)]
+        if not names and not literals and not others:
+            return ".type() without a dtype returns the type's name, not a tensor"
+        for name in names:
+            if name.rsplit(".", 1)[-1] not in _FLOATING_TYPE_NAMES:
+                return f"it casts to {name}, not a floating type, which rounds"
+    return None
+
+
+def _why_not_division(node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
     """x / y, torch.div(x, y), x.div(y) (or other=y): exact only without rounding and with a constant divisor."""
     if _arg_values(node, 2, "rounding_mode") is not None:
         return "it rounds"
@@ -101,12 +173,11 @@ def _why_not_division(node: fx.Node, varying: set) -> Optional[str]:
     return "it divides by a time-varying value" if isinstance(divisor, fx.Node) and divisor in varying else None
 
 
-def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spiking: Callable[[fx.Node], bool],
-                         inference: bool) -> Optional[str]:
+def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node],
+                         spiking: Callable[[fx.Node], bool], inference: bool) -> Optional[str]:
     """None if ``node`` (which reads a time-varying value) computes the same on
     the spikes of each step as on their rate; else the reason it does not."""
-    inputs: List[fx.Node] = []  # every time-varying operand, repeats counted (y * y)
-    fx.node.map_arg((node.args, node.kwargs), lambda v: inputs.append(v) if v in varying else None)
+    inputs = [v for v in _reads(node) if v in varying]  # every time-varying operand, repeats counted (y * y)
     if spiking(node) or node.op == "output" or _reads_metadata(node):
         return None
     if node.op == "call_module":
@@ -124,11 +195,14 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
                 return None  # eval mode: a per-channel affine map
             return "it normalises with the statistics of the batch, which differ between spikes and rates"
         if isinstance(m, _AFFINE_MODULES):
-            if _plain_torch_forward(m):
+            if _plain_torch_compute(m):
                 return None
-            return (f"{type(m).__name__} overrides forward(), so fastspike cannot tell that it is still "
-                    "affine in its input")
+            return (f"{type(m).__name__} overrides forward() (or _conv_forward()), so fastspike cannot tell "
+                    "that it is still affine in its input")
         return f"{type(m).__name__} is not known to be affine in its input"
+    why = _why_not_cast(gm, node, varying)
+    if why is not None:
+        return why
     target = node.target
     name = getattr(target, "__name__", str(target))
     if node.op == "call_function":
@@ -157,9 +231,8 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
         if target in _MAX_POOL_FUNCTIONS and node.users and all(spiking(u) for u in node.users):
             return None
         return f"{name} is not affine in its input"
-    if target in ("to", "type") and any(isinstance(a, torch.dtype) and not a.is_floating_point
-                                        for a in list(node.args[1:]) + list(node.kwargs.values())):
-        return "it casts to an integer or bool dtype, which rounds"
+    if target == "type":
+        return None  # a cast to a floating type (_why_not_cast)
     if target in _REARRANGING_METHODS or target in _LINEAR_METHODS:
         if target in ("index_select", "gather", "masked_fill") and any(
                 v in varying for v in node.all_input_nodes if v is not node.args[0]):
@@ -172,25 +245,57 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: set, spikin
     return f".{target}() is not affine in its input"
 
 
+def _reads(node: fx.Node) -> List[fx.Node]:
+    """The graph values ``node`` reads: its operands, not the out= tensors it only writes."""
+    found: List[fx.Node] = []
+    fx.node.map_arg((node.args, {k: v for k, v in node.kwargs.items() if k != "out"}), found.append)
+    return found
+
+
+def _time_varying_since(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool],
+                        writes: bool = True) -> Dict[fx.Node, int]:
+    """The nodes whose value differs between time steps, each with the position
+    (in graph order) from which it does: what a spiking node computes and
+    everything computed from it (metadata reads excepted), and, with
+    ``writes``, a tensor that a time-varying value is written into (in place,
+    ``x.add_(s)``, or by ``out=``) together with everything that shares its
+    memory: its views, taken before the write or after, and what it is a view
+    of. A node reading one of those after the write reads spikes; one reading
+    it before does not."""
+    since: Dict[fx.Node, int] = {}
+    for position, node in enumerate(gm.graph.nodes):
+        if spiking(node) or (not _reads_metadata(node) and any(v in since for v in _reads(node))):
+            since.setdefault(node, position)
+            if writes:
+                for written in _writes_in_place(node):
+                    for alias in _aliases(gm, written, skip=node):
+                        since.setdefault(alias, position)
+    return since
+
+
 def _time_varying(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], writes: bool = True) -> set:
-    """The nodes whose value differs between time steps: what a spiking node
-    computes and everything computed from it (metadata reads excepted), and,
-    with ``writes``, a tensor an in-place op writes a time-varying value into."""
-    varying: set = set()
-    for node in gm.graph.nodes:
-        if spiking(node) or (not _reads_metadata(node) and any(v in varying for v in node.all_input_nodes)):
-            varying.add(node)
-            if writes and _writes_first_argument(node) and node.args and isinstance(node.args[0], fx.Node):
-                varying.add(node.args[0])
-    return varying
+    """The nodes whose value differs between time steps (see :func:`_time_varying_since`)."""
+    return set(_time_varying_since(gm, spiking, writes))
+
+
+class _VaryingBefore:
+    """The values that vary over time where the node at ``position`` runs (``v in ...``):
+    a tensor written with spikes varies only from that write on."""
+
+    def __init__(self, since: Dict[fx.Node, int], position: int):
+        self.since, self.position = since, position
+
+    def __contains__(self, value: Any) -> bool:
+        return isinstance(value, fx.Node) and self.since.get(value, self.position) < self.position
 
 
 def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], inference: bool) -> None:
     """Raises :class:`ConversionError` for the first operation on a
     time-varying value that does not commute with the time average."""
-    varying = _time_varying(gm, spiking)
-    for node in gm.graph.nodes:
-        if node not in varying or spiking(node):
+    since = _time_varying_since(gm, spiking)
+    for position, node in enumerate(gm.graph.nodes):
+        varying = _VaryingBefore(since, position)
+        if spiking(node) or not any(v in varying for v in _reads(node)):
             continue
         why = _why_not_time_linear(gm, node, varying, spiking, inference)
         if why is None:
