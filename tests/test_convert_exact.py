@@ -1147,3 +1147,21 @@ def test_compact_spikes_fold_a_per_channel_scale_into_a_linear_only_on_a_matrix(
     assert rel(compact, plain) < 1e-9
     assert rel(plain, qnet(x)) < 1e-6  # (per-channel λ is a softplus: not float32-exact in float64)
     assert [m.compact for m in snets[1].modules() if isinstance(m, fastspike.nn.SpikingNeuron)] == [folds]
+
+
+class BufferOfSpikes(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c, self.d = nn.Conv2d(2, 3, 1), nn.Conv2d(3, 2, 1)
+
+    def forward(self, x):
+        y = F.relu(self.c(x))
+        buf = torch.zeros_like(y)  # made after the spikes: not the part that runs once
+        buf.add_(y)
+        return self.d(buf * 2)
+
+
+def test_a_buffer_made_after_the_spikes_and_written_with_them_converts_exactly():
+    torch.manual_seed(0)  # was refused as a write into the constant part with constant_input_once=True
+    for once in (True, False):
+        assert _if_at_t_equals_l(BufferOfSpikes(), torch.randn(3, 2, 2, 2), constant_input_once=once) < 1e-6

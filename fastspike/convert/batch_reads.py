@@ -114,8 +114,13 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
     if constant_input_once:
         # The part before the first neurons runs once on [B, ...] and is repeated where it meets
         # spikes: an in-place write of spikes into it would land on the repeated copy.
-        for written in varying - _time_varying(gm, spiking, writes=False):
-            if written in inputs:
+        by_writes = varying - _time_varying(gm, spiking, writes=False)
+        after_spikes: set = set()  # a neuron among its ancestors: not the part that runs once
+        for node in gm.graph.nodes:
+            if spiking(node) or any(v in after_spikes for v in node.all_input_nodes):
+                after_spikes.add(node)
+        for written in (n for n in gm.graph.nodes if n in by_writes):  # in graph order: name the first
+            if written in inputs and written not in after_spikes:
                 raise ConversionError(
                     f"node '{written.name}' ({_describe(gm, written)}){_source_line(written)} is computed "
                     "before the first spiking layer and later written in place with time-varying spikes; "
