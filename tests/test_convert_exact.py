@@ -1165,3 +1165,37 @@ def test_a_buffer_made_after_the_spikes_and_written_with_them_converts_exactly()
     torch.manual_seed(0)  # was refused as a write into the constant part with constant_input_once=True
     for once in (True, False):
         assert _if_at_t_equals_l(BufferOfSpikes(), torch.randn(3, 2, 2, 2), constant_input_once=once) < 1e-6
+
+
+class ChoiceAndAddmm(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c = nn.Conv2d(2, 4, 1)
+        self.w, self.b = nn.Parameter(torch.randn(3, 4)), nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        y = F.relu(self.c(x)).mean((2, 3))
+        keep = x.mean((2, 3)).sum(1, keepdim=True) > 0  # fixed over time: from the input
+        if self.op == "torch.where(fixed, y, 0)":
+            return torch.where(keep, y, 0)
+        if self.op == "y.where(fixed, -y)":
+            return y.where(keep, -y)
+        if self.op == "addmm(b, y, W.t())":
+            return torch.addmm(self.b, y, self.w.t())
+        if self.op == "y * y.new_tensor(...)":
+            return y * y.new_tensor([1.0, 2.0, 3.0, 4.0])
+        return torch.where(y > 0.5, y, 0)  # a condition on the spikes
+
+
+@pytest.mark.parametrize("op", ["torch.where(fixed, y, 0)", "y.where(fixed, -y)", "addmm(b, y, W.t())",
+                                "y * y.new_tensor(...)"])
+def test_choices_with_a_fixed_condition_and_addmm_on_spikes_convert_exactly(op):
+    torch.manual_seed(0)  # were refused as not affine
+    x = torch.randn(3, 2, 2, 2)
+    assert_converts_exactly(ChoiceAndAddmm(op), x)
+    assert _if_at_t_equals_l(ChoiceAndAddmm(op), x) < 1e-6
+
+
+def test_a_choice_whose_condition_varies_over_time_is_refused():
+    assert_refused(lambda: fastspike.quantize(ChoiceAndAddmm("on spikes"), levels=LEVELS), "node 'gt_1'", "y > 0.5")

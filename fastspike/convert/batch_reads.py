@@ -285,6 +285,11 @@ def _why_batch_dim(node: fx.Node, merged: set, origin: Dict[fx.Node, fx.Node], g
         return None
     elif name == "einsum":
         return _why_einsum(args, merged, guards, node)
+    elif name in ("addmm", "addmv", "addmm_", "addmv_"):  # input + mat1 @ mat2: a matrix on the right
+        right = args[2] if len(args) > 2 else kwargs.get("mat2", kwargs.get("vec"))
+        if _node_in(right, merged):
+            return "the time-varying operand is on the right of a matrix product, which contracts its rows"
+        return None
     elif name == "cdist":  # batched on rank >= 3; on matrices, between rows
         for tensor in args[:2]:
             if _node_in(tensor, merged):

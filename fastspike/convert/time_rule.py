@@ -62,13 +62,17 @@ _LINEAR_METHODS = {"add", "add_", "sub", "sub_", "neg", "neg_", "sum", "mean", "
 _PRODUCT_FUNCTIONS = {operator.mul, operator.imul, torch.mul, torch.multiply, operator.matmul, torch.matmul,
                       torch.mm, torch.bmm, torch.einsum}
 _PRODUCT_METHODS = {"mul", "mul_", "matmul", "mm", "bmm"}
+# input + mat1 @ mat2 (torch.addmm(input, mat1, mat2) or input.addmm(mat1, mat2): the factors at
+# 1 and 2 either way): linear while at most one factor varies.
+_ADD_PRODUCT = {"addmm": ("mat1", "mat2"), "baddbmm": ("batch1", "batch2"), "addmv": ("mat", "vec")}
 _DIVISION_FUNCTIONS = {operator.truediv, operator.itruediv, torch.div, torch.divide, torch.true_divide}
 _DIVISION_METHODS = {"div", "div_", "true_divide"}
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout}
 # Reads of a tensor's metadata: the value is not the tensor's (see the batch-size rule).
 _METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
-                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full"}
+                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full",
+                     "new_tensor"}
 _METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
                        torch.full_like}
 
@@ -205,6 +209,17 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[f
         return why
     target = node.target
     name = getattr(target, "__name__", str(target))
+    if name == "where" and node.op in ("call_function", "call_method"):
+        # a per-element choice between values: linear in them while the condition is fixed
+        if node.op == "call_function" and len(node.args) + len(node.kwargs) < 3:
+            return "torch.where(condition) returns the indices of the time-varying values"
+        cond = _arg_values(node, 0 if node.op == "call_function" else 1, "condition")
+        return "its condition varies over time" if isinstance(cond, fx.Node) and cond in varying else None
+    if name in _ADD_PRODUCT and node.op in ("call_function", "call_method"):
+        factors = [_arg_values(node, 1 + i, key) for i, key in enumerate(_ADD_PRODUCT[name])]
+        if sum(isinstance(f, fx.Node) and f in varying for f in factors) > 1:
+            return "it multiplies two time-varying values"
+        return None
     if node.op == "call_function":
         if target is getattr and node.args[1] in ("T", "mT", "H", "mH", "data"):
             return None  # a transposed view or the tensor itself (the batch rule looks at dim 0)
