@@ -1199,3 +1199,104 @@ def test_choices_with_a_fixed_condition_and_addmm_on_spikes_convert_exactly(op):
 
 def test_a_choice_whose_condition_varies_over_time_is_refused():
     assert_refused(lambda: fastspike.quantize(ChoiceAndAddmm("on spikes"), levels=LEVELS), "node 'gt_1'", "y > 0.5")
+
+
+# ---------------------------------------------------------------------------
+# Red-team round 4 (on the round-3 fixes)
+
+
+class OutputsWithoutBatch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        acc = torch.empty(0)
+        torch.mul(y, 2.0, out=acc)  # a tensor made from nothing, written with spikes
+        return self.c2(acc), torch.ones(x.shape[1])  # the second has no batch dim
+
+
+def test_outputs_written_with_spikes_are_read_out_and_batch_free_ones_are_not():
+    torch.manual_seed(0)
+    x = torch.randn(5, 4)
+    qnet = fastspike.quantize(OutputsWithoutBatch().eval(), levels=LEVELS, threshold=1.0)
+    with torch.no_grad():
+        y, ones = qnet(x)
+        for once in (True, False):
+            sy, sones = fastspike.to_snn(qnet, time_steps=LEVELS, constant_input_once=once)(x)
+            assert sy.shape == y.shape and rel(sy, y) < 1e-6 and torch.equal(sones, ones)
+
+
+class BufferControlFlow(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.register_buffer("flag", torch.tensor(True))
+        self.register_buffer("anchors", torch.randn(3, 4))
+
+    def forward(self, x):
+        y = F.relu(self.c1(x))
+        for i in range(self.anchors.shape[0]):  # needs the buffer baked in, not a graph value
+            y = y + self.anchors[i]
+        if self.flag:
+            y = y * 2
+        return self.c2(y)
+
+
+def test_python_control_flow_on_buffers_still_traces():
+    torch.manual_seed(0)
+    assert_converts_exactly(BufferControlFlow(), torch.randn(3, 4))
+
+
+class InputPart4(nn.Module):
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        if self.op == "ravel then add_":
+            base = x * 0.0
+            base.ravel().view(base.shape).add_(F.relu(self.c1(x)))
+            return self.c2(torch.sigmoid(base))
+        if self.op == "eval dropout then add_":
+            base = x * 0.0
+            F.dropout(base, 0.5, training=False).add_(F.relu(self.c1(x)))
+            return self.c2(torch.sigmoid(base))
+        if self.op == "x.new_tensor(spikes)":
+            return self.c2(torch.sigmoid(x.new_tensor(F.relu(self.c1(x)))))
+        if self.op == "linalg.vecdot(dim=0)":
+            return self.c2(F.relu(self.c1(x * torch.linalg.vecdot(x, x, dim=0))))
+        return self.c2(F.relu(self.c1(x * torch.trapezoid(x, dim=0))))
+
+
+@pytest.mark.parametrize("op", ["ravel then add_", "eval dropout then add_", "x.new_tensor(spikes)",
+                                "linalg.vecdot(dim=0)", "trapezoid(dim=0)"])
+def test_writes_through_more_views_and_more_dim_0_ops_are_refused(op):
+    assert_refused(lambda: fastspike.to_snn(fastspike.quantize(InputPart4(op).eval(), levels=LEVELS, threshold=1.0),
+                                            time_steps=4, constant_input_once=False))
+
+
+class InPlaceIntoCopy(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c0, self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.c0(x)
+        if self.how == "a view to x.size(0) rows, then mul_":
+            h.view(h.size(0), -1).mul_(2.0)
+        else:
+            h.mul_(x.new_full((x.size(0), 4), 3.0))
+        return self.c2(F.relu(self.c1(h)))
+
+
+@pytest.mark.parametrize("how", ["a view to x.size(0) rows, then mul_", "mul_ by a batch-shaped tensor"])
+def test_in_place_writes_that_would_land_on_the_copy_over_time_are_refused(how):
+    torch.manual_seed(0)
+    x = torch.randn(3, 4)
+    qnet = fastspike.quantize(InPlaceIntoCopy(how).eval(), levels=LEVELS, threshold=1.0)
+    assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "would land on a copy")
+    assert _if_at_t_equals_l(InPlaceIntoCopy(how), x, constant_input_once=False) < 1e-6

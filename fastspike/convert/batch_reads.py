@@ -172,7 +172,9 @@ _DIM_ARGS = {
     "special_softmax": (1, "dim", None), "special_log_softmax": (1, "dim", None),
     "special_logsumexp": (1, "dim", None), "quantile": (2, "dim", None), "nanquantile": (2, "dim", None),
     "linalg_norm": (2, "dim", None), "linalg_vector_norm": (2, "dim", None),
-    "linalg_matrix_norm": (2, "dim", (-2, -1)),
+    "linalg_matrix_norm": (2, "dim", (-2, -1)), "linalg_vecdot": (2, "dim", -1),
+    # dim is keyword-only in practice (their second positional is x or dx)
+    "trapezoid": (99, "dim", -1), "trapz": (99, "dim", -1), "cumulative_trapezoid": (99, "dim", -1),
 }
 # Reductions that give the same value on T repeated copies of the rows (max, amax, min, median,
 # mode, all, any, ...) need no entry. Ops along dim 0 of every merged operand, whatever the arguments:

@@ -10,6 +10,7 @@ import os
 from typing import Any, List, Optional, Sequence, Tuple, Type
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
@@ -33,9 +34,6 @@ class _Tracer(fx.Tracer):
         super().__init__()
         self.extra_leaves = tuple(leaf_modules)
         self.record_stack_traces = True  # refusals name the user's source line
-        # A buffer read in forward() is a graph value (get_attr), not a tensor baked in: its
-        # sizes may then be used for shapes (self.anchors.expand(x.size(0), -1, -1)).
-        self.proxy_buffer_attributes = True
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if isinstance(m, _LEAVES + self.extra_leaves) or _declared_time_linear(m):
@@ -51,6 +49,17 @@ def trace(model: nn.Module, leaf_modules: Sequence[Type[nn.Module]] = ()) -> fx.
     try:
         graph = tracer.trace(model)
     except Exception as err:  # fx raises many kinds; all mean the same to the user
+        # Buffers are baked in as constants (so `if self.flag:` and range(self.anchors.shape[0])
+        # trace); code that uses a buffer with traced sizes (self.anchors.expand(x.size(0), -1))
+        # needs them as graph values: the second try.
+        tracer = _Tracer(leaf_modules)
+        tracer.proxy_buffer_attributes = True
+        try:
+            graph = tracer.trace(model)
+        except Exception:
+            graph = None
+        if graph is not None:
+            return fx.GraphModule(tracer.root, graph, type(model).__name__)
         raise ConversionError(
             f"torch.fx cannot trace {type(model).__name__}: {type(err).__name__}: {err}. "
             "fastspike converts through torch.fx, so forward() must not branch on tensor values "
@@ -187,13 +196,19 @@ _ALIASING_METHODS = {"view", "view_as", "reshape", "reshape_as", "flatten", "unf
                      "expand", "expand_as", "narrow", "select", "split", "tensor_split", "hsplit", "vsplit",
                      "dsplit", "chunk", "unbind", "contiguous", "detach", "as_strided", "diagonal",
                      # casts and moves return the tensor itself when nothing changes
-                     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"}
+                     "to", "type", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda",
+                     "ravel", "unfold", "positive", "resolve_conj", "resolve_neg", "broadcast_to", "adjoint",
+                     "conj"}
 _ALIASING_FUNCTIONS = {operator.getitem, getattr, torch.flatten, torch.unflatten, torch.reshape, torch.permute,
                        torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim, torch.moveaxis,
                        torch.squeeze, torch.unsqueeze, torch.narrow, torch.select, torch.split,
                        torch.tensor_split, torch.hsplit, torch.vsplit, torch.dsplit, torch.chunk, torch.unbind,
                        torch.t, torch.detach, torch.diagonal, torch.as_strided, operator.iadd, operator.isub,
-                       operator.imul, operator.itruediv}
+                       operator.imul, operator.itruediv, torch.ravel, torch.positive, torch.resolve_conj,
+                       torch.resolve_neg, torch.broadcast_to, torch.atleast_1d, torch.atleast_2d, torch.atleast_3d,
+                       torch.view_as_real, torch.adjoint, torch.conj, torch.real, torch.imag,
+                       # eval-mode dropout returns its input itself
+                       F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout}
 _ALIASING_MODULES = (nn.Identity, nn.Flatten, nn.Unflatten, nn.modules.dropout._DropoutNd)
 # Python's augmented assignments: in place on tensors.
 _IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,

@@ -4,14 +4,14 @@ layout, or run once and read as a time broadcast; outputs read out over T)."""
 from __future__ import annotations
 
 import operator
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import fx
 
 from ..nn import ReadoutOverTime, RepeatOverTime, ShapeOverTime
-from .graph import (_called_once, _is_neuron, _module, _placeholder_descendants, _reads_full_shape, _size_dims,
-                    _skips_batch_dim, _writes_in_place)
+from .graph import (ConversionError, _aliases, _called_once, _describe, _is_neuron, _may_alias_input, _module,
+                    _reads_full_shape, _size_dims, _skips_batch_dim, _source_line, _writes_in_place)
 
 # ---------------------------------------------------------------------------
 # Pass: the time axis
@@ -68,6 +68,31 @@ def _read_size_over_time(gm: fx.GraphModule, node: fx.Node) -> Tuple[fx.Node, fx
     return shape, read
 
 
+def _carries_the_batch(gm: fx.GraphModule) -> set:
+    """The nodes whose value may have the inputs' batch dim: computed from the inputs (not only
+    through batch-free reads such as ``x.shape[1]``), or a tensor such a value was written into
+    (``out=``, in place) and what is computed from it after. The other outputs have no time
+    axis to read out."""
+    def storage(node: fx.Node) -> Optional[int]:
+        # fx bakes a tensor made in forward() into attributes, one per use: alike by their memory
+        value = getattr(gm, node.target, None) if node.op == "get_attr" and "." not in node.target else None
+        return value.untyped_storage().data_ptr() if isinstance(value, torch.Tensor) else None
+
+    sizes = {n for n in gm.graph.nodes if _reads_full_shape(n)}
+    found: set = set()
+    written_memory: set = set()
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or (any(v in found for v in node.all_input_nodes)
+                                        and not _reads_batch_free(node, sizes)) or (
+                node.op == "get_attr" and storage(node) in written_memory):
+            found.add(node)
+            for written in _writes_in_place(node):
+                found.update(_aliases(gm, written))
+                if storage(written) is not None:
+                    written_memory.add(storage(written))
+    return found
+
+
 def _may_write(gm: fx.GraphModule, node: fx.Node) -> bool:
     """The node may change a tensor it did not make (x.sub_(m), x += y, out=,
     an in-place module): a copy of that tensor made earlier is then stale."""
@@ -100,7 +125,7 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
     # (parameters, literals, batch-free metadata reads) is used as it is.
     # sizes: nodes holding a whole shape, whose items past dim 0 are batch-free.
     constant, varying, repeated, sizes = set(), set(), {}, set()
-    computed = _placeholder_descendants(gm)  # the outputs that depend on no input are not read out
+    computed = _carries_the_batch(gm)  # the other outputs are returned as they are
 
     def repeat(value: fx.Node, before: fx.Node) -> fx.Node:
         # Copies made before an in-place op are dropped from `repeated` (below),
@@ -111,10 +136,22 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
             varying.add(repeated[value])
         return repeated[value]
 
+    written = {w for n in gm.graph.nodes for w in _writes_in_place(n)}
+
     def repeat_constant_inputs(node: fx.Node) -> None:
         for value in node.all_input_nodes:
-            if value in constant:
-                node.replace_input_with(value, repeat(value, node))
+            if value not in constant:
+                continue
+            # A write into the copy (or into a view of it) would not reach the value itself.
+            if value in _writes_in_place(node) or (_may_alias_input(gm, node) and _aliases(gm, node) & written):
+                raise ConversionError(
+                    f"node '{node.name}' ({_describe(gm, node)}){_source_line(node)} meets '{value.name}', "
+                    "computed before the first spiking layer, with a value that has the T·B rows of the "
+                    "converted network (spikes, or a size read off the batch) and writes into it in place "
+                    "(or makes a view of it that is written later); with constant_input_once=True that part "
+                    "runs once on [B, ...], so the write would land on a copy. Write that op out of place, or "
+                    "convert with constant_input_once=False.")
+            node.replace_input_with(value, repeat(value, node))
 
     for node in list(gm.graph.nodes):
         if constant_input_once and _may_write(gm, node):

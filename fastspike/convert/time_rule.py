@@ -71,8 +71,7 @@ _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_
                       F.feature_alpha_dropout}
 # Reads of a tensor's metadata: the value is not the tensor's (see the batch-size rule).
 _METADATA_METHODS = {"size", "dim", "ndimension", "numel", "nelement", "get_device", "is_floating_point",
-                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full",
-                     "new_tensor"}
+                     "is_complex", "is_contiguous", "new_zeros", "new_ones", "new_empty", "new_full"}
 _METADATA_FUNCTIONS = {getattr, len, torch.numel, torch.zeros_like, torch.ones_like, torch.empty_like,
                        torch.full_like}
 
@@ -261,9 +260,11 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[f
 
 
 def _reads(node: fx.Node) -> List[fx.Node]:
-    """The graph values ``node`` reads: its operands, not the out= tensors it only writes."""
+    """The graph values ``node`` reads: its operands, not the out= tensors it only writes
+    (nor the tensor of ``t.new_tensor(data)``, whose dtype and device only are read)."""
     found: List[fx.Node] = []
-    fx.node.map_arg((node.args, {k: v for k, v in node.kwargs.items() if k != "out"}), found.append)
+    args = node.args[1:] if node.op == "call_method" and node.target == "new_tensor" else node.args
+    fx.node.map_arg((args, {k: v for k, v in node.kwargs.items() if k != "out"}), found.append)
     return found
 
 
