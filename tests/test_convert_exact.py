@@ -945,7 +945,6 @@ INTEGER_CASTS = {
     "type_as(an int64 buffer)": lambda m, y, x: y.type_as(m.index).float(),
     "to(buffer.dtype)": lambda m, y, x: y.to(m.index.dtype).float(),
     "to(dtype=buffer.dtype)": lambda m, y, x: y.to(dtype=m.index.dtype).float(),
-    "to(the input), dtype unknown": lambda m, y, x: y.to(x).float(),
     "sum(dtype=torch.int64)": lambda m, y, x: y.sum(1, keepdim=True, dtype=torch.int64).float().expand_as(y),
     "torch.cumsum(dtype=torch.int32)": lambda m, y, x: torch.cumsum(y, 1, dtype=torch.int32).float(),
     "view(torch.int32)": lambda m, y, x: y.view(torch.int32).float(),
@@ -1300,3 +1299,26 @@ def test_in_place_writes_that_would_land_on_the_copy_over_time_are_refused(how):
     qnet = fastspike.quantize(InPlaceIntoCopy(how).eval(), levels=LEVELS, threshold=1.0)
     assert_refused(lambda: fastspike.to_snn(qnet, time_steps=4), "would land on a copy")
     assert _if_at_t_equals_l(InPlaceIntoCopy(how), x, constant_input_once=False) < 1e-6
+
+
+class CastToTheInputsDtype(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.how = how
+        self.c1, self.c2 = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):
+        y = F.relu(self.c1(x.float()))
+        y = {"to(x.dtype)": lambda: y.to(x.dtype), "type_as(x)": lambda: y.type_as(x),
+             "to(x)": lambda: y.to(x), "to(dtype=x.dtype)": lambda: y.to(dtype=x.dtype)}[self.how]()
+        return self.c2(y.float())
+
+
+@pytest.mark.parametrize("how", ["to(x.dtype)", "type_as(x)", "to(x)", "to(dtype=x.dtype)"])
+def test_casts_to_the_inputs_dtype_are_exact_and_checked_when_the_network_runs(how):
+    torch.manual_seed(0)  # refused after round 3 (the graph has no dtype for the input): a false refusal
+    x = torch.randn(3, 4)
+    assert _if_at_t_equals_l(CastToTheInputsDtype(how), x) < 1e-6
+    qnet = fastspike.quantize(CastToTheInputsDtype(how).eval(), levels=LEVELS, threshold=1.0)
+    with pytest.raises(AssertionError, match="not a floating dtype"):  # an integer input would round the spikes
+        fastspike.to_snn(qnet, time_steps=LEVELS)((x * 10).long())

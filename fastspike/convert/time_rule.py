@@ -127,7 +127,8 @@ _CAST_METHODS = {"float": torch.float32, "double": torch.float64, "half": torch.
                  "bfloat16": torch.bfloat16}
 
 
-def _why_not_cast(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node]) -> Optional[str]:
+def _why_not_cast(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node],
+                  unknown: Optional[List[Tuple[fx.Node, fx.Node]]] = None) -> Optional[str]:
     """A cast of spikes to a non-floating dtype rounds each step's value, so it
     is refused however it is spelled: a dtype anywhere in the call (``.to(torch.long)``,
     ``sum(dtype=torch.int64)``), the dtype of another tensor (``.to(t)``,
@@ -152,6 +153,9 @@ def _why_not_cast(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node]
         dtype = _known_dtype(gm, other, varying)
         if other.op == "call_function" and other.target is getattr and isinstance(other.args[0], fx.Node):
             other = other.args[0]  # .to(t.dtype): name t
+        if dtype is None and unknown is not None:
+            unknown.append((node, other))  # checked when the network runs (check_time_rule)
+            continue
         if dtype is None:
             return (f"it casts to the dtype of '{other.name}', which fastspike cannot tell is floating (a cast to "
                     "an integer or bool dtype would round); cast to an explicit floating dtype instead "
@@ -177,7 +181,8 @@ def _why_not_division(node: fx.Node, varying: Container[fx.Node]) -> Optional[st
 
 
 def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[fx.Node],
-                         spiking: Callable[[fx.Node], bool], inference: bool) -> Optional[str]:
+                         spiking: Callable[[fx.Node], bool], inference: bool,
+                         unknown_dtypes: Optional[List[Tuple[fx.Node, fx.Node]]] = None) -> Optional[str]:
     """None if ``node`` (which reads a time-varying value) computes the same on
     the spikes of each step as on their rate; else the reason it does not."""
     inputs = [v for v in _reads(node) if v in varying]  # every time-varying operand, repeats counted (y * y)
@@ -203,7 +208,7 @@ def _why_not_time_linear(gm: fx.GraphModule, node: fx.Node, varying: Container[f
             return (f"{type(m).__name__} overrides forward() (or _conv_forward()), so fastspike cannot tell "
                     "that it is still affine in its input")
         return f"{type(m).__name__} is not known to be affine in its input"
-    why = _why_not_cast(gm, node, varying)
+    why = _why_not_cast(gm, node, varying, unknown_dtypes)
     if why is not None:
         return why
     target = node.target
@@ -309,11 +314,14 @@ def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], infe
     """Raises :class:`ConversionError` for the first operation on a
     time-varying value that does not commute with the time average."""
     since = _time_varying_since(gm, spiking)
+    # Casts of spikes to the dtype of a tensor the graph does not type (the input: y.to(x.dtype)):
+    # the network checks that dtype is floating when it runs (torch._assert), as for the rank guards.
+    unknown: List[Tuple[fx.Node, fx.Node]] = []
     for position, node in enumerate(gm.graph.nodes):
         varying = _VaryingBefore(since, position)
         if spiking(node) or not any(v in varying for v in _reads(node)):
             continue
-        why = _why_not_time_linear(gm, node, varying, spiking, inference)
+        why = _why_not_time_linear(gm, node, varying, spiking, inference, unknown)
         if why is None:
             continue
         raise ConversionError(
@@ -323,6 +331,16 @@ def check_time_rule(gm: fx.GraphModule, spiking: Callable[[fx.Node], bool], infe
             "not compute the quantized network. Replace it with nn.ReLU (which becomes a spiking layer) "
             "or an affine operation, move it out of forward() to after the output, or, if it is a module "
             "that is affine in its input, declare its class with fastspike.time_linear(...).")
+    for node, tensor in unknown:
+        why = (f"fastspike: node '{node.name}' ({_describe(gm, node)}){_source_line(node)} casts time-varying "
+               f"spikes to the dtype of '{tensor.name}', which is not a floating dtype here; such a cast rounds "
+               "each step's value, so the SNN would not compute the quantized network. Cast to an explicit "
+               "floating dtype (.float()).")
+        with gm.graph.inserting_before(node):
+            floating = gm.graph.call_function(torch.is_floating_point, (tensor,))
+            gm.graph.call_function(torch._assert, (floating, why))
+    if unknown:
+        gm.recompile()
 
 
 def _nonlinear_nodes(gm: fx.GraphModule, most: int = 5) -> str:
