@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from .graph import (ConversionError, _describe, _is_neuron, _negative_reach, _placeholder_descendants,
-                    _reads_full_shape, _size_dims, _skips_batch_dim, _source_line)
+from .graph import (ConversionError, _descendants, _describe, _is_neuron, _negative_reach,
+                    _placeholder_descendants, _reads_full_shape, _size_dims, _skips_batch_dim, _source_line)
 from .time_rule import _reads_metadata, _time_varying
 
 # ---------------------------------------------------------------------------
@@ -115,10 +115,7 @@ def check_batch_reads(gm: fx.GraphModule, constant_input_once: bool = True) -> N
         # The part before the first neurons runs once on [B, ...] and is repeated where it meets
         # spikes: an in-place write of spikes into it would land on the repeated copy.
         by_writes = varying - _time_varying(gm, spiking, writes=False)
-        after_spikes: set = set()  # a neuron among its ancestors: not the part that runs once
-        for node in gm.graph.nodes:
-            if spiking(node) or any(v in after_spikes for v in node.all_input_nodes):
-                after_spikes.add(node)
+        after_spikes = _descendants(gm, spiking)  # not the part that runs once
         for written in (n for n in gm.graph.nodes if n in by_writes):  # in graph order: name the first
             if written in inputs and written not in after_spikes:
                 raise ConversionError(

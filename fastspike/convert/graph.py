@@ -7,7 +7,7 @@ from __future__ import annotations
 import copy
 import operator
 import os
-from typing import Any, List, Optional, Sequence, Tuple, Type
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Type
 
 import torch
 import torch.nn.functional as F
@@ -300,13 +300,18 @@ def _called_once(gm: fx.GraphModule, node: fx.Node) -> bool:
     return sum(n.op == "call_module" and n.target == node.target for n in gm.graph.nodes) == 1
 
 
-def _placeholder_descendants(gm: fx.GraphModule) -> set:
-    """Nodes computed from the network's inputs (not parameters or constants)."""
+def _descendants(gm: fx.GraphModule, source: Callable[[fx.Node], bool]) -> set:
+    """The nodes for which ``source`` holds and every node computed from one of them."""
     found = set()
     for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(i in found for i in node.all_input_nodes):
+        if source(node) or any(i in found for i in node.all_input_nodes):
             found.add(node)
     return found
+
+
+def _placeholder_descendants(gm: fx.GraphModule) -> set:
+    """Nodes computed from the network's inputs (not parameters or constants)."""
+    return _descendants(gm, lambda node: node.op == "placeholder")
 
 
 def _size_dims(node: fx.Node) -> List[Any]:

@@ -134,6 +134,7 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
             with gm.graph.inserting_before(before):
                 repeated[value] = gm.graph.call_module("repeat_over_time", (value,))
             varying.add(repeated[value])
+            computed.add(repeated[value])
         return repeated[value]
 
     written = {w for n in gm.graph.nodes for w in _writes_in_place(n)}
@@ -162,13 +163,14 @@ def add_time_axis(gm: fx.GraphModule, time_steps: int, readout: str = "mean",
             else:
                 with gm.graph.inserting_after(node):
                     rep = gm.graph.call_module("repeat_over_time", (node,))
+                computed.add(rep)
                 node.replace_all_uses_with(rep, delete_user_cb=lambda user: user is not rep)
         elif node.op == "output":
             if constant_input_once:
                 node.args = fx.node.map_arg(node.args, lambda v: repeat(v, node) if v in constant else v)
 
             def read_out(value: fx.Node) -> fx.Node:
-                if value not in computed and not (value.op == "call_module" and value.target == "repeat_over_time"):
+                if value not in computed:
                     return value  # a parameter or constant returned as it is: no time axis to read out
                 with gm.graph.inserting_before(node):
                     return gm.graph.call_module("readout_over_time", (value,))
