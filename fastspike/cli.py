@@ -631,8 +631,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="held-out synthetic scenes (their own seed) that judge a detector's or segmenter's "
                         "layer updates by mAP@0.5 / mIoU")
     p.add_argument("--readout-bias", action="store_true",
-                   help="last stage: shift the output layer's bias by the mean output error to the quantized "
-                        "ANN (a detector's weighted by the ANN's objectness), judged like the layers")
+                   help="first stage: shift the output layer's bias by the mean output error to the quantized "
+                        "ANN (a detector's weighted by the ANN's objectness), judged like the layers and, "
+                        "if kept, re-fitted after each layer before it is judged")
     _add_recipe_arguments(p, epochs=1, batch_size=64, optimizer="adam", lr=1e-3, weight_decay=0.0)
     p.set_defaults(func=cmd_finetune)
 

@@ -618,7 +618,7 @@ def test_finetune_judges_detectors_and_segmenters_by_their_task_metric(demo_dir,
     printed = capsys.readouterr().out
     assert f"{metric} before" in printed and tuned.is_file()
     rows = [line.split() for line in printed.splitlines() if line.rstrip().endswith((" yes", " no"))]
-    assert rows and rows[-1][0] == "output-bias"  # --readout-bias: the closed-form last stage
+    assert rows and rows[0][0] == "output-bias"  # --readout-bias: the closed-form first stage
     for row in rows:
         before, after, kept = float(row[-3]), float(row[-2]), row[-1]
         assert (kept == "yes") == (after >= before)  # the metric decides

@@ -457,6 +457,42 @@ def test_readout_bias_removes_the_weighted_mean_output_error(trained_qnet, digit
                            Subset(digit_sets[0], range(64)), readout_bias=True, progress=False)
 
 
+@pytest.mark.parametrize("scores", [(0.0, 1.0, 0.5, 2.0), (0.0, 1.0, 2.0, 0.5)], ids=["middle-rejected", "last-rejected"])
+def test_readout_bias_comes_first_and_is_refitted_before_each_layer_is_judged(trained_qnet, digit_sets, scores):
+    # Issue 20: a layer's update moves the output's mean, so a kept readout bias is re-fitted after
+    # each layer stage before the metric judges it; a rejected layer takes its bias refit with it.
+    from fastspike.finetune import READOUT_BIAS, readout_bias_shift, spiking_layers
+
+    snn = fastspike.to_snn(trained_qnet, 2, "signed")
+    layers = spiking_layers(snn)[-2:]
+    train = Subset(digit_sets[0], range(128))
+    whole = torch.stack([train[i][0] for i in range(128)])  # one batch of everything: order-free means
+    values = iter(scores)  # initial, after the bias stage, after each of the two layers
+    seen = []
+
+    def metric(model):
+        seen.append({k: v.clone() for k, v in model.state_dict().items()})
+        return next(values)
+
+    original = copy.deepcopy(snn.state_dict())
+    report = finetune_layerwise(snn, trained_qnet, train, TrainConfig(epochs=1, batch_size=128, optimizer="adam",
+                                                                       lr=1e-2, weight_decay=0),
+                                metric=metric, layers=[READOUT_BIAS] + layers, readout_bias=True, progress=False)
+    kept = [scores[i + 2] >= max(scores[:i + 2]) for i in range(2)]
+    assert [(r["layer"], r["kept"]) for r in report] == [(READOUT_BIAS, True)] + list(zip(layers, kept))
+    bias_key, = [k for k in original if not torch.equal(seen[1][k], original[k])]  # the bias stage: one bias
+    assert bias_key.endswith("bias")
+    assert not torch.equal(seen[2][bias_key], seen[1][bias_key])  # re-fitted before the layer was judged
+    final = snn.state_dict()
+    for layer, was_kept in zip(layers, kept):
+        undone = all(torch.equal(final[k], original[k]) for k in feeding_parameters(snn, layer))
+        assert undone != was_kept
+    # the output bias is the closed-form optimum for the network that was kept, not for a rejected one
+    assert readout_bias_shift(copy.deepcopy(snn), trained_qnet, [whole])["shift"].abs().max() < 1e-5
+    if not kept[1]:
+        assert torch.equal(final[bias_key], seen[2][bias_key])
+
+
 def test_readout_bias_refuses_an_output_its_bias_does_not_shift_and_objectness_weights():
     from fastspike.finetune import readout_bias_shift
     from fastspike.models.yolo import objectness_weight
