@@ -42,7 +42,7 @@ import math
 import os
 import sys
 import tempfile
-from typing import Any, Callable, Dict, Iterable, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Union
 
 import torch
 from torch import fx, nn
@@ -203,8 +203,11 @@ def _replay(m: SpikingNeuron, seq: torch.Tensor) -> Dict[str, torch.Tensor]:
     return {"v": result.v.float(), "count": counts.sum(0, dtype=torch.int32), "negative": (counts < 0).any(0)}
 
 
-def format_comparison(rows: List[Dict[str, Any]]) -> str:
-    """The rows of :func:`layerwise_comparison` as a text table."""
+def format_comparison(rows: Union[List[Dict[str, Any]], Dict[str, List[Dict[str, Any]]]]) -> str:
+    """The rows of :func:`layerwise_comparison` as a text table; or the ``{kind: rows}`` of
+    :func:`compare_neurons`, one block of rows per neuron kind."""
+    if isinstance(rows, dict):
+        rows = [r for kind_rows in rows.values() for r in kind_rows]
     header = (f"{'layer':18s} {'neuron':8s} {'T':>2s} {'λ':>6s} {'MAE':>6s} {'bias':>7s} {'differ':>7s} "
               f"{'over':>6s} {'under':>6s} {'loc.diff':>8s} {'loc.over':>8s} {'loc.und':>7s} {'in.MAE':>7s} "
               f"{'late':>6s} {'neg':>6s}")

@@ -175,8 +175,27 @@ def _speed_steps(cfg: DemoConfig) -> int:
     return cfg.levels if cfg.levels in cfg.time_steps else max(cfg.time_steps)
 
 
+def fast_snn_finetune(task: _Task, cfg: DemoConfig, qnet: nn.Module, kind: str, T: int, device: torch.device,
+                      snn: Optional[nn.Module] = None, **options: Any) -> Any:
+    """The demo's Fast-SNN fine-tuning of ``qnet``'s ``kind`` SNN at ``T`` steps (or of ``snn``, an
+    SNN converted from ``qnet``): the readout bias first, then each layer (re-fitting the bias),
+    every stage judged by the task's metric on the tuning split. ``options`` override
+    :func:`fastspike.finetune.finetune_layerwise`'s arguments (benchmarks/finetune_variants.py
+    compares variants). Returns (snn, report)."""
+    from .finetune import finetune_layerwise
+
+    tune = DataLoader(task.tune_set, cfg.batch_size, collate_fn=task.collate)
+    recipe = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, optimizer="adam",
+                         lr=cfg.finetune_lr, weight_decay=0.0, seed=cfg.seed)
+    settings = dict(metric=lambda m: task.evaluate(m, tune), collate_fn=task.collate, max_batches=cfg.finetune_batches,
+                    device=device, progress=False, readout_bias=True, readout_weight=task.readout_weight)
+    settings.update(options)
+    snn = to_snn(qnet, T, kind) if snn is None else snn
+    return snn, finetune_layerwise(snn, qnet, task.train_set, recipe, **settings)
+
+
 def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) -> List[Dict[str, Any]]:
-    from .finetune import finetune_layerwise, write_back
+    from .finetune import write_back
     from .models import get_model
 
     torch.manual_seed(cfg.seed)
@@ -229,15 +248,9 @@ def _run_task(task: _Task, cfg: DemoConfig, device: torch.device, out_dir: str) 
     # table's other Ts get their own tuning, not the T = L network run shorter), judged by the
     # task's metric on the held-out tuning split; the tuned weights are written back into a copy
     # of the quantized ANN (saved as <task>-<kind>-finetuned-T<T>.pt), which converts to the tuned SNN.
-    tune = DataLoader(task.tune_set, cfg.batch_size, collate_fn=task.collate)
-    recipe = TrainConfig(epochs=cfg.finetune_epochs, batch_size=cfg.finetune_batch_size, optimizer="adam",
-                         lr=cfg.finetune_lr, weight_decay=0.0, seed=cfg.seed)
     for kind in cfg.finetune_neurons:
         for T in tqdm(steps, desc=f"{task.name}: fine-tuning {kind} at each T", leave=False):
-            snn = to_snn(qnet, T, kind)
-            report = finetune_layerwise(snn, qnet, task.train_set, recipe, metric=lambda m: task.evaluate(m, tune),
-                                        collate_fn=task.collate, max_batches=cfg.finetune_batches, device=device,
-                                        progress=False, readout_bias=True, readout_weight=task.readout_weight)
+            snn, report = fast_snn_finetune(task, cfg, qnet, kind, T, device)
             tuned = write_back(snn, copy.deepcopy(qnet))
             save_checkpoint(make_checkpoint(task.model_name, task.num_classes, cfg.levels, "qcfs", tuned,
                                             task.model_kwargs),
@@ -336,6 +349,13 @@ def _segmentation(cfg: DemoConfig) -> _Task:
 _TASKS = {"classification": _classification, "detection": _detection, "segmentation": _segmentation}
 
 
+def make_task(name: str, cfg: DemoConfig) -> _Task:
+    """The demo's task ``name`` (its data splits, model, metric) at the sizes of ``cfg``."""
+    if name not in _TASKS:
+        raise ValueError(f"task must be one of {sorted(_TASKS)}, got {name!r}")
+    return _TASKS[name](cfg)
+
+
 # ---------------------------------------------------------------------------
 # Report
 
@@ -401,7 +421,7 @@ def run_demo(out_dir: str = "demo-results", config: Optional[DemoConfig] = None,
     rows: List[Dict[str, Any]] = []
     start = time.perf_counter()
     for name in cfg.tasks:
-        rows += _run_task(_TASKS[name](cfg), cfg, dev, out_dir)
+        rows += _run_task(make_task(name, cfg), cfg, dev, out_dir)
     result = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in vars(cfg).items()},
               "device": str(dev), "backend": backend_info(), "threads": torch.get_num_threads(),
               "seconds": time.perf_counter() - start, "rows": rows}

@@ -31,6 +31,8 @@ def test_one_layer_at_T_equal_L_is_exact_for_if_and_signed():
         assert layer["negative"] == 0.0  # a constant input never needs a negative spike
         assert out["layer"] == "output" and out["mae"] < 1e-5 and out["differ"] == 0.0
     assert "output" in format_comparison(rows)
+    table = format_comparison(compare_neurons(qnet, x, 4)).splitlines()  # the README's spelling
+    assert [line.split()[1] for line in table[2:] if not line.startswith("output")] == ["if", "signed"]
 
 
 def _early_then_late():

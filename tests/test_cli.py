@@ -120,6 +120,25 @@ def test_detection_bootstrap_rebuilds_the_demo_rows(demo_dir, tmp_path):
         assert 0.0 <= d["fraction_at_or_below_0"] <= 1.0 and d["std"] >= 0.0
 
 
+def test_finetune_variants_score_the_demos_own_pipeline(demo_dir, tmp_path):
+    """benchmarks/finetune_variants.py (README, issue 20): on the test scenes its untuned, IF and
+    demo-pipeline SNNs are the demo's rows (the same conversion and the same fine-tuning code)."""
+    out, result = demo_dir
+    cfg = DemoConfig.quick()
+    T = max(cfg.time_steps)
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "finetune_variants.py"), str(out),
+                        "-T", str(T), "--dev-scenes", "4", "--out", str(tmp_path / "v.json")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    found = {row["variant"]: row for row in json.loads((tmp_path / "v.json").read_text())["rows"]}
+    rows = {(x["model"], x["T"]): x["value"] for x in result["rows"] if x["task"] == "detection"}
+    assert found["quantized ANN"]["test"] == pytest.approx(rows[(f"quantized ANN (L={cfg.levels})", None)], abs=1e-12)
+    for variant, model in (("IF", "SNN if"), ("not tuned", "SNN signed"), ("demo", "SNN signed fine-tuned")):
+        assert found[variant]["test"] == pytest.approx(rows[(model, T)], abs=1e-12), variant
+    assert set(found) == {"quantized ANN", "IF", "not tuned", "readout bias alone", "layers then bias", "demo"}
+    assert all(0.0 <= row["dev"] <= 1.0 for row in found.values())
+
+
 def test_convert_and_eval_from_the_command_line(demo_dir, tmp_path):
     out, _ = demo_dir
     converted = tmp_path / "snn.pt"
