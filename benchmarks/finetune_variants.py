@@ -7,8 +7,8 @@ Run from the repository root after ``make demo`` (or ``fastspike demo --tasks de
 
 It rebuilds the demo's detection task from ``<dir>/demo.json`` (its training, tuning and test
 scenes) and its quantized ANN (``detection.pt``), and scores each variant's signed SNN on a dev
-split of ``--dev-scenes`` scenes of their own seed (``--dev-seed``, default 3: neither training,
-tuning nor test scenes) and on the demo's test scenes. The dev column is the one to choose a
+split of ``--dev-scenes`` scenes of their own seed (``--dev-seed``, default the demo's seed + 3:
+neither training, tuning nor test scenes) and on the demo's test scenes. The dev column is the one to choose a
 variant by; the test column is the one to report. Variants:
 
 - ``not tuned`` and ``IF``: the signed and the IF SNN as converted;
@@ -50,16 +50,20 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     parser.add_argument("--seeds", type=int, nargs="+", help="recipe seeds (default the demo's)")
     parser.add_argument("--batches", type=int, nargs="+", help="training batches (default the demo's)")
     parser.add_argument("--dev-scenes", type=int, default=2048)
-    parser.add_argument("--dev-seed", type=int, default=3)
+    parser.add_argument("--dev-seed", type=int, help="default the demo's seed + 3 (its splits use + 0, 1, 2)")
     parser.add_argument("--out", help="also write the result as JSON here")
     args = parser.parse_args(argv)
 
     with open(os.path.join(args.results, "demo.json")) as f:
         saved = json.load(f)["config"]
     cfg = DemoConfig(**{k: v for k, v in saved.items() if k in {f.name for f in dataclasses.fields(DemoConfig)}})
+    dev_seed = cfg.seed + 3 if args.dev_seed is None else args.dev_seed
+    if dev_seed in (cfg.seed, cfg.seed + 1, cfg.seed + 2):
+        parser.error(f"--dev-seed must differ from the demo's training, test and tuning seeds "
+                     f"{[cfg.seed, cfg.seed + 1, cfg.seed + 2]}, got {dev_seed}")
     task = make_task("detection", cfg)
     qnet = build_quantized(load_checkpoint(os.path.join(args.results, "detection.pt"))).eval()
-    dev_scenes = SyntheticScenes(args.dev_scenes, cfg.scene_size, seed=args.dev_seed)
+    dev_scenes = SyntheticScenes(args.dev_scenes, cfg.scene_size, seed=dev_seed)
     splits = {"dev": DataLoader([dev_scenes[i] for i in range(len(dev_scenes))], cfg.batch_size, collate_fn=collate_scenes),
               "test": DataLoader(task.test_set, cfg.batch_size, collate_fn=collate_scenes)}
     device = torch.device("cpu")
@@ -87,7 +91,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
                 score("demo", T, snn, **info)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump({"dev_scenes": args.dev_scenes, "dev_seed": args.dev_seed, "rows": rows}, f, indent=1)
+            json.dump({"dev_scenes": args.dev_scenes, "dev_seed": dev_seed, "rows": rows}, f, indent=1)
     return {"rows": rows}
 
 

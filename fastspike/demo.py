@@ -74,7 +74,7 @@ class DemoConfig:
     # own seed) did not drop.
     finetune_neurons: Sequence[str] = ("signed",)
     finetune_epochs: int = 1
-    finetune_batches: int = 8  # the whole 256-scene training set: the readout bias is a mean, and 128 scenes left it noisy
+    finetune_batches: int = 8  # scenes: all 256 training scenes (the readout bias is a mean; 128 left it noisy)
     finetune_batch_size: int = 32
     finetune_lr: float = 1e-3
     digits_tune: int = 300

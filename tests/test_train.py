@@ -457,16 +457,19 @@ def test_readout_bias_removes_the_weighted_mean_output_error(trained_qnet, digit
                            Subset(digit_sets[0], range(64)), readout_bias=True, progress=False)
 
 
-@pytest.mark.parametrize("scores", [(0.0, 1.0, 0.5, 2.0), (0.0, 1.0, 2.0, 0.5)], ids=["middle-rejected", "last-rejected"])
+@pytest.mark.parametrize("scores", [(0.0, 1.0, 0.5, 2.0), (0.0, 1.0, 2.0, 0.5), (1.0, 0.0, 2.0, 3.0)],
+                         ids=["middle-rejected", "last-rejected", "bias-rejected"])
 def test_readout_bias_comes_first_and_is_refitted_before_each_layer_is_judged(trained_qnet, digit_sets, scores):
-    # Issue 20: a layer's update moves the output's mean, so a kept readout bias is re-fitted after
-    # each layer stage before the metric judges it; a rejected layer takes its bias refit with it.
+    # Issue 20: a layer's update moves the output's mean, so a kept readout bias is re-fitted (with
+    # its weights) after each layer stage before the metric judges it; a rejected layer takes its
+    # bias refit with it; a rejected bias stage is never re-fitted.
     from fastspike.finetune import READOUT_BIAS, readout_bias_shift, spiking_layers
 
     snn = fastspike.to_snn(trained_qnet, 2, "signed")
     layers = spiking_layers(snn)[-2:]
     train = Subset(digit_sets[0], range(128))
     whole = torch.stack([train[i][0] for i in range(128)])  # one batch of everything: order-free means
+    weight = torch.linspace(0.2, 2.0, 10).view(1, 10)
     values = iter(scores)  # initial, after the bias stage, after each of the two layers
     seen = []
 
@@ -477,18 +480,24 @@ def test_readout_bias_comes_first_and_is_refitted_before_each_layer_is_judged(tr
     original = copy.deepcopy(snn.state_dict())
     report = finetune_layerwise(snn, trained_qnet, train, TrainConfig(epochs=1, batch_size=128, optimizer="adam",
                                                                        lr=1e-2, weight_decay=0),
-                                metric=metric, layers=[READOUT_BIAS] + layers, readout_bias=True, progress=False)
-    kept = [scores[i + 2] >= max(scores[:i + 2]) for i in range(2)]
-    assert [(r["layer"], r["kept"]) for r in report] == [(READOUT_BIAS, True)] + list(zip(layers, kept))
+                                metric=metric, layers=[READOUT_BIAS] + layers, readout_bias=True,
+                                readout_weight=lambda y: weight, progress=False)
+    bias_kept = scores[1] >= scores[0]
+    kept = [scores[i + 2] >= max(scores[:i + 2] if bias_kept else scores[:1] + scores[2:i + 2]) for i in range(2)]
+    assert [(r["layer"], r["kept"]) for r in report] == [(READOUT_BIAS, bias_kept)] + list(zip(layers, kept))
     bias_key, = [k for k in original if not torch.equal(seen[1][k], original[k])]  # the bias stage: one bias
     assert bias_key.endswith("bias")
-    assert not torch.equal(seen[2][bias_key], seen[1][bias_key])  # re-fitted before the layer was judged
     final = snn.state_dict()
     for layer, was_kept in zip(layers, kept):
         undone = all(torch.equal(final[k], original[k]) for k in feeding_parameters(snn, layer))
         assert undone != was_kept
-    # the output bias is the closed-form optimum for the network that was kept, not for a rejected one
-    assert readout_bias_shift(copy.deepcopy(snn), trained_qnet, [whole])["shift"].abs().max() < 1e-5
+    if not bias_kept:
+        assert torch.equal(seen[2][bias_key], original[bias_key]) and torch.equal(final[bias_key], original[bias_key])
+        return
+    assert not torch.equal(seen[2][bias_key], seen[1][bias_key])  # re-fitted before the layer was judged
+    # the output bias is the weighted closed-form optimum for the network that was kept, not for a rejected one
+    refit = readout_bias_shift(copy.deepcopy(snn), trained_qnet, [whole], weight=lambda y: weight)["shift"]
+    assert refit.abs().max() < 1e-5
     if not kept[1]:
         assert torch.equal(final[bias_key], seen[2][bias_key])
 
