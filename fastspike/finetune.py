@@ -26,8 +26,8 @@ that arrives in the last steps, one-sidedly, and the rate-gradient MSE cannot se
 mean input is already right); the mean output error it leaves is what this removes, in closed form.
 Once kept, the correction is re-fitted after every later stage, before that stage is judged: a
 layer's update moves the output's mean, and judging it without the constant that cancels that
-move mixes the two (on the demo's detector the layer updates judged alone lowered the mAP of
-held-out scenes; judged with the bias re-fitted they raised it).
+move mixes the two (on the demo's detector, layers judged first and the bias last ended below the
+bias alone on held-out scenes; the bias first and re-fitted ended above both).
 
 **Surrogate-gradient training** (:func:`train_snn`): the whole SNN through the fused BPTT
 backward (``grad="surrogate"``), with the loop of :func:`fastspike.train.train_model`
