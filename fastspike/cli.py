@@ -388,12 +388,10 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     metric_fn, metric = None, "train accuracy"  # classifiers: finetune_layerwise scores val_set
     weight = None
     if task == "detection" and args.readout_bias:
-        from .models.yolo import DEFAULT_ANCHORS, objectness_weight
+        from .models.yolo import DEFAULT_ANCHORS, detection_readout_weight
 
         num_anchors = len((ckpt.get("model_kwargs") or {}).get("anchors") or DEFAULT_ANCHORS)
-
-        def weight(output: torch.Tensor) -> torch.Tensor:
-            return objectness_weight(output, num_anchors, ckpt["num_classes"])
+        weight = detection_readout_weight(num_anchors, ckpt["num_classes"])
     if task != "classification":
         from torch.utils.data import DataLoader
 

@@ -293,7 +293,7 @@ def _classification(cfg: DemoConfig) -> _Task:
 def _detection(cfg: DemoConfig) -> _Task:
     from .data import SyntheticScenes, collate_scenes
     from .metrics import DetectionMeter
-    from .models.yolo import DEFAULT_ANCHORS, decode_yolo, objectness_weight, yolo_loss
+    from .models.yolo import DEFAULT_ANCHORS, decode_yolo, detection_readout_weight, yolo_loss
 
     size = cfg.scene_size
     downsamples = 3  # a 64 px scene gives an 8x8 grid
@@ -315,7 +315,7 @@ def _detection(cfg: DemoConfig) -> _Task:
                  "tiny_yolov2", 3, dict(width=0.25, num_downsamples=downsamples),
                  lambda out, targets: yolo_loss(out, targets, DEFAULT_ANCHORS, 3, size),
                  Meter, cfg.detect_epochs, max(1, cfg.detect_epochs // 3), 3e-3,
-                 lambda y: objectness_weight(y, len(DEFAULT_ANCHORS), 3))
+                 detection_readout_weight(len(DEFAULT_ANCHORS), 3))
 
 
 def _segmentation(cfg: DemoConfig) -> _Task:

@@ -526,6 +526,16 @@ def test_readout_bias_refuses_an_output_its_bias_does_not_shift_and_objectness_w
     # The detector's weights: sigmoid(to) of each anchor, on all of its 5 + C channels.
     out = torch.randn(2, 2 * (5 + 3), 4, 4)
     w = objectness_weight(out, 2, 3)
+    hard = objectness_weight(out, 2, 3, hard=True)
     for a in range(2):
         block = w[:, a * 8:(a + 1) * 8]
         assert torch.equal(block, torch.sigmoid(out[:, a * 8 + 4:a * 8 + 5]).expand_as(block))
+        assert torch.equal(hard[:, a * 8:(a + 1) * 8], (block > 0.5).float())
+    assert 0 < hard.mean() < 1  # both kinds of anchors in the example
+    # the demo's detector (and fastspike finetune --readout-bias) weighs by the hard ones
+    from fastspike.demo import DemoConfig, make_task
+    from fastspike.models.yolo import DEFAULT_ANCHORS
+
+    y = torch.randn(2, len(DEFAULT_ANCHORS) * (5 + 3), 4, 4)
+    assert torch.equal(make_task("detection", DemoConfig.quick()).readout_weight(y),
+                       objectness_weight(y, len(DEFAULT_ANCHORS), 3, hard=True))

@@ -10,13 +10,14 @@ Anchors are ``(w, h)`` pairs in grid-cell units of the output map.
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["DEFAULT_ANCHORS", "TinyYOLOv2", "YOLOv2ResNet34", "decode_yolo", "yolo_loss", "objectness_weight"]
+__all__ = ["DEFAULT_ANCHORS", "TinyYOLOv2", "YOLOv2ResNet34", "decode_yolo", "yolo_loss", "objectness_weight",
+           "detection_readout_weight"]
 
 # (w, h) in grid cells of a stride-32 map: a 64 px image has 2x2 cells of 32 px, so
 # these span objects of 8..21 px, 1/8..1/3 of the image, square and elongated.
@@ -141,14 +142,23 @@ def _split(output: torch.Tensor, num_anchors: int, num_classes: int) -> torch.Te
     return output.view(b, num_anchors, 5 + num_classes, h, w).permute(0, 1, 3, 4, 2)
 
 
-def objectness_weight(output: torch.Tensor, num_anchors: int, num_classes: int) -> torch.Tensor:
+def objectness_weight(output: torch.Tensor, num_anchors: int, num_classes: int, hard: bool = False) -> torch.Tensor:
     """sigmoid(to) of each anchor and cell, repeated over that anchor's 5 + C channels: weights
     of a raw map ``[B, A*(5+C), H, W]`` by how likely it says an object is there (for
     :func:`fastspike.finetune.finetune_layerwise`'s ``readout_weight``, with the quantized ANN's
-    map: the box and class channels of the anchors that make the detections)."""
+    map: the box and class channels of the anchors that make the detections). ``hard``: 1 where
+    sigmoid(to) > 0.5 (the map says "object"), else 0."""
     p = _split(output, num_anchors, num_classes)  # [B, A, H, W, 5+C]
-    weight = torch.sigmoid(p[..., 4:5]).expand_as(p)
+    score = p[..., 4:5]
+    weight = ((score > 0).to(output.dtype) if hard else torch.sigmoid(score)).expand_as(p)
     return weight.permute(0, 1, 4, 2, 3).reshape(output.shape)
+
+
+def detection_readout_weight(num_anchors: int, num_classes: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The ``readout_weight`` the demo and ``fastspike finetune --readout-bias`` use for a YOLO map:
+    the hard objectness weights (the anchors where the quantized ANN sees an object). Chosen over
+    the soft ones on the demo detector's dev split (README, issue 20)."""
+    return lambda output: objectness_weight(output, num_anchors, num_classes, hard=True)
 
 
 @torch.no_grad()
