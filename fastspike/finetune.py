@@ -20,7 +20,7 @@ fused kernels.
 **Readout bias correction** (``readout_bias=True``, a first stage named :data:`READOUT_BIAS`):
 the bias of the output layer (the linear head) is shifted by the mean of (quantized ANN's output
 − SNN's output) per output channel over the tuning batches, optionally weighted per output
-(``readout_weight``, e.g. :func:`fastspike.models.yolo.objectness_weight`: a detector's box
+(``readout_weight``, e.g. :func:`fastspike.models.yolo.detection_readout_weight`: a detector's box
 channels where the quantized ANN sees an object). A signed-IF SNN at T = L under-counts input
 that arrives in the last steps, one-sidedly, and the rate-gradient MSE cannot see it (the layer's
 mean input is already right); the mean output error it leaves is what this removes, in closed form.
@@ -340,7 +340,7 @@ def finetune_layerwise(
             each later stage before it is judged, and undone with it if the stage is rejected
             (needs ``to_snn(readout="mean")``).
         readout_weight: ``weight(qnet_output) -> non-negative weights`` for that mean (e.g.
-            :func:`fastspike.models.yolo.objectness_weight`); default every output alike.
+            :func:`fastspike.models.yolo.detection_readout_weight`); default every output alike.
 
     A layer that already equals its quantized-ANN twin on the first batch (MSE below 1e-12 of
     the target's mean square, e.g. the first layer at T = L: its input is constant) is left as
