@@ -624,8 +624,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "(detection/segmentation)")
     p.add_argument("--force", action="store_true", help="keep every layer's update even if the metric drops")
     p.add_argument("--max-batches", type=_positive_int, default=None, help="batches per layer and epoch")
-    p.add_argument("--num-images", type=_positive_int, default=128, help="synthetic scenes to tune on")
-    p.add_argument("--tune-images", type=_positive_int, default=64,
+    # The defaults are the demo's splits: its 256 training scenes and 128 tuning scenes.
+    p.add_argument("--num-images", type=_positive_int, default=256, help="synthetic scenes to tune on")
+    p.add_argument("--tune-images", type=_positive_int, default=128,
                    help="held-out synthetic scenes (their own seed) that judge a detector's or segmenter's "
                         "layer updates by mAP@0.5 / mIoU")
     p.add_argument("--readout-bias", action="store_true",
