@@ -8,8 +8,8 @@ Run from the repository root after ``make demo`` (or ``fastspike demo --tasks de
 It rebuilds the demo's detection task from ``<dir>/demo.json`` (its training, tuning and test
 scenes) and its quantized ANN (``detection.pt``), and scores each variant's signed SNN on a dev
 split of ``--dev-scenes`` scenes of their own seed (``--dev-seed``, default the demo's seed + 3:
-neither training, tuning nor test scenes) and on the demo's test scenes. The dev column is the one to choose a
-variant by; the test column is the one to report. Variants:
+neither training, tuning nor test scenes) and on the demo's test scenes. The dev column is the
+one to choose a variant by; the test column is the one to report. Variants:
 
 - ``not tuned`` and ``IF``: the signed and the IF SNN as converted;
 - ``readout bias alone``: only the readout-bias stage, unjudged;
@@ -39,7 +39,7 @@ sys.path.insert(0, ROOT)
 from fastspike import to_snn  # noqa: E402
 from fastspike.checkpoint import build_quantized, load_checkpoint  # noqa: E402
 from fastspike.data import SyntheticScenes, collate_scenes  # noqa: E402
-from fastspike.demo import DemoConfig, fast_snn_finetune, make_task  # noqa: E402
+from fastspike.demo import DemoConfig, _cached, fast_snn_finetune, make_task  # noqa: E402
 from fastspike.finetune import READOUT_BIAS  # noqa: E402
 
 
@@ -64,7 +64,7 @@ def main(argv: List[str] = None) -> Dict[str, Any]:
     task = make_task("detection", cfg)
     qnet = build_quantized(load_checkpoint(os.path.join(args.results, "detection.pt"))).eval()
     dev_scenes = SyntheticScenes(args.dev_scenes, cfg.scene_size, seed=dev_seed)
-    splits = {"dev": DataLoader([dev_scenes[i] for i in range(len(dev_scenes))], cfg.batch_size, collate_fn=collate_scenes),
+    splits = {"dev": DataLoader(_cached(dev_scenes), cfg.batch_size, collate_fn=collate_scenes),
               "test": DataLoader(task.test_set, cfg.batch_size, collate_fn=collate_scenes)}
     device = torch.device("cpu")
     rows: List[Dict[str, Any]] = []

@@ -12,8 +12,9 @@ output layer's bias shifted by the mean output error to the quantized ANN (``rea
 detector's weighted by the ANN's objectness), then is tuned layer by layer at that T
 (:func:`fastspike.finetune.finetune_layerwise`, the bias re-fitted after each layer), each stage
 kept only if the task's own metric on a held-out tuning split did not drop, and is evaluated on
-the test split at that T ("SNN signed fine-tuned" rows; dashed curves in the plot). Fast-SNN tunes at the T the SNN
-runs (T = L); an SNN tuned at T = L and run for fewer steps keeps corrections made for L steps.
+the test split at that T ("SNN signed fine-tuned" rows; dashed curves in the plot). Fast-SNN
+tunes at the T the SNN runs (T = L); an SNN tuned at T = L and run for fewer steps keeps
+corrections made for L steps.
 
 Each SNN of every neuron kind is converted and run once, at max(T),
 with ``readout="sequence"``: the converted SNN is causal, so the mean of its first t steps is
@@ -69,9 +70,9 @@ class DemoConfig:
     seed: int = 0
     # Fast-SNN's layer-wise fine-tuning of the converted SNNs (of these neuron kinds, at each T,
     # each evaluated at its T): the readout bias correction, then each layer's MSE to the quantized
-    # ANN, on `finetune_batches` training batches of `finetune_batch_size`, each stage kept if the task's metric on the held-out tuning split (digits: the last
-    # `digits_tune` training images, left out of training; scenes: `scenes_tune` scenes of their
-    # own seed) did not drop.
+    # ANN, on `finetune_batches` training batches of `finetune_batch_size`, each stage kept if the
+    # task's metric on the held-out tuning split (digits: the last `digits_tune` training images,
+    # left out of training; scenes: `scenes_tune` scenes of their own seed) did not drop.
     finetune_neurons: Sequence[str] = ("signed",)
     finetune_epochs: int = 1
     finetune_batches: int = 8  # scenes: all 256 training scenes (the readout bias is a mean; 128 left it noisy)

@@ -254,8 +254,9 @@ def readout_bias_shift(snn: nn.Module, qnet: nn.Module, batches: Iterable[Any],
     the layers after its output layer must carry a per-channel constant through unchanged
     (pooling, interpolation, flatten): checked on the first batch, the bias restored and a
     ValueError raised if not (``check=False`` skips that: a re-fit of an SNN already checked,
-    whose near-zero shift the check's tolerance cannot tell from rounding). Returns ``{"shift": [C], "mse_before", "mse_after"}`` (weighted
-    mean squared output error over the batches, before and after)."""
+    whose near-zero shift the check's tolerance cannot tell from rounding). Returns
+    ``{"shift": [C], "mse_before", "mse_after"}`` (weighted mean squared output error over the
+    batches, before and after)."""
     bias = _output_bias(snn)
     total = wsum = square = None
     first, before = None, None
@@ -283,14 +284,14 @@ def readout_bias_shift(snn: nn.Module, qnet: nn.Module, batches: Iterable[Any],
     mse_after = float((square - 2 * shift * total + shift * shift * wsum).sum().clamp(min=0)) / denominator
     saved = bias.detach().clone()
     bias.add_(shift.to(bias.dtype))
-    if not check:
-        return {"shift": shift, "mse_before": mse_before, "mse_after": mse_after}
-    moved = _tensor_output(snn(first)).float() - before
-    expected = shift.view((1, -1) + (1,) * (moved.dim() - 2))
-    if not torch.allclose(moved, expected.expand_as(moved), rtol=1e-3, atol=1e-4 * (1 + float(shift.abs().max()))):
-        bias.copy_(saved)
-        raise ValueError("readout_bias: shifting the output layer's bias does not shift the SNN's output by the "
-                         "same constant per channel (an operation after it is not affine with slope 1)")
+    if check:
+        moved = _tensor_output(snn(first)).float() - before
+        expected = shift.view((1, -1) + (1,) * (moved.dim() - 2))
+        if not torch.allclose(moved, expected.expand_as(moved), rtol=1e-3,
+                              atol=1e-4 * (1 + float(shift.abs().max()))):
+            bias.copy_(saved)
+            raise ValueError("readout_bias: shifting the output layer's bias does not shift the SNN's output by "
+                             "the same constant per channel (an operation after it is not affine with slope 1)")
     return {"shift": shift, "mse_before": mse_before, "mse_after": mse_after}
 
 
@@ -349,8 +350,8 @@ def finetune_layerwise(
     Returns:
         one dict per tuned layer: ``layer``, ``parameters`` (count), ``loss_first_epoch`` and
         ``loss_last_epoch`` (mean layer MSE over the batches of the first and last epoch),
-        ``metric_before``, ``metric_after`` (after the update and the bias re-fit, before any revert), ``kept`` and
-        ``skipped`` (True for an exact layer, not tuned).
+        ``metric_before``, ``metric_after`` (after the update and the bias re-fit, before any
+        revert), ``kept`` and ``skipped`` (True for an exact layer, not tuned).
     """
     config = config or FINETUNE_DEFAULTS
     config.validate()
@@ -365,8 +366,9 @@ def finetune_layerwise(
                              "to_snn(readout='mean')")
     if readout:
         order = order + [READOUT]
+    # the output layer's bias (found, or refused, once): the readout-bias stage and its re-fits move it
+    output_bias = _output_bias(snn) if readout_bias else None
     if readout_bias:
-        _output_bias(snn)  # refuse early a network without an output bias
         order = [READOUT_BIAS] + order  # first: every later stage is judged with it re-fitted
     if readout_weight is not None and not callable(readout_weight):
         raise TypeError(f"readout_weight must be a callable weight(output) -> tensor, got "
@@ -408,8 +410,7 @@ def finetune_layerwise(
 
     for name in [n for n in order if n in layers]:
         if name == READOUT_BIAS:
-            bias = _output_bias(snn)
-            saved = bias.detach().clone()
+            saved = output_bias.detach().clone()
             batches = bias_batches()
             before = current if global_metric else None
             shifted = readout_bias_shift(snn, qnet, batches, readout_weight)
@@ -420,11 +421,11 @@ def finetune_layerwise(
             kept = force or after >= before
             if not kept:
                 with torch.no_grad():
-                    bias.copy_(saved)
+                    output_bias.copy_(saved)
             refit = kept
             if global_metric:
                 current = after if kept else before
-            report.append({"layer": name, "parameters": bias.numel(), "loss_first_epoch": shifted["mse_before"],
+            report.append({"layer": name, "parameters": output_bias.numel(), "loss_first_epoch": shifted["mse_before"],
                            "loss_last_epoch": shifted["mse_after"], "metric_before": before, "metric_after": after,
                            "kept": kept, "skipped": False})
             continue
@@ -443,7 +444,7 @@ def finetune_layerwise(
         before = current if global_metric else score(name)
         snapshot = {k: p.detach().clone() for k, p in params.items()}
         if refit:
-            snapshot[READOUT_BIAS] = _output_bias(snn).detach().clone()
+            snapshot[READOUT_BIAS] = output_bias.detach().clone()
         optimizer = make_optimizer(params.values(), config)
         schedule = make_schedule(optimizer, config, config.epochs * steps_per_epoch)
         with neuron_grad(snn, "rate"), train_only(snn, list(params.values())), \
@@ -477,7 +478,7 @@ def finetune_layerwise(
                 for k, p in params.items():
                     p.copy_(snapshot[k])
                 if refit:
-                    _output_bias(snn).copy_(snapshot[READOUT_BIAS])
+                    output_bias.copy_(snapshot[READOUT_BIAS])
         if global_metric:
             current = after if kept else before
         report.append({"layer": name, "parameters": sum(p.numel() for p in params.values()),
